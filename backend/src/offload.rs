@@ -1,0 +1,1 @@
+//! Software fallbacks for offloads the guest did not negotiate.

@@ -1,0 +1,1 @@
+//! The VF side of the relay: a Linux netdev reached through packet sockets.
