@@ -1,1 +1,288 @@
 //! The VF side of the relay: a Linux netdev reached through packet sockets.
+//!
+//! The relay stands in for the guest on a Linux netdev that represents an SR-IOV VF (in the tests a
+//! veth end inside a network namespace). Each virtio queue pair gets its own [`VfSocket`]: an
+//! `AF_PACKET` socket with `PACKET_VNET_HDR`, an mmap'd `TPACKET_V2` receive ring and batched
+//! `sendmmsg` transmission straight out of guest memory. See [`af_packet`] for the design.
+//!
+//! This module also answers the questions the device asks about the netdev itself (index, MTU,
+//! MAC address, up/running) through [`interface_info`].
+
+pub mod af_packet;
+mod sys;
+#[cfg(test)]
+mod testnet;
+
+pub use af_packet::{RingConfig, VfSocket, VfStats, MAX_RX_PACKET, MAX_TX_BATCH};
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// Errors of the VF data path. Every variant names the interface it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum VfError {
+    /// `if_nametoindex` (or a later bind) found no interface of that name in our network namespace.
+    #[error("network interface {ifname:?} does not exist (in this network namespace)")]
+    NoSuchInterface { ifname: String },
+
+    /// The name can never be an interface name (empty, too long, or containing NUL, '/' or
+    /// whitespace), so we do not even ask the kernel.
+    #[error("invalid network interface name {ifname:?}: {reason}")]
+    InvalidName { ifname: String, reason: &'static str },
+
+    /// The kernel refused an operation for lack of privilege. `AF_PACKET` sockets need
+    /// `CAP_NET_RAW` in the network namespace that owns the interface.
+    #[error(
+        "permission denied for {op} on interface {ifname:?} \
+         (AF_PACKET needs CAP_NET_RAW in the interface's network namespace): {source}"
+    )]
+    Permission {
+        ifname: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Any other failing system call while setting up or using the socket.
+    #[error("{op} on interface {ifname:?} failed: {source}")]
+    Io {
+        ifname: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The interface is not an Ethernet device; the relay only speaks Ethernet frames.
+    #[error("interface {ifname:?} is not an Ethernet device (ARPHRD type {hw_type})")]
+    NotEthernet { ifname: String, hw_type: u16 },
+
+    /// The ring configuration cannot be turned into a valid `PACKET_RX_RING` request.
+    #[error("invalid receive ring configuration for interface {ifname:?}: {reason}")]
+    BadRing { ifname: String, reason: String },
+
+    /// Joining the `PACKET_FANOUT` group failed while the interface was up, e.g. because the group
+    /// id is already used with other settings or for another interface.
+    #[error("joining fanout group {group} on interface {ifname:?} failed: {source}")]
+    Fanout {
+        ifname: String,
+        group: u16,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The caller handed `tx_batch` a packet description that cannot be right (a programming error
+    /// in the device, never something a guest can cause when the device validates descriptors).
+    #[error("invalid transmit batch for interface {ifname:?}: packet {packet}: {reason}")]
+    BadTxBatch {
+        ifname: String,
+        packet: usize,
+        reason: &'static str,
+    },
+}
+
+impl VfError {
+    /// Classifies a failed system call: privilege problems and vanished interfaces get their own
+    /// variants so that operators see the actual cause, not just an errno.
+    pub(crate) fn from_os(ifname: &str, op: &'static str, source: io::Error) -> Self {
+        match source.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => VfError::Permission {
+                ifname: ifname.to_owned(),
+                op,
+                source,
+            },
+            Some(libc::ENODEV) => VfError::NoSuchInterface {
+                ifname: ifname.to_owned(),
+            },
+            _ => VfError::Io {
+                ifname: ifname.to_owned(),
+                op,
+                source,
+            },
+        }
+    }
+}
+
+/// What the device needs to know about the netdev.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceInfo {
+    /// Kernel interface index.
+    pub index: u32,
+    /// Current MTU (layer 3 payload bytes, without the Ethernet header).
+    pub mtu: u32,
+    /// Current hardware address.
+    pub mac: [u8; 6],
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// Operationally up, i.e. carrier present (`IFF_RUNNING`); the device can mirror this into
+    /// `VIRTIO_NET_S_LINK_UP`.
+    pub running: bool,
+}
+
+/// Checks that `ifname` can be an interface name and returns it as a C string.
+///
+/// Linux allows up to `IFNAMSIZ - 1` (15) bytes and forbids '/', ':' is allowed (aliases), and
+/// whitespace is rejected by `dev_valid_name`.
+pub(crate) fn c_ifname(ifname: &str) -> Result<CString, VfError> {
+    let bad = |reason| VfError::InvalidName {
+        ifname: ifname.to_owned(),
+        reason,
+    };
+    if ifname.is_empty() {
+        return Err(bad("empty"));
+    }
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err(bad("longer than 15 bytes"));
+    }
+    if ifname == "." || ifname == ".." {
+        return Err(bad("reserved name"));
+    }
+    if ifname
+        .bytes()
+        .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
+    {
+        return Err(bad("contains '/', NUL or whitespace"));
+    }
+    CString::new(ifname).map_err(|_| bad("contains NUL"))
+}
+
+/// Resolves an interface name to its index; a missing interface is an error naming it.
+pub(crate) fn if_index(ifname: &str) -> Result<u32, VfError> {
+    let c = c_ifname(ifname)?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        let err = io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            Some(libc::ENODEV) | Some(libc::ENXIO) => VfError::NoSuchInterface {
+                ifname: ifname.to_owned(),
+            },
+            _ => VfError::from_os(ifname, "if_nametoindex", err),
+        });
+    }
+    Ok(index)
+}
+
+/// Builds an `ifreq` carrying the interface name.
+fn ifreq_for(name: &CString) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data (name bytes and a union of integers/sockaddrs); all zero is
+    // a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    ifr
+}
+
+/// Runs one `SIOCGIF*` ioctl on `fd` for `name`.
+fn ifreq_ioctl(
+    fd: &OwnedFd,
+    ifname: &str,
+    name: &CString,
+    req: libc::c_ulong,
+    op: &'static str,
+) -> Result<libc::ifreq, VfError> {
+    use std::os::fd::AsRawFd;
+    let mut ifr = ifreq_for(name);
+    // SAFETY: `ifr` is a valid, writable ifreq for the duration of the call; the SIOCGIF* requests
+    // used here only write inside it.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, &mut ifr as *mut libc::ifreq) };
+    if rc < 0 {
+        return Err(VfError::from_os(ifname, op, io::Error::last_os_error()));
+    }
+    Ok(ifr)
+}
+
+/// Index, MTU, MAC address and up/running state of `ifname` (`SIOCGIFMTU`, `SIOCGIFHWADDR`,
+/// `SIOCGIFFLAGS`). Needs no privilege. Fails with [`VfError::NoSuchInterface`] if it does not
+/// exist and [`VfError::NotEthernet`] if it is not an Ethernet device.
+pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
+    let index = if_index(ifname)?;
+    let name = c_ifname(ifname)?;
+    // Any socket serves for the generic netdev ioctls; a UDP socket needs no privilege.
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(VfError::from_os(
+            ifname,
+            "socket(AF_INET) for ioctl",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+
+    let ifr = ifreq_ioctl(&fd, ifname, &name, libc::SIOCGIFMTU, "SIOCGIFMTU")?;
+    // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+
+    let ifr = ifreq_ioctl(&fd, ifname, &name, libc::SIOCGIFHWADDR, "SIOCGIFHWADDR")?;
+    // SAFETY: SIOCGIFHWADDR filled the `ifru_hwaddr` member.
+    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    if hw.sa_family != libc::ARPHRD_ETHER {
+        return Err(VfError::NotEthernet {
+            ifname: ifname.to_owned(),
+            hw_type: hw.sa_family,
+        });
+    }
+    let mut mac = [0u8; 6];
+    for (dst, src) in mac.iter_mut().zip(hw.sa_data.iter()) {
+        *dst = *src as u8;
+    }
+
+    let ifr = ifreq_ioctl(&fd, ifname, &name, libc::SIOCGIFFLAGS, "SIOCGIFFLAGS")?;
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags } as u16 as libc::c_int;
+
+    Ok(InterfaceInfo {
+        index,
+        mtu: u32::try_from(mtu).unwrap_or(0),
+        mac,
+        up: flags & libc::IFF_UP != 0,
+        running: flags & libc::IFF_RUNNING != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testnet::{ip, with_netns};
+    use super::*;
+
+    #[test]
+    fn names_are_validated_before_asking_the_kernel() {
+        for bad in ["", "a/b", "sixteen-chars-xx", "with space", "."] {
+            match interface_info(bad) {
+                Err(VfError::InvalidName { ifname, .. }) => assert_eq!(ifname, bad),
+                other => panic!("{bad:?}: expected InvalidName, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_interface_error_names_it() {
+        with_netns(|| {
+            let err = interface_info("nosuchvf0").expect_err("interface must not exist");
+            assert!(matches!(err, VfError::NoSuchInterface { .. }), "{err:?}");
+            assert!(err.to_string().contains("nosuchvf0"), "{err}");
+        });
+    }
+
+    #[test]
+    fn reports_mtu_mac_and_state() {
+        with_netns(|| {
+            ip(&["link", "add", "vfa", "type", "veth", "peer", "name", "vfb"]);
+            ip(&["link", "set", "vfa", "address", "02:11:22:33:44:55", "mtu", "1400"]);
+            let info = interface_info("vfa").expect("vfa exists");
+            assert_eq!(info.mtu, 1400);
+            assert_eq!(info.mac, [0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+            assert!(!info.up);
+            assert!(!info.running);
+            ip(&["link", "set", "vfa", "up"]);
+            ip(&["link", "set", "vfb", "up"]);
+            let info = interface_info("vfa").expect("vfa exists");
+            assert!(info.up);
+            assert!(info.index > 0);
+            assert_eq!(info.index, if_index("vfa").expect("vfa exists"));
+        });
+    }
+}
