@@ -1,5 +1,32 @@
 //! vhost-relay: a vhost-user virtio-net backend that relays guest NICs to VF netdevs.
+//!
+//! Layers, each behind a narrow interface:
+//! - [`config`]: what the user asked for (command line or TOML), validated;
+//! - [`server`]: one thread per port owning the vhost-user socket (listen, inherited fd, or
+//!   client with reconnect), a fresh device per frontend connection;
+//! - [`device`]: the vhost-user device (features, queues, events) on vhost-user-backend;
+//! - [`queue_pair`]: one worker per queue pair moving packets both ways;
+//! - [`tx`] and [`rx`]: the packet paths, one file per direction;
+//! - [`vf`]: the VF netdev through packet sockets; [`offload`]: software offloads.
 
+pub mod config;
+pub mod device;
+pub mod log_limit;
 pub mod net_hdr;
 pub mod offload;
+pub mod protocol_shim;
+pub mod queue_pair;
+pub mod rx;
+pub mod server;
+pub mod stats;
+pub mod tx;
 pub mod vf;
+
+#[cfg(test)]
+mod mock_guest;
+
+/// Guest memory with the dirty-page bitmap vhost-user-backend keeps for live migration.
+pub type GuestMemoryMmapB =
+    vm_memory::GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>;
+/// The shared, swappable view of guest memory the frontend's memory table updates.
+pub type GuestMemoryAtomicB = vm_memory::GuestMemoryAtomic<GuestMemoryMmapB>;

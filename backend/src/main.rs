@@ -1,1 +1,291 @@
-fn main() {}
+//! `vhost-relay`: command line and wiring only; the work is in the library.
+//!
+//! Follows the "Backend program conventions" of QEMU's vhost-user specification:
+//! `--socket-path`, `--fd`, `--print-capabilities`, plus `--vf`/`--loopback` for the link,
+//! `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use clap::Parser;
+use log::{error, info, warn};
+
+use vhost_relay::config::{self, PortConfig, PortSpec, SocketMode};
+use vhost_relay::device::Port;
+use vhost_relay::server::{open_port, run_port};
+
+/// How often a config-file port whose VF is missing is retried.
+const REOPEN_DELAY: Duration = Duration::from_secs(5);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vhost-relay",
+    version,
+    about = "vhost-user virtio-net backend relaying a guest NIC to a VF netdev",
+    after_help = "Examples:\n  vhost-relay --socket-path /run/vr/vm1.sock --vf enp3s0f0v1 --queues 2\n  vhost-relay --loopback --socket-path /tmp/lb.sock\n  vhost-relay --config /etc/vhost-relay.toml\n\nSend SIGUSR1 to print per-queue counters to stderr."
+)]
+struct Cli {
+    /// vhost-user unix socket: listen on it (QEMU connects), or connect to it with --client.
+    #[arg(long, value_name = "PATH")]
+    socket_path: Option<PathBuf>,
+    /// Serve an already listening socket inherited from libvirt or systemd.
+    #[arg(long, value_name = "N", conflicts_with = "socket_path")]
+    fd: Option<i32>,
+    /// The VF netdev the guest's NIC is bridged to.
+    #[arg(long, value_name = "IFNAME")]
+    vf: Option<String>,
+    /// Send every packet the guest transmits back to it on the same queue pair.
+    #[arg(long, conflicts_with = "vf")]
+    loopback: bool,
+    /// Queue pairs (QEMU: -netdev vhost-user,queues=N and virtio-net-pci,mq=on).
+    #[arg(long, value_name = "N")]
+    queues: Option<usize>,
+    /// Connect to a listening frontend (QEMU -chardev socket,server=on) and reconnect when
+    /// it goes away.
+    #[arg(long)]
+    client: bool,
+    /// CPUs for the queue-pair workers, one per pair in order, e.g. "2-3".
+    #[arg(long, value_name = "LIST")]
+    cpu_list: Option<String>,
+    /// Serve every [[port]] of a TOML file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "queues", "client", "cpu_list"])]
+    config: Option<PathBuf>,
+    /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
+    #[arg(long)]
+    print_capabilities: bool,
+    /// Name of the port in logs and counters (default: the socket file's stem).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn main() -> ExitCode {
+    // --print-capabilities must work whatever else is on the command line (spec).
+    if std::env::args().any(|a| a == "--print-capabilities") {
+        println!("{}", capabilities());
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+
+    let ports = match port_configs(cli) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("vhost-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let from_file = ports.len() > 1 || matches!(ports.first(), Some((_, true)));
+    if let Err(e) = signals::block() {
+        eprintln!("vhost-relay: cannot set up signal handling: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    let mut opened: Vec<(PortConfig, Option<Arc<Port>>)> = Vec::new();
+    for (cfg, _) in ports {
+        match open_port(&cfg) {
+            Ok(port) => opened.push((cfg, Some(port))),
+            // One port given on the command line: its problem is the program's problem.
+            Err(e) if !from_file => {
+                eprintln!("vhost-relay: {e}");
+                return ExitCode::FAILURE;
+            }
+            // Many ports: the others must keep running; this one is retried.
+            Err(e) => {
+                error!("{e}; retrying every {REOPEN_DELAY:?}");
+                opened.push((cfg, None));
+            }
+        }
+    }
+
+    let listed: Vec<Arc<vhost_relay::stats::PortStats>> = Vec::new();
+    let registry = signals::Registry::new(listed);
+    let mut threads = Vec::new();
+    for (cfg, port) in opened {
+        let registry = registry.clone();
+        let name = cfg.name.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("port-{name}"))
+            .spawn(move || serve(cfg, port, registry));
+        match spawned {
+            Ok(t) => threads.push((name, t)),
+            Err(e) => error!("port {name}: cannot start its thread: {e}"),
+        }
+    }
+    signals::spawn_handler(registry);
+
+    let mut failed = 0;
+    let total = threads.len();
+    for (name, t) in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!("{e}");
+                failed += 1;
+            }
+            Err(_) => {
+                error!("port {name}: its thread panicked");
+                failed += 1;
+            }
+        }
+        if failed == total {
+            break;
+        }
+    }
+    if !from_file && failed > 0 {
+        return ExitCode::FAILURE;
+    }
+    if failed == total {
+        error!("no port left to serve");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs one port for good; a port that could not be opened is retried until it can be.
+fn serve(
+    cfg: PortConfig,
+    port: Option<Arc<Port>>,
+    registry: signals::Registry,
+) -> Result<(), vhost_relay::server::ServerError> {
+    let port = match port {
+        Some(p) => p,
+        None => loop {
+            thread::sleep(REOPEN_DELAY);
+            match open_port(&cfg) {
+                Ok(p) => {
+                    info!("port {}: opened after retrying", cfg.name);
+                    break p;
+                }
+                Err(e) => warn!("{e}"),
+            }
+        },
+    };
+    registry.add(port.stats.clone());
+    run_port(&cfg, port)
+}
+
+/// The ports to serve, each with whether it came from a config file.
+fn port_configs(cli: Cli) -> Result<Vec<(PortConfig, bool)>, config::ConfigError> {
+    if let Some(path) = &cli.config {
+        return Ok(config::load_file(path)?
+            .into_iter()
+            .map(|p| (p, true))
+            .collect());
+    }
+    let origin = if cli.fd.is_some() {
+        "--fd"
+    } else {
+        "--socket-path"
+    };
+    let spec = PortSpec {
+        name: cli.name,
+        socket: cli.socket_path,
+        fd: cli.fd,
+        vf: cli.vf,
+        loopback: cli.loopback,
+        queues: cli.queues,
+        client: cli.client,
+        cpus: cli.cpu_list,
+    };
+    let port = spec.validate(origin)?;
+    if let SocketMode::Listen(path) = &port.socket {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(config::ConfigError::Invalid {
+                    origin: origin.into(),
+                    message: format!("directory {} does not exist", dir.display()),
+                });
+            }
+        }
+    }
+    Ok(vec![(port, false)])
+}
+
+/// The JSON the vhost-user spec asks `--print-capabilities` to print.
+fn capabilities() -> String {
+    serde_json::json!({ "type": "net", "features": [] }).to_string()
+}
+
+mod signals {
+    //! SIGUSR1 prints counters; SIGTERM/SIGINT stop the process. Signals are blocked in every
+    //! thread and taken synchronously by one thread with `sigwait`, so no handler runs in
+    //! signal context.
+
+    use std::sync::{Arc, Mutex};
+
+    use log::info;
+    use vhost_relay::stats::PortStats;
+
+    const SIGNALS: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT];
+
+    fn set() -> libc::sigset_t {
+        // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset.
+        unsafe {
+            let mut s: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut s);
+            for sig in SIGNALS {
+                libc::sigaddset(&mut s, sig);
+            }
+            s
+        }
+    }
+
+    /// Blocks the signals in this thread and every thread spawned after.
+    pub fn block() -> std::io::Result<()> {
+        let s = set();
+        // SAFETY: valid sigset pointer; a null old-set pointer is allowed.
+        let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &s, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
+    /// The ports whose counters SIGUSR1 prints.
+    #[derive(Clone)]
+    pub struct Registry(Arc<Mutex<Vec<Arc<PortStats>>>>);
+
+    impl Registry {
+        pub fn new(ports: Vec<Arc<PortStats>>) -> Self {
+            Registry(Arc::new(Mutex::new(ports)))
+        }
+
+        pub fn add(&self, port: Arc<PortStats>) {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(port);
+        }
+
+        fn print(&self) {
+            let ports = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut out = String::new();
+            for p in ports.iter() {
+                out.push_str(&p.to_string());
+            }
+            eprint!("{out}");
+        }
+    }
+
+    pub fn spawn_handler(registry: Registry) {
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || loop {
+                let s = set();
+                let mut sig: libc::c_int = 0;
+                // SAFETY: valid pointers to a sigset and an int.
+                if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
+                    continue;
+                }
+                if sig == libc::SIGUSR1 {
+                    registry.print();
+                } else {
+                    info!("signal {sig}: exiting");
+                    std::process::exit(0);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the signal thread: {e}");
+        }
+    }
+}

@@ -51,6 +51,18 @@ pub const VIRTIO_NET_HDR_LEN: usize = std::mem::size_of::<VirtioNetHdr>();
 /// Size of the header on a `PACKET_VNET_HDR` socket.
 pub const VNET_HDR_LEN: usize = std::mem::size_of::<VnetHdr>();
 
+/// The guest's header length for its negotiated features: `num_buffers` is there with
+/// VERSION_1 or MRG_RXBUF, and only a legacy guest without mergeable buffers omits it.
+pub fn guest_header_len(features: u64) -> usize {
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+    if features & (1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MRG_RXBUF) != 0 {
+        VIRTIO_NET_HDR_LEN
+    } else {
+        VNET_HDR_LEN
+    }
+}
+
 impl VnetHdr {
     /// Reads a header from the first [`VNET_HDR_LEN`] bytes of `buf`, or `None` if it is shorter.
     pub fn from_bytes(buf: &[u8]) -> Option<Self> {
@@ -85,6 +97,13 @@ mod tests {
     fn sizes_match_the_abi() {
         assert_eq!(VNET_HDR_LEN, 10);
         assert_eq!(VIRTIO_NET_HDR_LEN, 12);
+    }
+
+    #[test]
+    fn header_length_follows_features() {
+        assert_eq!(guest_header_len(1 << 32), 12);
+        assert_eq!(guest_header_len(1 << 15), 12);
+        assert_eq!(guest_header_len(0), 10);
     }
 
     #[test]

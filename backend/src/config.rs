@@ -1,0 +1,332 @@
+//! What to serve: ports from the command line or a TOML file, checked before anything starts.
+//!
+//! A config file holds one `[[port]]` table per port:
+//!
+//! ```toml
+//! [[port]]
+//! name = "vm1"                          # optional; defaults to the socket file's stem
+//! socket = "/run/vhost-relay/vm1.sock"  # or: fd = 3 (an inherited listening socket)
+//! vf = "enp3s0f0v1"                     # or: loopback = true
+//! queues = 2                            # queue pairs; QEMU's -netdev vhost-user,queues=N
+//! client = false                        # true: QEMU listens, we connect and reconnect
+//! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
+//! ```
+//!
+//! Every mistake is reported with the file, the port and the field, so an operator can fix
+//! it from the one line the program prints.
+
+use std::collections::HashSet;
+use std::os::unix::io::RawFd;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::device::MAX_QUEUE_PAIRS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+    #[error("bad cpu list '{list}': {message}")]
+    CpuList { list: String, message: String },
+}
+
+/// How the port meets its frontend.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SocketMode {
+    /// We listen on a path; QEMU connects (`-chardev socket,path=...`).
+    Listen(PathBuf),
+    /// QEMU listens (`server=on,reconnect-ms=...`); we connect and reconnect.
+    Connect(PathBuf),
+    /// An already listening socket handed over by libvirt or systemd.
+    Inherited(RawFd),
+}
+
+/// Where the guest's packets go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkConfig {
+    Vf(String),
+    Loopback,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortConfig {
+    pub name: String,
+    pub socket: SocketMode,
+    pub link: LinkConfig,
+    /// Queue pairs.
+    pub queues: usize,
+    /// CPU for each queue pair's worker, if pinned.
+    pub cpus: Vec<usize>,
+}
+
+/// One `[[port]]` table as written; unknown keys are errors, so a typo cannot pass silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub name: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub fd: Option<RawFd>,
+    pub vf: Option<String>,
+    #[serde(default)]
+    pub loopback: bool,
+    pub queues: Option<usize>,
+    #[serde(default)]
+    pub client: bool,
+    pub cpus: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    #[serde(default)]
+    port: Vec<PortSpec>,
+}
+
+impl PortSpec {
+    /// Checks one port; `origin` names it in errors ("--socket-path" or "file.toml: port 2").
+    pub fn validate(self, origin: &str) -> Result<PortConfig, ConfigError> {
+        let bad = |message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        let socket = match (self.socket, self.fd, self.client) {
+            (Some(_), Some(_), _) => {
+                return Err(bad("give either a socket path or an fd, not both".into()))
+            }
+            (None, Some(_), true) => {
+                return Err(bad(
+                    "client mode needs a socket path to connect to, not an fd".into(),
+                ))
+            }
+            (None, Some(fd), false) if fd < 0 => {
+                return Err(bad(format!("fd {fd} is not a file descriptor")))
+            }
+            (None, Some(fd), false) => SocketMode::Inherited(fd),
+            (Some(p), None, _) if p.as_os_str().is_empty() => {
+                return Err(bad("the socket path is empty".into()))
+            }
+            (Some(p), None, true) => SocketMode::Connect(p),
+            (Some(p), None, false) => SocketMode::Listen(p),
+            (None, None, _) => {
+                return Err(bad(
+                    "no socket: give a socket path (or an inherited fd)".into()
+                ))
+            }
+        };
+        let link = match (self.vf, self.loopback) {
+            (Some(_), true) => return Err(bad("give either a VF or loopback, not both".into())),
+            (Some(vf), false)
+                if vf.is_empty() || vf.len() >= libc::IFNAMSIZ || vf.contains(['/', ' ']) =>
+            {
+                return Err(bad(format!("'{vf}' is not a valid interface name")))
+            }
+            (Some(vf), false) => LinkConfig::Vf(vf),
+            (None, true) => LinkConfig::Loopback,
+            (None, false) => return Err(bad("no VF: give a VF interface (or loopback)".into())),
+        };
+        let queues = self.queues.unwrap_or(1);
+        if queues == 0 || queues > MAX_QUEUE_PAIRS {
+            return Err(bad(format!(
+                "queues must be 1 to {MAX_QUEUE_PAIRS}, not {queues}"
+            )));
+        }
+        let cpus = match self.cpus {
+            Some(list) => parse_cpu_list(&list)?,
+            None => Vec::new(),
+        };
+        let name = match (self.name, &socket) {
+            (Some(n), _) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
+            (Some(n), _) => return Err(bad(format!("'{n}' is not a valid port name"))),
+            (None, SocketMode::Listen(p) | SocketMode::Connect(p)) => p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "port".into()),
+            (None, SocketMode::Inherited(fd)) => format!("fd{fd}"),
+        };
+        Ok(PortConfig {
+            name,
+            socket,
+            link,
+            queues,
+            cpus,
+        })
+    }
+}
+
+/// Parses "0-3,6,8-9" into cpu numbers, in order, without duplicates.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {
+    let bad = |message: &str| ConfigError::CpuList {
+        list: list.to_string(),
+        message: message.to_string(),
+    };
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let lo: usize = lo
+            .parse()
+            .map_err(|_| bad(&format!("'{part}' is not a cpu or range")))?;
+        let hi: usize = hi
+            .parse()
+            .map_err(|_| bad(&format!("'{part}' is not a cpu or range")))?;
+        if lo > hi {
+            return Err(bad(&format!("range '{part}' goes backwards")));
+        }
+        if hi >= libc::CPU_SETSIZE as usize {
+            return Err(bad(&format!("cpu {hi} is beyond what Linux can address")));
+        }
+        for c in lo..=hi {
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    Ok(cpus)
+}
+
+/// Reads and checks a config file: every port valid, names and sockets unique.
+pub fn load_file(path: &Path) -> Result<Vec<PortConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(path, &text)
+}
+
+/// Parses config text (see the module docs); `path` only names it in errors.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PortConfig>, ConfigError> {
+    let spec: FileSpec = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().replace('\n', " ").trim().to_string(),
+    })?;
+    if spec.port.is_empty() {
+        return Err(ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: "no [[port]] table".into(),
+        });
+    }
+    let mut ports = Vec::new();
+    let mut names = HashSet::new();
+    let mut sockets = HashSet::new();
+    for (i, p) in spec.port.into_iter().enumerate() {
+        let origin = format!("{}: port {}", path.display(), i + 1);
+        let port = p.validate(&origin)?;
+        let dup = |what: &str| ConfigError::Invalid {
+            origin: origin.clone(),
+            message: format!("{what} is used by an earlier port too"),
+        };
+        if !names.insert(port.name.clone()) {
+            return Err(dup(&format!("name '{}'", port.name)));
+        }
+        if !sockets.insert(port.socket.clone()) {
+            return Err(dup("its socket"));
+        }
+        ports.push(port);
+    }
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<PortConfig>, ConfigError> {
+        parse_file(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn parses_a_two_port_file() {
+        let ports = parse(
+            r#"
+            [[port]]
+            socket = "/run/vr/vm1.sock"
+            vf = "veth1"
+            queues = 2
+            cpus = "0-1"
+            [[port]]
+            name = "lb"
+            socket = "/run/vr/lb.sock"
+            loopback = true
+            client = true
+            "#,
+        )
+        .expect("valid file");
+        assert_eq!(ports.len(), 2);
+        assert_eq!(ports[0].name, "vm1");
+        assert_eq!(
+            ports[0].socket,
+            SocketMode::Listen("/run/vr/vm1.sock".into())
+        );
+        assert_eq!(ports[0].link, LinkConfig::Vf("veth1".into()));
+        assert_eq!(ports[0].queues, 2);
+        assert_eq!(ports[0].cpus, vec![0, 1]);
+        assert_eq!(
+            ports[1].socket,
+            SocketMode::Connect("/run/vr/lb.sock".into())
+        );
+        assert_eq!(ports[1].link, LinkConfig::Loopback);
+    }
+
+    #[test]
+    fn errors_name_the_port_and_the_problem() {
+        let cases = [
+            ("[[port]]\nsocket='/a'\n", "port 1: no VF"),
+            ("[[port]]\nvf='x'\n", "port 1: no socket"),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nloopback=true\n",
+                "either a VF or loopback",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nqueues=0\n",
+                "queues must be 1 to 32, not 0",
+            ),
+            ("[[port]]\nsocket='/a'\nvf='x'\nqueues=33\n", "not 33"),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nspeed=1\n",
+                "unknown field `speed`",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\n[[port]]\nsocket='/a'\nloopback=true\nname='b'\n",
+                "port 2: its socket is used",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='this-name-is-far-too-long'\n",
+                "not a valid interface name",
+            ),
+            (
+                "[[port]]\nfd=3\nclient=true\nvf='x'\n",
+                "client mode needs a socket path",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\ncpus='3-1'\n",
+                "goes backwards",
+            ),
+            ("[[port]\n", "test.toml"),
+            ("", "no [[port]] table"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: got '{err}', want '{want}'");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0").ok(), Some(vec![0]));
+        assert_eq!(parse_cpu_list("1-3,0,2").ok(), Some(vec![1, 2, 3, 0]));
+        assert!(parse_cpu_list("a").is_err());
+        assert!(parse_cpu_list("1-").is_err());
+        assert!(parse_cpu_list("99999").is_err());
+    }
+}

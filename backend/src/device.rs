@@ -1,0 +1,225 @@
+//! The virtio-net device as vhost-user-backend sees it: features, queues, and the dispatch of
+//! worker-thread events to the queue pairs.
+//!
+//! vhost-user-backend's blanket `RwLock<T>` wrapper would take a write lock on every event and
+//! so serialise all queue pairs; this device implements [`VhostUserBackend`] itself, with one
+//! mutex per queue pair that only that pair's worker thread (and `stop_vring`) ever takes.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, info};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::offload::RxOffloads;
+use crate::queue_pair::{Negotiated, QueuePair};
+use crate::stats::PortStats;
+use crate::GuestMemoryAtomicB;
+
+/// Ring size QEMU may ask for (its `rx_queue_size`/`tx_queue_size` go up to 1024).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Queue pairs one port may have: worker masks are 64-bit, two queues per pair.
+pub const MAX_QUEUE_PAIRS: usize = 32;
+
+/// Virtio feature bits this device offers. QEMU intersects them with what the user allowed on
+/// `-device virtio-net-pci` and what the guest acks; MAC, STATUS-reporting and the control
+/// queue stay with QEMU.
+pub fn device_features() -> u64 {
+    let bits = [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_F_NOTIFY_ON_EMPTY,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_MTU,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_ECN,
+        VIRTIO_NET_F_GUEST_UFO,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_HOST_UFO,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_STATUS,
+        VIRTIO_NET_F_MQ,
+    ];
+    bits.iter().fold(0u64, |acc, b| acc | (1u64 << b))
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// vhost-user protocol features this backend implements.
+///
+/// Not RESET_DEVICE: QEMU sends it when it connects, and vhost-user-backend's handler then
+/// forgets the acked PROTOCOL_FEATURES bit and refuses the SET_VRING_ENABLE that follows.
+/// A device reset reaches us anyway as GET_VRING_BASE on every ring and a fresh setup.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+}
+
+/// A port's queue pairs and counters: created once, kept across frontend connections.
+pub struct Port {
+    pub name: String,
+    pub pairs: Vec<Mutex<QueuePair>>,
+    pub stats: Arc<PortStats>,
+}
+
+impl Port {
+    pub fn new(name: &str, pairs: Vec<QueuePair>, stats: Arc<PortStats>) -> Self {
+        Port {
+            name: name.to_string(),
+            pairs: pairs.into_iter().map(Mutex::new).collect(),
+            stats,
+        }
+    }
+
+    pub fn pair(&self, index: usize) -> Option<MutexGuard<'_, QueuePair>> {
+        // A poisoned lock means a worker panicked mid-batch; the pair's state is still
+        // consistent at batch granularity, so keep serving rather than take the port down.
+        self.pairs
+            .get(index)
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The device for one frontend connection.
+pub struct NetDevice {
+    port: Arc<Port>,
+    mem: GuestMemoryAtomicB,
+    acked: AtomicU64,
+}
+
+impl NetDevice {
+    pub fn new(port: Arc<Port>, mem: GuestMemoryAtomicB) -> Self {
+        for i in 0..port.pairs.len() {
+            if let Some(mut p) = port.pair(i) {
+                p.reset();
+            }
+        }
+        NetDevice {
+            port,
+            mem,
+            acked: AtomicU64::new(0),
+        }
+    }
+
+    fn negotiated(&self) -> Negotiated {
+        let acked = self.acked.load(Ordering::Acquire);
+        Negotiated {
+            mergeable: acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            hdr_len: crate::net_hdr::guest_header_len(acked),
+            offloads: RxOffloads::from_features(acked),
+        }
+    }
+
+    /// Event id of a pair's VF socket in its worker's epoll (ids up to `num_queues` are the
+    /// library's).
+    pub fn vf_event_id(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    /// Event id of a pair's reschedule eventfd.
+    pub fn resched_event_id(&self) -> u64 {
+        self.num_queues() as u64 + 2
+    }
+}
+
+impl VhostUserBackend for NetDevice {
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+    type Vring = VringRwLock<GuestMemoryAtomicB>;
+
+    fn num_queues(&self) -> usize {
+        2 * self.port.pairs.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        device_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        info!("port {}: guest features {features:#x}", self.port.name);
+        self.acked.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn reset_device(&self) {
+        info!("port {}: device reset", self.port.name);
+        self.acked.store(0, Ordering::Release);
+        for i in 0..self.port.pairs.len() {
+            if let Some(mut p) = self.port.pair(i) {
+                p.reset();
+            }
+        }
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        debug!("port {}: event idx {enabled}", self.port.name);
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomicB) -> io::Result<()> {
+        // The library replaced the memory inside the atomic we share with it.
+        debug!("port {}: memory table updated", self.port.name);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.port.pairs.len())
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    /// GET_VRING_BASE: the library has already unregistered the queue; taking the pair's lock
+    /// waits for a batch in progress to finish, and every batch completes the chains it took,
+    /// so no buffer is in flight when the base is read.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(mut pair) = self.port.pair(queue_index as usize / 2) {
+            pair.stopped(queue_index as usize);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        let Some(stats) = self.port.stats.pairs.get(thread_id) else {
+            return Ok(());
+        };
+        let neg = self.negotiated();
+        let mem = self.mem.memory();
+        if let Some(mut pair) = self.port.pair(thread_id) {
+            pair.run(rx, tx, &mem, neg, stats);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,478 @@
+//! A control-plane shim between the frontend's socket and vhost-user-backend.
+//!
+//! QEMU's virtio-net sends `SET_VRING_ENABLE` as soon as the guest driver acks its features
+//! (`peer_attach`), which is before `SET_FEATURES` reaches the backend (that only comes with
+//! `vhost_net_start`, at DRIVER_OK). The vhost crate's dispatcher and vhost-user-backend's
+//! handler both refuse `SET_VRING_ENABLE` until PROTOCOL_FEATURES has been *acked* by
+//! `SET_FEATURES`, and drop the connection, so a QEMU guest could never bring its NIC up.
+//!
+//! So the shim defers them: an early `SET_VRING_ENABLE` is answered here (an ack when the
+//! frontend asked for one), its latest state per ring is remembered, and replayed to the
+//! backend right after the `SET_FEATURES` that acks PROTOCOL_FEATURES (QEMU 10 does not
+//! send it again at start). Everything else, file descriptors included, is relayed
+//! unchanged in both directions. The shim only sees the control plane; packets never pass
+//! through it.
+
+use std::io::{self, Read, Write};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use log::{debug, warn};
+
+/// Message header: request, flags, payload size (all u32, little-endian on the wire).
+const HDR_LEN: usize = 12;
+/// Largest payload we relay; the biggest real message (a memory table of 8 regions, or a
+/// config space) is far below this.
+const MAX_PAYLOAD: usize = 64 * 1024;
+/// Most fds one message carries (a memory table with the maximum number of regions).
+const MAX_FDS: usize = 32;
+
+const REQ_SET_FEATURES: u32 = 2;
+const REQ_RESET_OWNER: u32 = 4;
+const REQ_SET_VRING_ENABLE: u32 = 18;
+const REQ_RESET_DEVICE: u32 = 34;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+/// One message, as read from the frontend.
+struct Message {
+    request: u32,
+    flags: u32,
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+/// What to do with a frontend message.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Forward,
+    /// Forward, then send these deferred SET_VRING_ENABLE (index, enable) states.
+    ForwardThenReplay(Vec<(u32, u32)>),
+    /// Swallow for now; reply with an ack if asked to.
+    Absorb {
+        ack: bool,
+    },
+}
+
+/// The filter's state for one connection.
+#[derive(Default)]
+struct Filter {
+    /// PROTOCOL_FEATURES acked by a SET_FEATURES that reached the backend.
+    protocol_features_acked: bool,
+    /// Latest deferred enable state per ring index, in arrival order of first mention.
+    deferred: Vec<(u32, u32)>,
+}
+
+impl Filter {
+    fn judge(&mut self, request: u32, flags: u32, payload: &[u8]) -> Verdict {
+        match request {
+            REQ_SET_FEATURES => {
+                let features = payload
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(0);
+                self.protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
+                if self.protocol_features_acked && !self.deferred.is_empty() {
+                    Verdict::ForwardThenReplay(std::mem::take(&mut self.deferred))
+                } else {
+                    Verdict::Forward
+                }
+            }
+            REQ_RESET_OWNER | REQ_RESET_DEVICE => {
+                self.protocol_features_acked = false;
+                Verdict::Forward
+            }
+            REQ_SET_VRING_ENABLE if !self.protocol_features_acked => {
+                let word = |i: usize| {
+                    payload
+                        .get(i..i + 4)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u32::from_le_bytes)
+                };
+                if let (Some(index), Some(enable)) = (word(0), word(4)) {
+                    match self.deferred.iter_mut().find(|(i, _)| *i == index) {
+                        Some(slot) => slot.1 = enable,
+                        None => self.deferred.push((index, enable)),
+                    }
+                }
+                Verdict::Absorb {
+                    ack: flags & FLAG_NEED_REPLY != 0,
+                }
+            }
+            _ => Verdict::Forward,
+        }
+    }
+}
+
+/// Relays between `frontend` (QEMU) and `backend` (the library's end) until either side
+/// closes; then closes both, so each side sees the disconnect it would have seen directly.
+pub fn spawn(port: &str, frontend: UnixStream, backend: UnixStream) -> io::Result<JoinHandle<()>> {
+    let fe_write = Arc::new(Mutex::new(frontend.try_clone()?));
+    let be_read = backend.try_clone()?;
+    let fe_shut = frontend.try_clone()?;
+    let be_shut = backend.try_clone()?;
+    let label = port.to_string();
+    let up = thread::Builder::new().name(format!("shim-{port}")).spawn({
+        let fe_write = fe_write.clone();
+        let label = label.clone();
+        move || {
+            if let Err(e) = frontend_to_backend(&label, frontend, backend, &fe_write) {
+                debug!("port {label}: frontend side: {e}");
+            }
+            let _ = fe_shut.shutdown(std::net::Shutdown::Both);
+            let _ = be_shut.shutdown(std::net::Shutdown::Both);
+        }
+    })?;
+    thread::Builder::new()
+        .name(format!("shim-{port}-replies"))
+        .spawn(move || {
+            let fe = fe_write
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_clone();
+            match fe {
+                Ok(fe) => {
+                    if let Err(e) = backend_to_frontend(be_read, fe, &fe_write) {
+                        debug!("port {label}: backend side: {e}");
+                    }
+                    let _ = fe_write
+                        .lock()
+                        .map(|s| s.shutdown(std::net::Shutdown::Both));
+                }
+                Err(e) => warn!("port {label}: {e}"),
+            }
+            let _ = up.join();
+        })
+}
+
+fn frontend_to_backend(
+    port: &str,
+    mut frontend: UnixStream,
+    mut backend: UnixStream,
+    fe_write: &Mutex<UnixStream>,
+) -> io::Result<()> {
+    let mut filter = Filter::default();
+    loop {
+        let Some(msg) = read_message(&mut frontend)? else {
+            return Ok(());
+        };
+        match filter.judge(msg.request, msg.flags, &msg.bytes[HDR_LEN..]) {
+            Verdict::Forward => {
+                log::trace!(
+                    "port {port}: request {} ({} bytes, {} fds)",
+                    msg.request,
+                    msg.bytes.len() - HDR_LEN,
+                    msg.fds.len()
+                );
+                send_with_fds(&mut backend, &msg.bytes, &msg.fds)?
+            }
+            Verdict::ForwardThenReplay(states) => {
+                send_with_fds(&mut backend, &msg.bytes, &msg.fds)?;
+                for (index, enable) in states {
+                    debug!("port {port}: replaying deferred SET_VRING_ENABLE {index} {enable}");
+                    let mut m = Vec::with_capacity(HDR_LEN + 8);
+                    m.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
+                    m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
+                    m.extend_from_slice(&8u32.to_le_bytes());
+                    m.extend_from_slice(&index.to_le_bytes());
+                    m.extend_from_slice(&enable.to_le_bytes());
+                    backend.write_all(&m)?;
+                }
+            }
+            Verdict::Absorb { ack } => {
+                debug!("port {port}: SET_VRING_ENABLE before SET_FEATURES deferred");
+                if ack {
+                    let mut reply = Vec::with_capacity(HDR_LEN + 8);
+                    reply.extend_from_slice(&msg.request.to_le_bytes());
+                    reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+                    reply.extend_from_slice(&8u32.to_le_bytes());
+                    reply.extend_from_slice(&0u64.to_le_bytes());
+                    fe_write
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .write_all(&reply)?;
+                }
+            }
+        }
+    }
+}
+
+fn backend_to_frontend(
+    mut backend: UnixStream,
+    mut frontend: UnixStream,
+    fe_write: &Mutex<UnixStream>,
+) -> io::Result<()> {
+    loop {
+        let Some(msg) = read_message(&mut backend)? else {
+            return Ok(());
+        };
+        let _guard = fe_write.lock().unwrap_or_else(|e| e.into_inner());
+        send_with_fds(&mut frontend, &msg.bytes, &msg.fds)?;
+    }
+}
+
+/// Reads one whole message with the fds that came with it; `None` at a clean end of stream.
+fn read_message(sock: &mut UnixStream) -> io::Result<Option<Message>> {
+    let mut hdr = [0u8; HDR_LEN];
+    let mut fds = Vec::new();
+    let mut got = 0;
+    while got < HDR_LEN {
+        let n = recv_with_fds(sock, &mut hdr[got..], &mut fds)?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "partial message header",
+                ))
+            };
+        }
+        got += n;
+    }
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let (request, flags, size) = (word(0), word(4), word(8) as usize);
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("message {request} claims a {size}-byte payload"),
+        ));
+    }
+    let mut bytes = vec![0u8; HDR_LEN + size];
+    bytes[..HDR_LEN].copy_from_slice(&hdr);
+    sock.read_exact(&mut bytes[HDR_LEN..])?;
+    Ok(Some(Message {
+        request,
+        flags,
+        bytes,
+        fds,
+    }))
+}
+
+/// `recvmsg` into `buf`, collecting any fds passed with it.
+fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer in it refers to live local buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    let n = loop {
+        // SAFETY: valid socket fd and msghdr as set up above.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: walking the control buffer the kernel filled, with the libc CMSG macros.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many fds in one message",
+        ));
+    }
+    Ok(n)
+}
+
+/// Sends `bytes` with `fds` attached to the first byte, then the rest.
+fn send_with_fds(sock: &mut UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    if fds.is_empty() {
+        return sock.write_all(bytes);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let data_len = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
+    let mut cmsg = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer refers to live local buffers.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: filling the one control message the buffer was sized for.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as usize;
+        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, raw.len());
+    }
+    let sent = loop {
+        // SAFETY: valid socket and msghdr.
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    sock.write_all(&bytes[sent..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_features(bits: u64) -> Vec<u8> {
+        bits.to_le_bytes().to_vec()
+    }
+
+    fn enable(index: u32, on: u32) -> Vec<u8> {
+        [index.to_le_bytes(), on.to_le_bytes()].concat()
+    }
+
+    #[test]
+    fn deferred_enables_are_replayed_after_set_features() {
+        let mut f = Filter::default();
+        for (i, on) in [(0, 1), (1, 1), (2, 1), (3, 1), (2, 0), (3, 0)] {
+            assert!(matches!(
+                f.judge(REQ_SET_VRING_ENABLE, 1, &enable(i, on)),
+                Verdict::Absorb { .. }
+            ));
+        }
+        assert_eq!(
+            f.judge(REQ_SET_FEATURES, 1, &set_features(PROTOCOL_FEATURES_BIT)),
+            Verdict::ForwardThenReplay(vec![(0, 1), (1, 1), (2, 0), (3, 0)])
+        );
+        // Replayed once only.
+        assert_eq!(
+            f.judge(REQ_SET_FEATURES, 1, &set_features(PROTOCOL_FEATURES_BIT)),
+            Verdict::Forward
+        );
+    }
+
+    #[test]
+    fn early_enable_is_absorbed_until_features_are_set() {
+        let mut f = Filter::default();
+        assert_eq!(
+            f.judge(
+                REQ_SET_VRING_ENABLE,
+                FLAG_VERSION | FLAG_NEED_REPLY,
+                &[0; 8]
+            ),
+            Verdict::Absorb { ack: true }
+        );
+        // A short payload is absorbed without a deferred state, not a panic.
+        assert!(matches!(
+            f.judge(REQ_SET_VRING_ENABLE, 1, &[1]),
+            Verdict::Absorb { .. }
+        ));
+        assert_eq!(
+            f.judge(REQ_SET_VRING_ENABLE, FLAG_VERSION, &[0; 8]),
+            Verdict::Absorb { ack: false }
+        );
+        // Without PROTOCOL_FEATURES the library enables rings itself; still absorb.
+        assert_eq!(
+            f.judge(REQ_SET_FEATURES, FLAG_VERSION, &set_features(1 << 32)),
+            Verdict::Forward
+        );
+        assert!(matches!(
+            f.judge(REQ_SET_VRING_ENABLE, 1, &[0; 8]),
+            Verdict::Absorb { .. }
+        ));
+        assert_eq!(
+            f.judge(
+                REQ_SET_FEATURES,
+                FLAG_VERSION,
+                &set_features(1 << 32 | PROTOCOL_FEATURES_BIT)
+            ),
+            Verdict::ForwardThenReplay(vec![(0, 0)])
+        );
+        assert_eq!(f.judge(REQ_SET_VRING_ENABLE, 1, &[0; 8]), Verdict::Forward);
+        assert_eq!(f.judge(REQ_RESET_DEVICE, 1, &[]), Verdict::Forward);
+        assert!(matches!(
+            f.judge(REQ_SET_VRING_ENABLE, 1, &[0; 8]),
+            Verdict::Absorb { .. }
+        ));
+        // A short SET_FEATURES payload counts as no features, not a panic.
+        assert_eq!(f.judge(REQ_SET_FEATURES, 1, &[1, 2]), Verdict::Forward);
+    }
+
+    #[test]
+    fn relays_messages_with_fds_and_answers_early_enables() {
+        let (qemu, fe) = UnixStream::pair().unwrap();
+        let (be, mut lib) = UnixStream::pair().unwrap();
+        let handle = spawn("t", fe, be).unwrap();
+        let mut qemu_w = qemu.try_clone().unwrap();
+        // Early SET_VRING_ENABLE with NEED_REPLY: answered by the shim.
+        let mut m = Vec::new();
+        m.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
+        m.extend_from_slice(&(FLAG_VERSION | FLAG_NEED_REPLY).to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0]);
+        qemu_w.write_all(&m).unwrap();
+        let mut reply = [0u8; 20];
+        (&qemu).read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[0..4], &REQ_SET_VRING_ENABLE.to_le_bytes());
+        assert_eq!(&reply[4..8], &(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        assert_eq!(&reply[12..20], &[0u8; 8]);
+        // A message with an fd goes through with the fd.
+        let (r, w) = UnixStream::pair().unwrap();
+        let mut m = Vec::new();
+        m.extend_from_slice(&12u32.to_le_bytes()); // SET_VRING_KICK
+        m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        let fd = OwnedFd::from(w);
+        send_with_fds(&mut qemu_w, &m, std::slice::from_ref(&fd)).unwrap();
+        let got = read_message(&mut lib).unwrap().unwrap();
+        assert_eq!(got.bytes, m);
+        assert_eq!(got.fds.len(), 1);
+        // The fd really is the same socket: write through it, read at the other end.
+        let mut passed = UnixStream::from(got.fds.into_iter().next().unwrap());
+        passed.write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        (&r).read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+        // Backend replies reach the frontend.
+        lib.write_all(&[7, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap();
+        let mut rep = [0u8; 12];
+        (&qemu).read_exact(&mut rep).unwrap();
+        assert_eq!(rep[0], 7);
+        // A lying size closes both sides.
+        qemu_w
+            .write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = lib.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+        drop(qemu_w);
+        drop(qemu);
+        handle.join().unwrap();
+    }
+}

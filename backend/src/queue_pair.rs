@@ -1,0 +1,334 @@
+//! One queue pair: the unit of work of one worker thread.
+//!
+//! A pair is the guest's RX queue (virtqueue 2i), its TX queue (2i+1) and, in relay mode, the
+//! VF socket they are bridged to. Its worker is woken by a TX kick, an RX kick (the guest added
+//! buffers we were waiting for), the VF socket turning readable, or its own reschedule event,
+//! and then moves packets both ways until there is nothing left or its budget is spent. The
+//! budget keeps one round short so the frontend thread (which needs the vring locks for
+//! GET_VRING_BASE and friends) is never starved; when it runs out the worker pokes its
+//! reschedule eventfd, so the epoll loop comes straight back.
+
+use log::{error, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryBackend;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::offload::RxOffloads;
+use crate::rx::{vf_to_guest, RxRing, RxStop};
+use crate::stats::PairStats;
+use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch};
+use crate::vf::VfSocket;
+use crate::GuestMemoryMmapB;
+
+/// Rounds (each at most one TX batch and one RX batch) before yielding to the epoll loop.
+const ROUNDS_PER_RUN: usize = 16;
+/// Frames taken from the VF per RX batch.
+const RX_BATCH: usize = 64;
+
+/// Where a pair's packets go.
+pub enum Link {
+    /// Bridged to a VF netdev through a packet socket (boxed: its rings' bookkeeping is big).
+    Vf(Box<VfSocket>),
+    /// Each TX packet comes back on the pair's RX queue.
+    Loopback,
+}
+
+/// What the guest negotiated, as the data path needs it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Negotiated {
+    pub mergeable: bool,
+    /// Guest header length: 12, or 10 for a legacy guest without mergeable buffers.
+    pub hdr_len: usize,
+    pub offloads: RxOffloads,
+}
+
+/// State of one queue pair that outlives frontend connections (the VF socket, counters,
+/// buffers) plus what one connection may have marked broken.
+pub struct QueuePair {
+    pub index: usize,
+    pub port: String,
+    pub link: Link,
+    batch: TxBatch,
+    /// Loopback's copy of each packet, and the offload fallback's segment buffer.
+    bufs: PacketBufs,
+    /// The guest ran out of RX buffers with VF frames still waiting.
+    rx_waiting: bool,
+    rx_broken: bool,
+    tx_broken: bool,
+    /// Written when a run ends with work left; registered in the worker's epoll.
+    pub resched: EventFd,
+    /// CPU to pin this pair's worker thread to (`--cpu-list`).
+    pub cpu: Option<usize>,
+    /// Whether the current worker thread is pinned already (workers are per connection).
+    pinned: bool,
+}
+
+impl QueuePair {
+    pub fn new(port: &str, index: usize, link: Link) -> std::io::Result<Self> {
+        Ok(QueuePair {
+            index,
+            port: port.to_string(),
+            link,
+            batch: TxBatch::default(),
+            bufs: PacketBufs::default(),
+            rx_waiting: false,
+            rx_broken: false,
+            tx_broken: false,
+            resched: EventFd::new(EFD_NONBLOCK)?,
+            cpu: None,
+            pinned: false,
+        })
+    }
+
+    /// Forgets what a previous connection marked broken.
+    pub fn reset(&mut self) {
+        self.rx_waiting = false;
+        self.rx_broken = false;
+        self.tx_broken = false;
+        self.pinned = false;
+        let _ = self.resched.read();
+    }
+
+    /// The frontend stopped virtqueue `queue` of this pair (GET_VRING_BASE): whatever it was
+    /// marked, it starts afresh when the frontend sets it up again (a guest reboot).
+    pub fn stopped(&mut self, queue: usize) {
+        if queue.is_multiple_of(2) {
+            self.rx_broken = false;
+            self.rx_waiting = false;
+        } else {
+            self.tx_broken = false;
+        }
+    }
+
+    /// Pins the calling worker thread to this pair's CPU, once per connection.
+    fn pin(&mut self) {
+        self.pinned = true;
+        let Some(cpu) = self.cpu else { return };
+        // SAFETY: cpu_set_t is plain data; sched_setaffinity(0, ..) affects the calling thread.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if rc != 0 {
+            warn!(
+                "port {} pair {}: cannot pin to cpu {cpu}: {}",
+                self.port,
+                self.index,
+                std::io::Error::last_os_error()
+            );
+        } else {
+            log::info!(
+                "port {} pair {}: worker pinned to cpu {cpu}",
+                self.port,
+                self.index
+            );
+        }
+    }
+
+    fn rx_label(&self) -> String {
+        format!("port {} queue {} (rx)", self.port, 2 * self.index)
+    }
+
+    fn tx_label(&self) -> String {
+        format!("port {} queue {} (tx)", self.port, 2 * self.index + 1)
+    }
+
+    /// Moves packets both ways until idle or out of budget.
+    pub fn run(
+        &mut self,
+        rx_vring: &VringRwLock<crate::GuestMemoryAtomicB>,
+        tx_vring: &VringRwLock<crate::GuestMemoryAtomicB>,
+        mem: &GuestMemoryMmapB,
+        neg: Negotiated,
+        stats: &PairStats,
+    ) {
+        if !self.pinned {
+            self.pin();
+        }
+        let _ = self.resched.read();
+        let mut rx_state = rx_vring.get_mut();
+        let mut tx_state = tx_vring.get_mut();
+        let rx_on = !self.rx_broken && rx_state.get_queue().ready() && rx_state.is_enabled();
+        let tx_on = !self.tx_broken && tx_state.get_queue().ready() && tx_state.is_enabled();
+        log::trace!(
+            "port {} pair {}: run (rx {}, tx {})",
+            self.port,
+            self.index,
+            if rx_on { "on" } else { "off" },
+            if tx_on { "on" } else { "off" }
+        );
+
+        if !rx_on {
+            // Nobody to deliver to: don't let stale frames pile up for a later guest.
+            if let Link::Vf(vf) = &mut self.link {
+                let dropped = vf.rx_batch(usize::MAX, |_, _| true);
+                stats.rx.add_drops(dropped as u64);
+            }
+        }
+
+        for _ in 0..ROUNDS_PER_RUN {
+            let mut progress = 0usize;
+            let mut rx_signal = false;
+            let mut tx_signal = false;
+
+            if tx_on && !self.tx_broken {
+                let tx_queue = tx_state.get_queue_mut();
+                let result = match &mut self.link {
+                    Link::Vf(vf) => {
+                        guest_to_vf(tx_queue, mem, neg.hdr_len, vf, &mut self.batch, &stats.tx)
+                    }
+                    Link::Loopback if rx_on && !self.rx_broken => {
+                        let mut ring = RxRing::with_header(
+                            rx_state.get_queue_mut(),
+                            mem,
+                            neg.mergeable,
+                            neg.hdr_len,
+                        );
+                        let r = guest_to_guest(
+                            tx_queue,
+                            &mut ring,
+                            mem,
+                            neg.offloads,
+                            &mut self.batch,
+                            &mut self.bufs,
+                            (&stats.tx, &stats.rx),
+                        );
+                        rx_signal |= ring.take_added() > 0 && notify_wanted(&mut ring);
+                        r
+                    }
+                    Link::Loopback => {
+                        // RX side unusable: the packets are lost, like on a NIC with its
+                        // receiver off, but the guest still gets its TX buffers back.
+                        let batch = &mut self.batch;
+                        batch
+                            .gather_with_header(tx_queue, mem, neg.hdr_len, &stats.tx)
+                            .and_then(|n| {
+                                stats.rx.add_drops(batch.len() as u64);
+                                batch.complete(tx_queue, mem).map(|()| n)
+                            })
+                    }
+                };
+                match result {
+                    Ok(n) => {
+                        progress += n;
+                        tx_signal |= n > 0;
+                    }
+                    Err(e) => {
+                        error!(
+                            "{}: {e}; queue stopped until the device is reset",
+                            self.tx_label()
+                        );
+                        self.tx_broken = true;
+                    }
+                }
+            }
+
+            if rx_on && !self.rx_broken {
+                if let Link::Vf(vf) = &mut self.link {
+                    let mut ring = RxRing::with_header(
+                        rx_state.get_queue_mut(),
+                        mem,
+                        neg.mergeable,
+                        neg.hdr_len,
+                    );
+                    let (n, stop) = vf_to_guest(
+                        vf,
+                        &mut ring,
+                        neg.offloads,
+                        &mut self.bufs.scratch,
+                        &stats.rx,
+                        RX_BATCH,
+                    );
+                    progress += n;
+                    self.rx_waiting = stop == RxStop::GuestFull;
+                    rx_signal |= ring.take_added() > 0 && notify_wanted(&mut ring);
+                }
+            }
+
+            if tx_signal && tx_on {
+                signal(&mut tx_state, &self.tx_label(), mem);
+            }
+            if rx_signal {
+                if let Err(e) = rx_state.signal_used_queue() {
+                    warn!("{}: cannot signal the guest: {e}", self.rx_label());
+                }
+            }
+
+            if progress == 0 {
+                // Idle: ask to be woken, then look once more to close the race with a guest
+                // that added work just before notifications were turned on.
+                let more_tx = tx_on
+                    && !self.tx_broken
+                    && arm(&mut tx_state, mem, &self.tx_label(), &mut self.tx_broken);
+                let more_rx = rx_on
+                    && !self.rx_broken
+                    && self.rx_waiting
+                    && arm(&mut rx_state, mem, &self.rx_label(), &mut self.rx_broken);
+                if !more_tx && !more_rx {
+                    return;
+                }
+            }
+        }
+        // Budget spent with work left: come back through the epoll loop.
+        let _ = self.resched.write(1);
+    }
+}
+
+/// Whether the guest asked to be interrupted for what was just added.
+fn notify_wanted<M: GuestMemoryBackend>(ring: &mut RxRing<'_, M>) -> bool {
+    ring.needs_notification().unwrap_or(true)
+}
+
+/// Signals TX completions if the guest wants them.
+fn signal(
+    state: &mut vhost_user_backend::VringState<crate::GuestMemoryAtomicB>,
+    label: &str,
+    mem: &GuestMemoryMmapB,
+) {
+    let wanted = state
+        .get_queue_mut()
+        .needs_notification(mem)
+        .unwrap_or(true);
+    if wanted {
+        if let Err(e) = state.signal_used_queue() {
+            warn!("{label}: cannot signal the guest: {e}");
+        }
+    }
+}
+
+/// Turns on guest notifications; true if work arrived meanwhile. Also catches a guest that
+/// published an impossible available index (more than a ring's worth ahead of us): that queue
+/// is broken until the device is reset.
+fn arm(
+    state: &mut vhost_user_backend::VringState<crate::GuestMemoryAtomicB>,
+    mem: &GuestMemoryMmapB,
+    label: &str,
+    broken: &mut bool,
+) -> bool {
+    let queue = state.get_queue_mut();
+    match queue.enable_notification(mem) {
+        Ok(more) => {
+            if more {
+                if let Ok(avail) = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                    let pending = avail.0.wrapping_sub(queue.next_avail());
+                    if pending > queue.size() {
+                        error!(
+                            "{label}: guest published avail index {} with {} pending on a {}-entry ring; queue stopped until reset",
+                            avail.0, pending, queue.size()
+                        );
+                        *broken = true;
+                        return false;
+                    }
+                }
+            }
+            more
+        }
+        Err(e) => {
+            error!("{label}: {e}; queue stopped until the device is reset");
+            *broken = true;
+            false
+        }
+    }
+}

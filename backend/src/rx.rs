@@ -1,0 +1,644 @@
+//! Receive path: packets from the VF (or from the loopback) into the guest's RX virtqueue.
+//!
+//! Top to bottom, a packet goes:
+//! 1. [`vf_to_guest`] takes frames from the VF socket's mmap'd ring, in batches;
+//! 2. offloads the guest did not negotiate are done in software ([`crate::offload`]);
+//! 3. [`RxRing::deliver`] writes the 12-byte virtio-net header and the frame into one guest
+//!    buffer, or several with mergeable RX buffers, then returns them in the used ring;
+//! 4. the caller signals the guest once per batch, if event-idx says it wants to be told.
+//!
+//! A packet that finds no guest buffer stays in the VF ring (backpressure; the kernel drops
+//! when that fills) and the RX queue's notifications are turned on so the guest's next
+//! buffer wakes us. All guest memory is written through vm-memory, so the dirty bitmap sees
+//! every byte we write when migration turns logging on.
+
+use std::ops::Deref;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+
+use crate::net_hdr::{VirtioNetHdr, VnetHdr, VIRTIO_NET_HDR_LEN};
+use crate::offload::{adapt_for_guest, RxOffloads};
+use crate::stats::QueueStats;
+use crate::vf::VfSocket;
+
+/// Why a packet could not be placed in guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum RxError {
+    #[error("rx queue: descriptor chain at head {head} is not device-writable")]
+    ReadOnlyDescriptor { head: u16 },
+    #[error("rx queue: descriptor chain at head {head} has no room at all")]
+    EmptyChain { head: u16 },
+    #[error("rx queue: buffer {addr:#x}+{len} of chain {head} is outside guest memory: {source}")]
+    BadAddress {
+        head: u16,
+        addr: u64,
+        len: usize,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("rx queue: packet of {len} bytes is larger than the {room}-byte buffer and mergeable buffers are off")]
+    TooBig { len: usize, room: usize },
+    #[error("rx queue: {0}")]
+    Ring(#[from] virtio_queue::Error),
+}
+
+/// What [`RxRing::deliver`] did with a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// In guest memory, using this many buffers.
+    Delivered(u16),
+    /// The guest has no (or not enough) buffers right now; nothing was consumed.
+    NoBuffers,
+}
+
+/// The guest's RX queue, borrowed for one batch.
+pub struct RxRing<'a, M: GuestMemoryBackend> {
+    queue: &'a mut Queue,
+    mem: &'a M,
+    /// VIRTIO_NET_F_MRG_RXBUF: a packet may span several buffers (chains).
+    mergeable: bool,
+    /// Guest header length: 12 with VERSION_1 or MRG_RXBUF, 10 for a legacy guest without.
+    hdr_len: usize,
+    /// Chains popped for the packet being placed: (head, bytes written).
+    used: Vec<(u16, u32)>,
+    /// Used entries added since the last [`RxRing::take_added`].
+    added: usize,
+}
+
+impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
+    /// A ring for a guest that negotiated VERSION_1 (12-byte header).
+    pub fn new(queue: &'a mut Queue, mem: &'a M, mergeable: bool) -> Self {
+        Self::with_header(queue, mem, mergeable, VIRTIO_NET_HDR_LEN)
+    }
+
+    /// A ring with an explicit guest header length (see [`crate::net_hdr::guest_header_len`]).
+    pub fn with_header(queue: &'a mut Queue, mem: &'a M, mergeable: bool, hdr_len: usize) -> Self {
+        RxRing {
+            queue,
+            mem,
+            mergeable,
+            hdr_len: hdr_len.clamp(crate::net_hdr::VNET_HDR_LEN, VIRTIO_NET_HDR_LEN),
+            used: Vec::with_capacity(64),
+            added: 0,
+        }
+    }
+
+    /// The guest's header length this ring writes.
+    pub fn header_len(&self) -> usize {
+        self.hdr_len
+    }
+
+    /// Used entries added since last asked; the caller signals the guest if this is non-zero.
+    pub fn take_added(&mut self) -> usize {
+        std::mem::take(&mut self.added)
+    }
+
+    /// Whether the guest wants an interrupt for what was added (event-idx aware).
+    pub fn needs_notification(&mut self) -> Result<bool, RxError> {
+        Ok(self.queue.needs_notification(self.mem)?)
+    }
+
+    /// Turns guest notifications for new RX buffers on; returns true if buffers arrived
+    /// meanwhile (so the caller should go on instead of sleeping).
+    pub fn enable_notification(&mut self) -> Result<bool, RxError> {
+        Ok(self.queue.enable_notification(self.mem)?)
+    }
+
+    pub fn disable_notification(&mut self) -> Result<(), RxError> {
+        Ok(self.queue.disable_notification(self.mem)?)
+    }
+
+    /// Places one packet (`hdr` then `data`) into guest buffers.
+    ///
+    /// On `Err` the packet is dropped, and any chain it had taken is returned to the guest
+    /// with length 0 (the guest counts a length error and reuses it): a bad chain costs one
+    /// packet, never the ring.
+    pub fn deliver(&mut self, hdr: &VnetHdr, data: &[u8]) -> Result<Delivery, RxError> {
+        let head = VirtioNetHdr {
+            hdr: *hdr,
+            num_buffers: 1,
+        };
+        let total = self.hdr_len + data.len();
+        let start = self.queue.next_avail();
+        self.used.clear();
+        let mut written = 0usize;
+        // Guest addresses of the two bytes of `num_buffers`, known once the header is placed.
+        let mut num_buffers_at: [Option<GuestAddress>; 2] = [None, None];
+
+        while written < total {
+            let Some(chain) = self.queue.pop_descriptor_chain(self.mem) else {
+                // Not enough buffers for the whole packet: put back what we took.
+                self.queue.set_next_avail(start);
+                return Ok(Delivery::NoBuffers);
+            };
+            let head_index = chain.head_index();
+            match self.fill_chain(chain, &head, data, written, total, &mut num_buffers_at) {
+                Ok(n) => {
+                    written += n;
+                    self.used.push((head_index, n as u32));
+                }
+                Err(e) => {
+                    self.used.push((head_index, 0));
+                    self.return_taken_empty()?;
+                    return Err(e);
+                }
+            }
+            if !self.mergeable && written < total {
+                // A single buffer is all we may use: leave it for a smaller packet.
+                self.queue.set_next_avail(start);
+                return Err(RxError::TooBig {
+                    len: total,
+                    room: written,
+                });
+            }
+        }
+
+        let buffers = self.used.len() as u16;
+        if buffers > 1 {
+            let bytes = buffers.to_le_bytes();
+            for (addr, byte) in num_buffers_at.iter().zip(bytes) {
+                if let Some(addr) = addr {
+                    self.mem
+                        .write_obj(byte, *addr)
+                        .map_err(|source| RxError::BadAddress {
+                            head: self.used[0].0,
+                            addr: addr.raw_value(),
+                            len: 1,
+                            source,
+                        })?;
+                }
+            }
+        }
+        for i in 0..self.used.len() {
+            let (h, n) = self.used[i];
+            self.queue.add_used(self.mem, h, n)?;
+        }
+        self.added += self.used.len();
+        Ok(Delivery::Delivered(buffers))
+    }
+
+    /// Returns every chain taken for the current packet with length 0.
+    fn return_taken_empty(&mut self) -> Result<(), RxError> {
+        for i in 0..self.used.len() {
+            let (h, _) = self.used[i];
+            self.queue.add_used(self.mem, h, 0)?;
+        }
+        self.added += self.used.len();
+        Ok(())
+    }
+
+    /// Copies bytes `written..` of the packet (the header, then `data`) into one chain;
+    /// returns how many bytes went in.
+    fn fill_chain<D>(
+        &self,
+        chain: virtio_queue::DescriptorChain<D>,
+        head: &VirtioNetHdr,
+        data: &[u8],
+        mut written: usize,
+        total: usize,
+        num_buffers_at: &mut [Option<GuestAddress>; 2],
+    ) -> Result<usize, RxError>
+    where
+        D: Deref,
+        D::Target: GuestMemory,
+    {
+        let head_index = chain.head_index();
+        let hdr_len = self.hdr_len;
+        let hdr_bytes = &head.as_slice()[..hdr_len];
+        let first = written;
+        let mut room = 0usize;
+        for desc in chain {
+            if !desc.is_write_only() {
+                return Err(RxError::ReadOnlyDescriptor { head: head_index });
+            }
+            let len = desc.len() as usize;
+            room += len;
+            let n = len.min(total - written);
+            let mut off = 0usize;
+            while off < n {
+                let pos = written + off;
+                let dst = desc.addr().unchecked_add(off as u64);
+                let src = if pos < hdr_len {
+                    // Remember where num_buffers (header bytes 10 and 11) landed.
+                    for (i, slot) in num_buffers_at.iter_mut().enumerate() {
+                        let at = VIRTIO_NET_HDR_LEN - 2 + i;
+                        if at < hdr_len && slot.is_none() && (pos..pos + (n - off)).contains(&at) {
+                            *slot = Some(dst.unchecked_add((at - pos) as u64));
+                        }
+                    }
+                    &hdr_bytes[pos..hdr_len.min(pos + n - off)]
+                } else {
+                    &data[pos - hdr_len..pos - hdr_len + (n - off)]
+                };
+                self.mem
+                    .write_slice(src, dst)
+                    .map_err(|source| RxError::BadAddress {
+                        head: head_index,
+                        addr: desc.addr().raw_value(),
+                        len,
+                        source,
+                    })?;
+                off += src.len();
+            }
+            written += n;
+            if written == total {
+                break;
+            }
+        }
+        if room == 0 {
+            return Err(RxError::EmptyChain { head: head_index });
+        }
+        Ok(written - first)
+    }
+}
+
+/// Why an RX batch stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RxStop {
+    /// The VF ring is empty.
+    Drained,
+    /// The guest ran out of buffers with frames still waiting.
+    GuestFull,
+}
+
+/// Moves up to `budget` frames from the VF into the guest. Returns the frames consumed
+/// and why it stopped.
+pub fn vf_to_guest<M: GuestMemoryBackend>(
+    vf: &mut VfSocket,
+    ring: &mut RxRing<'_, M>,
+    offloads: RxOffloads,
+    scratch: &mut Vec<u8>,
+    stats: &QueueStats,
+    budget: usize,
+) -> (usize, RxStop) {
+    let mut guest_full = false;
+    let consumed = vf.rx_batch(budget, |hdr, frame| {
+        match deliver_adapted(ring, offloads, hdr, frame, scratch, stats) {
+            Delivery::NoBuffers => {
+                guest_full = true;
+                false
+            }
+            Delivery::Delivered(_) => true,
+        }
+    });
+    let stop = if guest_full {
+        RxStop::GuestFull
+    } else if consumed < budget {
+        RxStop::Drained
+    } else {
+        // Budget used up: report as drained only if the caller should look again itself.
+        RxStop::Drained
+    };
+    (consumed, stop)
+}
+
+/// Delivers one frame, doing in software the offloads the guest did not negotiate.
+/// Returns `NoBuffers` only if nothing was consumed; errors are counted and the frame dropped
+/// (reported as delivered so the caller moves on).
+pub fn deliver_adapted<M: GuestMemoryBackend>(
+    ring: &mut RxRing<'_, M>,
+    offloads: RxOffloads,
+    hdr: &VnetHdr,
+    frame: &[u8],
+    scratch: &mut Vec<u8>,
+    stats: &QueueStats,
+) -> Delivery {
+    if offloads.accepts(hdr) {
+        return match ring.deliver(hdr, frame) {
+            Ok(Delivery::Delivered(n)) => {
+                stats.add_packets(1, frame.len() as u64);
+                Delivery::Delivered(n)
+            }
+            Ok(Delivery::NoBuffers) => Delivery::NoBuffers,
+            Err(e) => {
+                count_error(stats, &e);
+                Delivery::Delivered(0)
+            }
+        };
+    }
+    // The guest cannot take this frame as it is: split it / finish its checksum. A guest that
+    // runs out of buffers half way through loses the rest of the super-frame (counted), since
+    // a frame cannot be half consumed from the VF ring.
+    let mut out_of_buffers = false;
+    let result = adapt_for_guest(offloads, hdr, frame, scratch, |h, seg| {
+        if out_of_buffers {
+            stats.add_drops(1);
+            return;
+        }
+        // Without GUEST_CSUM the virtio spec wants flags zero, DATA_VALID included.
+        let mut h = *h;
+        if !offloads.csum {
+            h.flags = 0;
+        }
+        match ring.deliver(&h, seg) {
+            Ok(Delivery::Delivered(_)) => stats.add_packets(1, seg.len() as u64),
+            Ok(Delivery::NoBuffers) => {
+                out_of_buffers = true;
+                stats.add_drops(1);
+            }
+            Err(e) => count_error(stats, &e),
+        }
+    });
+    if let Err(e) = result {
+        stats.add_errors(1);
+        crate::warn_limited!("rx: dropping a frame the guest cannot take: {e}");
+    }
+    Delivery::Delivered(0)
+}
+
+fn count_error(stats: &QueueStats, e: &RxError) {
+    match e {
+        RxError::TooBig { .. } => stats.add_drops(1),
+        _ => stats.add_errors(1),
+    }
+    crate::warn_limited!("{e}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_guest::*;
+    use crate::net_hdr::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4};
+
+    fn gso_hdr() -> VnetHdr {
+        VnetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        }
+    }
+
+    fn header_bytes(hdr: &VnetHdr, num_buffers: u16) -> Vec<u8> {
+        VirtioNetHdr {
+            hdr: *hdr,
+            num_buffers,
+        }
+        .as_slice()
+        .to_vec()
+    }
+
+    #[test]
+    fn one_buffer_holds_header_and_packet() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[wbuf(BUFFERS, 2048)]);
+        let mut q = gq.queue();
+        let pkt = pattern(100, 1);
+        let mut ring = RxRing::new(&mut q, &mem, false);
+        assert_eq!(
+            ring.deliver(&gso_hdr(), &pkt).unwrap(),
+            Delivery::Delivered(1)
+        );
+        assert_eq!(ring.take_added(), 1);
+        assert_eq!(gq.used_idx(), 1);
+        assert_eq!(gq.used(0), (0, 112));
+        assert_eq!(read(&mem, BUFFERS, 12), header_bytes(&gso_hdr(), 1));
+        assert_eq!(read(&mem, BUFFERS + 12, 100), pkt);
+    }
+
+    #[test]
+    fn legacy_guest_gets_a_ten_byte_header() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[wbuf(BUFFERS, 2048)]);
+        let mut q = gq.queue();
+        let pkt = pattern(64, 4);
+        let mut ring = RxRing::with_header(&mut q, &mem, false, 10);
+        assert_eq!(
+            ring.deliver(&gso_hdr(), &pkt).unwrap(),
+            Delivery::Delivered(1)
+        );
+        assert_eq!(gq.used(0), (0, 74));
+        assert_eq!(
+            read(&mem, BUFFERS, 10),
+            header_bytes(&gso_hdr(), 0)[..10].to_vec()
+        );
+        assert_eq!(read(&mem, BUFFERS + 10, 64), pkt);
+    }
+
+    #[test]
+    fn header_split_over_descriptors() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[
+            wbuf(BUFFERS, 5),
+            wbuf(BUFFERS + 0x100, 6),
+            wbuf(BUFFERS + 0x200, 1000),
+        ]);
+        let mut q = gq.queue();
+        let pkt = pattern(300, 2);
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        assert_eq!(
+            ring.deliver(&gso_hdr(), &pkt).unwrap(),
+            Delivery::Delivered(1)
+        );
+        let want = [header_bytes(&gso_hdr(), 1), pkt].concat();
+        let got = [
+            read(&mem, BUFFERS, 5),
+            read(&mem, BUFFERS + 0x100, 6),
+            read(&mem, BUFFERS + 0x200, 301),
+        ]
+        .concat();
+        assert_eq!(got, want);
+        assert_eq!(gq.used(0), (0, 312));
+    }
+
+    #[test]
+    fn mergeable_spreads_a_packet_and_counts_buffers() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        for i in 0..4 {
+            gq.add(&[wbuf(BUFFERS + i * 0x1000, 1000)]);
+        }
+        let mut q = gq.queue();
+        let pkt = pattern(2500, 3);
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        assert_eq!(
+            ring.deliver(&VnetHdr::default(), &pkt).unwrap(),
+            Delivery::Delivered(3)
+        );
+        assert_eq!(gq.used_idx(), 3);
+        assert_eq!(gq.used(0), (0, 1000));
+        assert_eq!(gq.used(1), (1, 1000));
+        assert_eq!(gq.used(2), (2, 512));
+        assert_eq!(
+            read(&mem, BUFFERS, 12),
+            header_bytes(&VnetHdr::default(), 3)
+        );
+        let got = [
+            read(&mem, BUFFERS + 12, 988),
+            read(&mem, BUFFERS + 0x1000, 1000),
+            read(&mem, BUFFERS + 0x2000, 512),
+        ]
+        .concat();
+        assert_eq!(got, pkt);
+        // The fourth buffer is still there for the next packet.
+        assert_eq!(q.next_avail(), 3);
+    }
+
+    #[test]
+    fn num_buffers_split_over_two_descriptors_is_written_in_both() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[wbuf(BUFFERS, 11), wbuf(BUFFERS + 0x100, 50)]);
+        gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        assert_eq!(
+            ring.deliver(&VnetHdr::default(), &pattern(100, 0)).unwrap(),
+            Delivery::Delivered(2)
+        );
+        assert_eq!(read(&mem, BUFFERS + 10, 1), vec![2]);
+        assert_eq!(read(&mem, BUFFERS + 0x100, 1), vec![0]);
+    }
+
+    #[test]
+    fn not_enough_buffers_takes_nothing() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[wbuf(BUFFERS, 100)]);
+        gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        assert_eq!(
+            ring.deliver(&VnetHdr::default(), &pattern(500, 0)).unwrap(),
+            Delivery::NoBuffers
+        );
+        assert_eq!(ring.take_added(), 0);
+        assert_eq!(q.next_avail(), 0);
+        assert_eq!(gq.used_idx(), 0);
+        // A packet that fits still goes through afterwards.
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        assert_eq!(
+            ring.deliver(&VnetHdr::default(), &pattern(50, 0)).unwrap(),
+            Delivery::Delivered(1)
+        );
+    }
+
+    #[test]
+    fn empty_queue_reports_no_buffers() {
+        let mem = memory();
+        let gq = GuestQueue::new(&mem, 0, 16);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        assert_eq!(
+            ring.deliver(&VnetHdr::default(), &[1, 2, 3]).unwrap(),
+            Delivery::NoBuffers
+        );
+    }
+
+    #[test]
+    fn too_big_without_mergeable_leaves_the_buffer() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[wbuf(BUFFERS, 1526)]);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, false);
+        let err = ring
+            .deliver(&VnetHdr::default(), &pattern(4000, 0))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RxError::TooBig {
+                    len: 4012,
+                    room: 1526
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(q.next_avail(), 0);
+        assert_eq!(gq.used_idx(), 0);
+    }
+
+    #[test]
+    fn read_only_descriptor_costs_one_packet() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[rbuf(BUFFERS, 2048)]);
+        gq.add(&[wbuf(BUFFERS + 0x1000, 2048)]);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        let err = ring
+            .deliver(&VnetHdr::default(), &pattern(60, 0))
+            .unwrap_err();
+        assert!(
+            matches!(err, RxError::ReadOnlyDescriptor { head: 0 }),
+            "{err}"
+        );
+        assert_eq!(gq.used(0), (0, 0));
+        assert_eq!(
+            ring.deliver(&VnetHdr::default(), &pattern(60, 0)).unwrap(),
+            Delivery::Delivered(1)
+        );
+        assert_eq!(gq.used(1), (1, 72));
+    }
+
+    #[test]
+    fn buffer_outside_guest_memory_is_refused() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[wbuf((16 << 20) - 8, 2048)]);
+        gq.add(&[wbuf(u64::MAX - 16, 2048)]);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        for head in 0..2u16 {
+            let err = ring
+                .deliver(&VnetHdr::default(), &pattern(60, 0))
+                .unwrap_err();
+            assert!(
+                matches!(err, RxError::BadAddress { head: h, .. } if h == head),
+                "{err}"
+            );
+        }
+        assert_eq!(gq.used_idx(), 2);
+        assert_eq!(gq.used(1), (1, 0));
+    }
+
+    #[test]
+    fn zero_length_buffer_is_refused() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add(&[wbuf(BUFFERS, 0)]);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        let err = ring
+            .deliver(&VnetHdr::default(), &pattern(60, 0))
+            .unwrap_err();
+        assert!(matches!(err, RxError::EmptyChain { head: 0 }), "{err}");
+        assert_eq!(gq.used(0), (0, 0));
+    }
+
+    #[test]
+    fn descriptor_loop_ends() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add_loop(wbuf(BUFFERS, 64));
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, false);
+        // The chain is cut after a ring's worth of descriptors: 16 * 64 bytes of room.
+        let err = ring
+            .deliver(&VnetHdr::default(), &pattern(9000, 0))
+            .unwrap_err();
+        assert!(matches!(err, RxError::TooBig { room: 1024, .. }), "{err}");
+    }
+
+    #[test]
+    fn indirect_chains_are_followed() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add_indirect(&[wbuf(BUFFERS, 12), wbuf(BUFFERS + 0x100, 100)], 0x30_0000);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true);
+        let pkt = pattern(80, 9);
+        assert_eq!(
+            ring.deliver(&VnetHdr::default(), &pkt).unwrap(),
+            Delivery::Delivered(1)
+        );
+        assert_eq!(read(&mem, BUFFERS + 0x100, 80), pkt);
+        assert_eq!(gq.used(0), (0, 92));
+    }
+}

@@ -1,0 +1,390 @@
+//! One port's life: open its VF, then serve frontend connections one after another.
+//!
+//! Each connection gets a fresh [`NetDevice`] and vhost-user-backend daemon (with its worker
+//! threads), while the port's queue pairs (VF sockets, counters) persist, so a QEMU that
+//! restarts, a guest that reboots, or a frontend that reconnects finds the port as it left it.
+
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::config::{LinkConfig, PortConfig, SocketMode};
+use crate::device::{NetDevice, Port};
+use crate::protocol_shim;
+use crate::queue_pair::{Link, QueuePair};
+use crate::stats::PortStats;
+use crate::vf::{interface_info, RingConfig, VfSocket};
+
+/// How long a client-mode port waits between attempts to reach its frontend.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("port {port}: VF {vf}: {source}")]
+    Vf {
+        port: String,
+        vf: String,
+        source: crate::vf::VfError,
+    },
+    #[error("port {port}: cannot listen on {path}: {source}")]
+    Listen {
+        port: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("port {port}: fd {fd} is not a listening unix socket: {message}")]
+    BadFd {
+        port: String,
+        fd: RawFd,
+        message: String,
+    },
+    #[error("port {port}: {cause}")]
+    Daemon {
+        port: String,
+        cause: vhost_user_backend::Error,
+    },
+    #[error("port {port}: {message}: {source}")]
+    Io {
+        port: String,
+        message: String,
+        source: std::io::Error,
+    },
+}
+
+/// Opens everything the port needs before any frontend comes: a missing VF is found now, not
+/// when the guest boots.
+pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
+    let stats = Arc::new(PortStats::new(&cfg.name, cfg.queues));
+    let mut pairs = Vec::with_capacity(cfg.queues);
+    if let LinkConfig::Vf(vf) = &cfg.link {
+        let vf_err = |source| ServerError::Vf {
+            port: cfg.name.clone(),
+            vf: vf.clone(),
+            source,
+        };
+        let info = interface_info(vf).map_err(vf_err)?;
+        info!(
+            "port {}: VF {vf} (index {}, mtu {}, mac {}) with {} queue pair(s), promiscuous",
+            cfg.name,
+            info.index,
+            info.mtu,
+            format_mac(&info.mac),
+            cfg.queues
+        );
+    }
+    // A fanout group id that no other port of this process (or, likely, another process) uses.
+    let group = fanout_group_id(&cfg.name);
+    for i in 0..cfg.queues {
+        let link = match &cfg.link {
+            LinkConfig::Vf(vf) => {
+                let fanout = (cfg.queues > 1).then_some(group);
+                let sock =
+                    VfSocket::open(vf, fanout, &RingConfig::default()).map_err(|source| {
+                        ServerError::Vf {
+                            port: cfg.name.clone(),
+                            vf: vf.clone(),
+                            source,
+                        }
+                    })?;
+                Link::Vf(Box::new(sock))
+            }
+            LinkConfig::Loopback => Link::Loopback,
+        };
+        let mut pair = QueuePair::new(&cfg.name, i, link).map_err(|source| ServerError::Io {
+            port: cfg.name.clone(),
+            message: "cannot create an eventfd".into(),
+            source,
+        })?;
+        pair.cpu = cfg.cpus.get(i).copied();
+        pairs.push(pair);
+    }
+    Ok(Arc::new(Port::new(&cfg.name, pairs, stats)))
+}
+
+fn fanout_group_id(name: &str) -> u16 {
+    let mut h: u32 = std::process::id();
+    for b in name.bytes() {
+        h = h.wrapping_mul(31).wrapping_add(u32::from(b));
+    }
+    (h ^ (h >> 16)) as u16
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Serves the port until a fatal error (its listening socket failing). Frontends coming and
+/// going are not errors.
+pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
+    let private = PrivateDir::create(&cfg.name).map_err(|source| ServerError::Io {
+        port: cfg.name.clone(),
+        message: "cannot create its private socket directory".into(),
+        source,
+    })?;
+    match &cfg.socket {
+        SocketMode::Listen(path) => {
+            let listener = listen(path).map_err(|source| ServerError::Listen {
+                port: cfg.name.clone(),
+                path: path.clone(),
+                source,
+            })?;
+            info!("port {}: listening on {}", cfg.name, path.display());
+            serve_listener(cfg, &port, &private, &listener)
+        }
+        SocketMode::Inherited(fd) => {
+            check_listening_socket(&cfg.name, *fd)?;
+            // SAFETY: the fd was checked to be an open listening unix socket, and the user
+            // handed it to us to own (libvirt/systemd socket passing).
+            let listener = unsafe { UnixListener::from_raw_fd(*fd) };
+            info!("port {}: serving inherited socket fd {fd}", cfg.name);
+            serve_listener(cfg, &port, &private, &listener)
+        }
+        SocketMode::Connect(path) => {
+            let mut warned = false;
+            loop {
+                match UnixStream::connect(path) {
+                    Ok(stream) => {
+                        warned = false;
+                        info!("port {}: connected to {}", cfg.name, path.display());
+                        run_session(cfg, &port, &private, stream)?;
+                    }
+                    Err(e) => {
+                        if !warned {
+                            warn!(
+                                "port {}: cannot connect to {} ({e}); retrying every {:?}",
+                                cfg.name,
+                                path.display(),
+                                RECONNECT_DELAY
+                            );
+                            warned = true;
+                        }
+                        thread::sleep(RECONNECT_DELAY);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Binds the port's socket, replacing a stale socket file left by an earlier run (but never
+/// a file that is not a socket).
+fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+    }
+    UnixListener::bind(path)
+}
+
+fn serve_listener(
+    cfg: &PortConfig,
+    port: &Arc<Port>,
+    private: &PrivateDir,
+    listener: &UnixListener,
+) -> Result<(), ServerError> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                info!("port {}: frontend connected", cfg.name);
+                run_session(cfg, port, private, stream)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // Out of fds or memory: transient; anything else would repeat forever.
+                error!("port {}: accept failed: {e}", cfg.name);
+                thread::sleep(RECONNECT_DELAY);
+            }
+        }
+    }
+}
+
+type Daemon = VhostUserDaemon<Arc<NetDevice>>;
+
+/// Serves one frontend connection to its end: a fresh device and daemon, reached through the
+/// protocol shim.
+fn run_session(
+    cfg: &PortConfig,
+    port: &Arc<Port>,
+    private: &PrivateDir,
+    frontend: UnixStream,
+) -> Result<(), ServerError> {
+    let io_err = |message: &str, source| ServerError::Io {
+        port: cfg.name.clone(),
+        message: message.into(),
+        source,
+    };
+    let (mut daemon, _dev) = new_session(cfg, port)?;
+    // The library accepts on a listener only; give it a private one and connect the shim.
+    let mut lib_listener = private
+        .listener()
+        .map_err(|e| io_err("cannot create the backend-side socket", e))?;
+    let shim_end = UnixStream::connect(private.path())
+        .map_err(|e| io_err("cannot connect the backend-side socket", e))?;
+    let started = daemon.start(&mut lib_listener);
+    drop(lib_listener);
+    if let Err(e) = started {
+        stop_workers(&daemon);
+        warn!("port {}: cannot start serving the frontend: {e}", cfg.name);
+        return Ok(());
+    }
+    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end)
+        .map_err(|e| io_err("cannot start the protocol shim", e))?;
+    match daemon.wait() {
+        Ok(()) => info!("port {}: frontend disconnected", cfg.name),
+        Err(e) => warn!("port {}: frontend connection ended: {e}", cfg.name),
+    }
+    stop_workers(&daemon);
+    if let Some(h) = daemon.shutdown_handle() {
+        h.shutdown();
+    }
+    let _ = shim.join();
+    Ok(())
+}
+
+/// A fresh device and daemon, with each pair's VF socket and reschedule event registered in
+/// its worker's epoll.
+fn new_session(
+    cfg: &PortConfig,
+    port: &Arc<Port>,
+) -> Result<(Daemon, Arc<NetDevice>), ServerError> {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let dev = Arc::new(NetDevice::new(port.clone(), mem.clone()));
+    let daemon = VhostUserDaemon::new(cfg.name.clone(), dev.clone(), mem).map_err(|cause| {
+        ServerError::Daemon {
+            port: cfg.name.clone(),
+            cause,
+        }
+    })?;
+    let handlers = daemon.get_epoll_handlers();
+    for (i, handler) in handlers.iter().enumerate() {
+        let Some(pair) = port.pair(i) else { continue };
+        let io_err = |source, what: &str| ServerError::Io {
+            port: cfg.name.clone(),
+            message: format!("queue pair {i}: cannot watch {what}"),
+            source,
+        };
+        if let Link::Vf(vf) = &pair.link {
+            handler
+                .register_listener(
+                    vf.as_raw_fd(),
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    dev.vf_event_id(),
+                )
+                .map_err(|e| io_err(e, "the VF socket"))?;
+        }
+        handler
+            .register_listener(
+                pair.resched.as_raw_fd(),
+                EventSet::IN,
+                dev.resched_event_id(),
+            )
+            .map_err(|e| io_err(e, "its reschedule event"))?;
+    }
+    Ok((daemon, dev))
+}
+
+fn stop_workers(daemon: &Daemon) {
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+}
+
+/// A directory only we can enter, holding the socket the library accepts the shim on.
+struct PrivateDir {
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl PrivateDir {
+    fn create(port: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let safe: String = port
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("vhost-relay.{}.{}", std::process::id(), safe));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let sock = dir.join("backend.sock");
+        Ok(PrivateDir { dir, sock })
+    }
+
+    fn path(&self) -> &Path {
+        &self.sock
+    }
+
+    fn listener(&self) -> std::io::Result<Listener> {
+        let _ = std::fs::remove_file(&self.sock);
+        Ok(Listener::from(UnixListener::bind(&self.sock)?))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn check_listening_socket(port: &str, fd: RawFd) -> Result<(), ServerError> {
+    let bad = |message: String| ServerError::BadFd {
+        port: port.to_string(),
+        fd,
+        message,
+    };
+    // SAFETY: fstat/getsockopt only read into the local structures passed.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return Err(bad(std::io::Error::last_os_error().to_string()));
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(bad("not a socket".into()));
+        }
+        let mut val: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        if libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        ) != 0
+            || val == 0
+        {
+            return Err(bad("not listening".into()));
+        }
+        let mut domain: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        if libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        ) != 0
+            || domain != libc::AF_UNIX
+        {
+            return Err(bad("not a unix socket".into()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,563 @@
+//! Transmit path: packets the guest puts on its TX virtqueue, out to the VF (or back to the
+//! guest in loopback mode).
+//!
+//! Top to bottom, a batch goes:
+//! 1. [`TxBatch::gather`] pops up to [`TX_BATCH`] descriptor chains and turns each into an
+//!    iovec list: a copy of the 10-byte offload header, then the packet bytes *in place* in
+//!    guest memory (no copy in this process);
+//! 2. [`guest_to_vf`] hands the whole batch to the kernel with one `sendmmsg` (the kernel
+//!    copies out of guest memory and honours the checksum/GSO header, so a guest with TSO on
+//!    sends 64 KiB super-frames straight through);
+//! 3. every chain goes back to the guest in the used ring (length 0: TX buffers carry nothing
+//!    back), and the guest is signalled at most once per batch.
+//!
+//! Malformed chains (writable descriptors, addresses outside guest memory, short headers,
+//! oversized packets) are returned unused and counted; they never stop the queue.
+
+use std::ops::Range;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
+
+use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_LEN, VNET_HDR_LEN};
+use crate::offload::RxOffloads;
+use crate::rx::{deliver_adapted, Delivery, RxRing};
+use crate::stats::QueueStats;
+use crate::vf::VfSocket;
+
+/// Chains handled per batch: one `sendmmsg`, one notification.
+pub const TX_BATCH: usize = 64;
+/// The largest packet the guest may send: a 64 KiB GSO super-frame plus link headers.
+pub const MAX_TX_PACKET: usize = 65535 + 18;
+/// Guest buffers one packet may be scattered over (Linux uses at most MAX_SKB_FRAGS + 2).
+pub const MAX_TX_SEGMENTS: usize = 64;
+
+/// Why a TX chain was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    #[error("tx queue: chain at head {head} has a device-writable descriptor")]
+    WritableDescriptor { head: u16 },
+    #[error("tx queue: chain at head {head} is shorter ({len} bytes) than the virtio-net header")]
+    ShortHeader { head: u16, len: usize },
+    #[error("tx queue: chain at head {head} holds more than {max} bytes")]
+    TooBig { head: u16, max: usize },
+    #[error("tx queue: chain at head {head} is scattered over more than {max} buffers")]
+    TooManySegments { head: u16, max: usize },
+    #[error("tx queue: buffer {addr:#x}+{len} of chain {head} is outside guest memory: {source}")]
+    BadAddress {
+        head: u16,
+        addr: u64,
+        len: usize,
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("tx queue: {0}")]
+    Ring(#[from] virtio_queue::Error),
+}
+
+/// Reusable storage for one batch: no allocation per packet once it has grown.
+pub struct TxBatch {
+    /// All iovecs of the batch; packet i is `iovs[pkts[i]]`.
+    iovs: Vec<libc::iovec>,
+    pkts: Vec<Range<usize>>,
+    /// The offload header of each packet; iovecs point into this, so it never reallocates.
+    hdrs: Box<[VnetHdr; TX_BATCH]>,
+    /// Chain heads to return, with whether each was sent or refused.
+    heads: Vec<u16>,
+    /// Payload bytes per packet (without header), for the counters.
+    lens: Vec<usize>,
+}
+
+// SAFETY: the raw pointers in `iovs` point into guest memory mappings or into `hdrs`; they are
+// only dereferenced (by the kernel, or by the loopback copy) while the batch's guest memory
+// guard is held on the worker thread that filled them. The batch is moved between threads only
+// between batches, when they are stale and unused.
+unsafe impl Send for TxBatch {}
+
+impl Default for TxBatch {
+    fn default() -> Self {
+        TxBatch {
+            iovs: Vec::with_capacity(TX_BATCH * 4),
+            pkts: Vec::with_capacity(TX_BATCH),
+            hdrs: Box::new([VnetHdr::default(); TX_BATCH]),
+            heads: Vec::with_capacity(TX_BATCH),
+            lens: Vec::with_capacity(TX_BATCH),
+        }
+    }
+}
+
+impl TxBatch {
+    fn clear(&mut self) {
+        self.iovs.clear();
+        self.pkts.clear();
+        self.heads.clear();
+        self.lens.clear();
+    }
+
+    /// Pops up to [`TX_BATCH`] chains. Good ones become packets; bad ones are counted and
+    /// returned to the guest at once. Returns the number of chains popped.
+    pub fn gather<M: GuestMemoryBackend>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        stats: &QueueStats,
+    ) -> Result<usize, TxError> {
+        self.gather_with_header(queue, mem, VIRTIO_NET_HDR_LEN, stats)
+    }
+
+    /// [`TxBatch::gather`] for a guest header of `hdr_len` bytes (12, or 10 for a legacy guest).
+    pub fn gather_with_header<M: GuestMemoryBackend>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        hdr_len: usize,
+        stats: &QueueStats,
+    ) -> Result<usize, TxError> {
+        let hdr_len = hdr_len.clamp(VNET_HDR_LEN, VIRTIO_NET_HDR_LEN);
+        self.clear();
+        let mut popped = 0;
+        while popped < TX_BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            popped += 1;
+            let head = chain.head_index();
+            let slot = self.pkts.len();
+            let first_iov = self.iovs.len();
+            match gather_chain(chain, mem, hdr_len, &mut self.hdrs[slot], &mut self.iovs) {
+                Ok(len) => {
+                    self.pkts.push(first_iov..self.iovs.len());
+                    self.heads.push(head);
+                    self.lens.push(len);
+                }
+                Err(e) => {
+                    self.iovs.truncate(first_iov);
+                    stats.add_errors(1);
+                    crate::warn_limited!("{e}");
+                    queue.add_used(mem, head, 0)?;
+                }
+            }
+        }
+        Ok(popped)
+    }
+
+    /// Returns every gathered chain to the guest.
+    pub fn complete<M: GuestMemoryBackend>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+    ) -> Result<(), TxError> {
+        for &head in &self.heads {
+            queue.add_used(mem, head, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Number of good packets gathered.
+    pub fn len(&self) -> usize {
+        self.pkts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pkts.is_empty()
+    }
+}
+
+/// Turns one chain into iovecs: first the 10-byte offload header (copied into `hdr`, since the
+/// guest's is 12 bytes and may be split across buffers), then the packet in guest memory.
+/// Returns the packet length without header.
+fn gather_chain<D, M>(
+    chain: DescriptorChain<D>,
+    mem: &M,
+    guest_hdr_len: usize,
+    hdr: &mut VnetHdr,
+    iovs: &mut Vec<libc::iovec>,
+) -> Result<usize, TxError>
+where
+    D: std::ops::Deref,
+    D::Target: vm_memory::GuestMemory,
+    M: GuestMemoryBackend,
+{
+    let head = chain.head_index();
+    let first_iov = iovs.len();
+    let mut raw_hdr = [0u8; VIRTIO_NET_HDR_LEN];
+    let mut hdr_len = 0usize;
+    let mut total = 0usize;
+    iovs.push(libc::iovec {
+        iov_base: (hdr as *mut VnetHdr).cast(),
+        iov_len: VNET_HDR_LEN,
+    });
+    let bad = |addr: u64, len: usize, source| TxError::BadAddress {
+        head,
+        addr,
+        len,
+        source,
+    };
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(TxError::WritableDescriptor { head });
+        }
+        let mut addr = desc.addr();
+        let mut len = desc.len() as usize;
+        if hdr_len < guest_hdr_len {
+            let n = len.min(guest_hdr_len - hdr_len);
+            mem.read_slice(&mut raw_hdr[hdr_len..hdr_len + n], addr)
+                .map_err(|e| bad(addr.raw_value(), n, e))?;
+            hdr_len += n;
+            addr = addr.unchecked_add(n as u64);
+            len -= n;
+        }
+        if len == 0 {
+            continue;
+        }
+        total += len;
+        if total > MAX_TX_PACKET {
+            return Err(TxError::TooBig {
+                head,
+                max: MAX_TX_PACKET,
+            });
+        }
+        for slice in mem.get_slices(addr, len) {
+            let slice = slice.map_err(|e| bad(addr.raw_value(), len, e))?;
+            if iovs.len() - first_iov > MAX_TX_SEGMENTS {
+                return Err(TxError::TooManySegments {
+                    head,
+                    max: MAX_TX_SEGMENTS,
+                });
+            }
+            iovs.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    if hdr_len < guest_hdr_len {
+        return Err(TxError::ShortHeader { head, len: hdr_len });
+    }
+    // The guest's first 10 bytes are exactly the socket's header; num_buffers means nothing on TX.
+    *hdr = VnetHdr::from_bytes(&raw_hdr).unwrap_or_default();
+    Ok(total)
+}
+
+/// Sends one batch from the guest's TX queue to the VF. Returns the chains popped (0 when the
+/// queue is empty).
+pub fn guest_to_vf<M: GuestMemoryBackend>(
+    queue: &mut Queue,
+    mem: &M,
+    hdr_len: usize,
+    vf: &mut VfSocket,
+    batch: &mut TxBatch,
+    stats: &QueueStats,
+) -> Result<usize, TxError> {
+    let popped = batch.gather_with_header(queue, mem, hdr_len, stats)?;
+    if !batch.is_empty() {
+        match vf.tx_batch(&batch.iovs, &batch.pkts) {
+            Ok(sent) => {
+                let bytes: usize = batch.lens[..sent].iter().sum();
+                stats.add_packets(sent as u64, bytes as u64);
+                stats.add_drops((batch.len() - sent) as u64);
+            }
+            Err(e) => {
+                stats.add_drops(batch.len() as u64);
+                crate::warn_limited!("tx to {}: {e}", vf.ifname());
+            }
+        }
+        batch.complete(queue, mem)?;
+    }
+    Ok(popped)
+}
+
+/// Per-pair packet buffers, reused so no packet allocates once they have grown.
+pub struct PacketBufs {
+    /// A whole packet copied out of guest TX buffers (loopback).
+    pub copy: Vec<u8>,
+    /// Segments built by the offload fallback.
+    pub scratch: Vec<u8>,
+}
+
+impl Default for PacketBufs {
+    fn default() -> Self {
+        PacketBufs {
+            copy: Vec::with_capacity(MAX_TX_PACKET),
+            scratch: Vec::with_capacity(MAX_TX_PACKET),
+        }
+    }
+}
+
+/// Loopback: sends one batch from the guest's TX queue back into its RX queue of the same
+/// pair. Packets that find no RX buffer are dropped (like a NIC with a full ring).
+pub fn guest_to_guest<M: GuestMemoryBackend>(
+    tx_queue: &mut Queue,
+    rx: &mut RxRing<'_, M>,
+    mem: &M,
+    offloads: RxOffloads,
+    batch: &mut TxBatch,
+    bufs: &mut PacketBufs,
+    stats: (&QueueStats, &QueueStats),
+) -> Result<usize, TxError> {
+    let PacketBufs { copy, scratch } = bufs;
+    let (tx_stats, rx_stats) = stats;
+    let popped = batch.gather_with_header(tx_queue, mem, rx.header_len(), tx_stats)?;
+    for (i, range) in batch.pkts.iter().enumerate() {
+        copy.clear();
+        // Skip the header iovec; it is `batch.hdrs[i]`.
+        for iov in &batch.iovs[range.start + 1..range.end] {
+            // SAFETY: gather_chain built these from guest memory slices that stay mapped while
+            // `mem` (the caller's guard) lives, and checked their bounds.
+            let bytes =
+                unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+            copy.extend_from_slice(bytes);
+        }
+        tx_stats.add_packets(1, copy.len() as u64);
+        if deliver_adapted(rx, offloads, &batch.hdrs[i], copy, scratch, rx_stats)
+            == Delivery::NoBuffers
+        {
+            rx_stats.add_drops(1);
+        }
+    }
+    batch.complete(tx_queue, mem)?;
+    Ok(popped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_guest::*;
+    use crate::net_hdr::{VirtioNetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6};
+    use vm_memory::{ByteValued, GuestAddress};
+
+    /// Writes a guest TX header at `addr`.
+    fn put_hdr(mem: &Mem, addr: u64, hdr: VnetHdr) {
+        let h = VirtioNetHdr {
+            hdr,
+            num_buffers: 0,
+        };
+        mem.write_slice(h.as_slice(), GuestAddress(addr)).unwrap();
+    }
+
+    fn put(mem: &Mem, addr: u64, bytes: &[u8]) {
+        mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+    }
+
+    /// The bytes of packet `i` of a gathered batch, header iovec excluded.
+    fn packet_bytes(batch: &TxBatch, i: usize) -> Vec<u8> {
+        let r = batch.pkts[i].clone();
+        let mut out = Vec::new();
+        for iov in &batch.iovs[r.start + 1..r.end] {
+            // SAFETY: test memory outlives the batch; iovecs were bounds-checked by gather.
+            out.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+            });
+        }
+        out
+    }
+
+    fn tso_hdr() -> VnetHdr {
+        VnetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV6,
+            hdr_len: 74,
+            gso_size: 1428,
+            csum_start: 54,
+            csum_offset: 16,
+        }
+    }
+
+    #[test]
+    fn gathers_header_and_scattered_payload_in_place() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        let a = pattern(1000, 1);
+        let b = pattern(3000, 2);
+        put_hdr(&mem, BUFFERS, tso_hdr());
+        put(&mem, BUFFERS + 0x1000, &a);
+        put(&mem, BUFFERS + 0x2000, &b);
+        gq.add(&[
+            rbuf(BUFFERS, 12),
+            rbuf(BUFFERS + 0x1000, 1000),
+            rbuf(BUFFERS + 0x2000, 3000),
+        ]);
+        // Header and data in one buffer, as Linux sends small packets.
+        put_hdr(&mem, BUFFERS + 0x8000, VnetHdr::default());
+        put(&mem, BUFFERS + 0x8000 + 12, &a[..60]);
+        gq.add(&[rbuf(BUFFERS + 0x8000, 72)]);
+        let mut q = gq.queue();
+        let stats = QueueStats::default();
+        let mut batch = TxBatch::default();
+        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 2);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.hdrs[0], tso_hdr());
+        assert_eq!(batch.iovs[batch.pkts[0].start].iov_len, VNET_HDR_LEN);
+        assert_eq!(packet_bytes(&batch, 0), [a.clone(), b].concat());
+        assert_eq!(batch.lens, vec![4000, 60]);
+        assert_eq!(packet_bytes(&batch, 1), a[..60].to_vec());
+        // The payload iovec points into guest memory itself: no copy.
+        let host = mem
+            .get_host_address(GuestAddress(BUFFERS + 0x1000))
+            .unwrap();
+        assert_eq!(
+            batch.iovs[batch.pkts[0].start + 1].iov_base as *mut u8,
+            host
+        );
+        // Nothing returned yet; complete() returns both with length 0.
+        assert_eq!(gq.used_idx(), 0);
+        batch.complete(&mut q, &mem).unwrap();
+        assert_eq!(gq.used_idx(), 2);
+        assert_eq!(gq.used(1), (3, 0));
+    }
+
+    #[test]
+    fn header_split_over_buffers() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        put_hdr(&mem, BUFFERS, tso_hdr());
+        let h = read(&mem, BUFFERS, 12);
+        put(&mem, BUFFERS + 0x100, &h[..7]);
+        put(&mem, BUFFERS + 0x200, &h[7..]);
+        put(&mem, BUFFERS + 0x200 + 5, &pattern(40, 3));
+        gq.add(&[rbuf(BUFFERS + 0x100, 7), rbuf(BUFFERS + 0x200, 45)]);
+        let mut q = gq.queue();
+        let mut batch = TxBatch::default();
+        batch.gather(&mut q, &mem, &QueueStats::default()).unwrap();
+        assert_eq!(batch.hdrs[0], tso_hdr());
+        assert_eq!(packet_bytes(&batch, 0), pattern(40, 3));
+    }
+
+    #[test]
+    fn bad_chains_are_returned_and_counted() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 128);
+        gq.add(&[rbuf(BUFFERS, 12), wbuf(BUFFERS + 0x100, 100)]); // writable in TX
+        gq.add(&[rbuf(BUFFERS, 8)]); // short header
+        gq.add(&[rbuf(BUFFERS, 12), rbuf((16 << 20) - 10, 100)]); // past the end of memory
+        gq.add(&[rbuf(u64::MAX - 4, 100)]); // wraps the address space
+        gq.add(&[rbuf(BUFFERS, 12), rbuf(BUFFERS, 65535), rbuf(BUFFERS, 100)]); // too big
+        let many: Vec<Buf> = (0..(MAX_TX_SEGMENTS as u64 + 2))
+            .map(|i| rbuf(BUFFERS + 16 * i, 16))
+            .collect();
+        gq.add(&many); // too many segments
+        gq.add(&[rbuf(BUFFERS, 0)]); // zero-length buffer
+        gq.add(&[rbuf(BUFFERS, 72)]); // good
+        let mut q = gq.queue();
+        let stats = QueueStats::default();
+        let mut batch = TxBatch::default();
+        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 8);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch.lens, vec![60]);
+        assert_eq!(stats.snapshot().errors, 7);
+        // The bad ones are back in the guest's hands already.
+        assert_eq!(gq.used_idx(), 7);
+    }
+
+    #[test]
+    fn descriptor_loop_is_bounded() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 256);
+        gq.add_loop(rbuf(BUFFERS, 4096));
+        let mut q = gq.queue();
+        let stats = QueueStats::default();
+        let mut batch = TxBatch::default();
+        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 1);
+        assert_eq!(batch.len(), 0);
+        assert_eq!(stats.snapshot().errors, 1);
+    }
+
+    #[test]
+    fn segment_cap_is_per_packet() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 256);
+        for i in 0..20u64 {
+            let bufs: Vec<Buf> = (0..10)
+                .map(|j| rbuf(BUFFERS + i * 0x1000 + j * 32, 32))
+                .collect();
+            gq.add(&bufs);
+        }
+        let mut q = gq.queue();
+        let stats = QueueStats::default();
+        let mut batch = TxBatch::default();
+        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 20);
+        assert_eq!(batch.len(), 20);
+        assert_eq!(stats.snapshot().errors, 0);
+    }
+
+    #[test]
+    fn batch_is_capped() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 256);
+        for i in 0..(TX_BATCH as u64 + 10) {
+            gq.add(&[rbuf(BUFFERS + i * 0x100, 80)]);
+        }
+        let mut q = gq.queue();
+        let mut batch = TxBatch::default();
+        let stats = QueueStats::default();
+        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), TX_BATCH);
+        batch.complete(&mut q, &mem).unwrap();
+        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 10);
+    }
+
+    #[test]
+    fn loopback_returns_each_packet_on_the_rx_queue() {
+        let mem = memory();
+        let mut txq = GuestQueue::new(&mem, 0, 16);
+        let mut rxq = GuestQueue::new(&mem, 0x10_0000, 16);
+        let p1 = pattern(60, 4);
+        let p2 = pattern(1400, 5);
+        put_hdr(&mem, BUFFERS, VnetHdr::default());
+        put(&mem, BUFFERS + 12, &p1);
+        put_hdr(&mem, BUFFERS + 0x1000, tso_hdr());
+        put(&mem, BUFFERS + 0x2000, &p2);
+        txq.add(&[rbuf(BUFFERS, 72)]);
+        txq.add(&[rbuf(BUFFERS + 0x1000, 12), rbuf(BUFFERS + 0x2000, 1400)]);
+        rxq.add(&[wbuf(0x80_0000, 2048)]);
+        rxq.add(&[wbuf(0x80_1000, 2048)]);
+        let mut tx = txq.queue();
+        let mut rx = rxq.queue();
+        let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
+        let mut ring = RxRing::new(&mut rx, &mem, true);
+        let offloads = RxOffloads::from_features(u64::MAX);
+        let n = guest_to_guest(
+            &mut tx,
+            &mut ring,
+            &mem,
+            offloads,
+            &mut TxBatch::default(),
+            &mut PacketBufs::default(),
+            (&tx_stats, &rx_stats),
+        )
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(txq.used_idx(), 2);
+        assert_eq!(rxq.used_idx(), 2);
+        assert_eq!(read(&mem, 0x80_0000 + 12, 60), p1);
+        assert_eq!(read(&mem, 0x80_1000 + 12, 1400), p2);
+        // The offload header travels with the packet.
+        let h = VnetHdr::from_bytes(&read(&mem, 0x80_1000, 10)).unwrap();
+        assert_eq!(h, tso_hdr());
+        assert_eq!(tx_stats.snapshot().packets, 2);
+        assert_eq!(rx_stats.snapshot().packets, 2);
+        assert_eq!(rx_stats.snapshot().bytes, 1460);
+    }
+
+    #[test]
+    fn loopback_without_rx_buffers_drops_and_returns_tx() {
+        let mem = memory();
+        let mut txq = GuestQueue::new(&mem, 0, 16);
+        let rxq = GuestQueue::new(&mem, 0x10_0000, 16);
+        txq.add(&[rbuf(BUFFERS, 72)]);
+        let mut tx = txq.queue();
+        let mut rx = rxq.queue();
+        let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
+        let mut ring = RxRing::new(&mut rx, &mem, true);
+        guest_to_guest(
+            &mut tx,
+            &mut ring,
+            &mem,
+            RxOffloads::from_features(u64::MAX),
+            &mut TxBatch::default(),
+            &mut PacketBufs::default(),
+            (&tx_stats, &rx_stats),
+        )
+        .unwrap();
+        assert_eq!(txq.used_idx(), 1);
+        assert_eq!(rx_stats.snapshot().drops, 1);
+    }
+}

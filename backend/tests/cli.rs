@@ -1,0 +1,106 @@
+//! The command line a person or libvirt meets: capabilities, and one clear line per mistake.
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vhost-relay"))
+        .args(args)
+        .output()
+        .expect("run vhost-relay")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn print_capabilities_is_the_spec_json() {
+    for args in [
+        &["--print-capabilities"][..],
+        &[
+            "--print-capabilities",
+            "--socket-path",
+            "/nonexistent/x.sock",
+        ][..],
+    ] {
+        let o = run(args);
+        assert!(o.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+        assert_eq!(v["type"], "net");
+        assert!(v["features"].is_array());
+    }
+}
+
+#[test]
+fn description_file_for_discovery_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/50-vhost-relay.json");
+    let text = std::fs::read_to_string(path).expect("docs/50-vhost-relay.json");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["type"], "net");
+    assert!(v["binary"]
+        .as_str()
+        .is_some_and(|b| b.ends_with("vhost-relay")));
+}
+
+/// Each mistake: non-zero exit, and a single line that names the culprit.
+fn assert_one_line_error(args: &[&str], culprit: &str) {
+    let o = run(args);
+    assert!(!o.status.success(), "{args:?} must fail");
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one line, got:\n{err}");
+    assert!(
+        lines[0].contains(culprit),
+        "{args:?}: '{}' should name '{culprit}'",
+        lines[0]
+    );
+}
+
+#[test]
+fn a_missing_vf_is_named() {
+    let dir = std::env::temp_dir();
+    let sock = dir.join(format!("vr-cli-{}.sock", std::process::id()));
+    assert_one_line_error(
+        &["--socket-path", sock.to_str().unwrap(), "--vf", "novf-x42"],
+        "novf-x42",
+    );
+}
+
+#[test]
+fn an_unusable_socket_path_is_named() {
+    assert_one_line_error(
+        &["--socket-path", "/nonexistent-dir/vm.sock", "--loopback"],
+        "/nonexistent-dir",
+    );
+}
+
+#[test]
+fn a_bad_config_line_is_named() {
+    let dir = std::env::temp_dir().join(format!("vr-cli-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[[port]]\nsocket = \"/tmp/a.sock\"\nloopback = true\nqueus = 2\n",
+    )
+    .unwrap();
+    assert_one_line_error(&["--config", cfg.to_str().unwrap()], "queus");
+    std::fs::write(&cfg, "[[port]]\nsocket = \"/tmp/a.sock\"\n").unwrap();
+    assert_one_line_error(&["--config", cfg.to_str().unwrap()], "port 1");
+    assert_one_line_error(&["--config", "/nonexistent.toml"], "/nonexistent.toml");
+}
+
+#[test]
+fn an_fd_that_is_not_a_listening_socket_is_refused() {
+    // fd 0 is whatever stdin is: not a listening unix socket.
+    assert_one_line_error(&["--fd", "0", "--loopback"], "fd 0");
+}
+
+#[test]
+fn conflicting_options_are_refused() {
+    let o = run(&["--socket-path", "/tmp/x.sock", "--vf", "a", "--loopback"]);
+    assert!(!o.status.success());
+    let o = run(&["--socket-path", "/tmp/x.sock"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no VF"));
+}

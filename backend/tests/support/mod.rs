@@ -1,0 +1,417 @@
+//! A vhost-user frontend for tests: what QEMU does to a backend, minus the guest.
+//!
+//! It maps shared "guest" memory from a memfd, negotiates features, lays out split
+//! virtqueues in that memory and hands them to the backend, then plays the guest driver:
+//! posts RX buffers and TX packets, kicks, waits for the backend's call, and reads the used
+//! rings. Built on the vhost crate's `Frontend`, the same code path a Rust VMM uses.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const MEM_SIZE: usize = 16 << 20;
+pub const QUEUE_SIZE: u16 = 256;
+/// Guest-physical layout: rings at the bottom, each queue 64 KiB apart, buffers from 4 MiB.
+pub const RING_BASE: u64 = 0;
+pub const RING_STRIDE: u64 = 0x1_0000;
+pub const BUF_BASE: u64 = 0x40_0000;
+pub const BUF_SIZE: u64 = 0x1_0000;
+
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// A running `vhost-relay` process, killed by PID when dropped.
+pub struct Backend {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Backend {
+    pub fn start(dir: &Path, args: &[&str]) -> Backend {
+        let socket = dir.join("vr.sock");
+        let log = dir.join("vr.log");
+        let err = File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_vhost-relay"))
+            .args(["--socket-path", socket.to_str().expect("utf-8 path")])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("VR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("start vhost-relay");
+        let b = Backend { child, socket, log };
+        wait_for(Duration::from_secs(10), || b.socket.exists());
+        b
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Asks for the counters (SIGUSR1) and returns (packets, drops, errors) of virtqueue `q`.
+    pub fn counters(&self, q: usize) -> (u64, u64, u64) {
+        let before = self.log_text().matches("stats port=").count();
+        // SAFETY: plain kill(2) on our own child's PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
+        wait_for(Duration::from_secs(5), || {
+            self.log_text().matches("stats port=").count() > before
+        });
+        let text = self.log_text();
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.contains(&format!(" queue={q} ")))
+            .expect("a stats line for the queue")
+            .to_string();
+        let field = |name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .expect("numeric field")
+        };
+        (field("packets"), field("drops"), field("errors"))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vhost-relay-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// One virtqueue as the guest driver sees it.
+pub struct DriverQueue {
+    pub index: usize,
+    pub base: u64,
+    pub kick: EventFd,
+    pub call: EventFd,
+    next_desc: u16,
+    /// Used entries already consumed by the test.
+    pub used_seen: u16,
+}
+
+/// The frontend with its guest memory and queues.
+pub struct TestFrontend {
+    pub fe: Frontend,
+    pub mem: GuestMemoryMmap<()>,
+    pub memfd: File,
+    pub queues: Vec<DriverQueue>,
+    pub features: u64,
+}
+
+impl TestFrontend {
+    /// Connects and negotiates; `want` is masked with what the backend offers.
+    pub fn connect(socket: &Path, pairs: usize, want: u64) -> TestFrontend {
+        let fe = Frontend::connect(socket, (2 * pairs) as u64).expect("connect to backend");
+        Self::negotiate(fe, pairs, want)
+    }
+
+    fn negotiate(fe: Frontend, pairs: usize, want: u64) -> TestFrontend {
+        let (memfd, mem) = shared_memory();
+        let mut t = TestFrontend {
+            fe,
+            mem,
+            memfd,
+            queues: Vec::new(),
+            features: 0,
+        };
+        t.fe.set_owner().expect("SET_OWNER");
+        let offered = t.fe.get_features().expect("GET_FEATURES");
+        assert!(
+            offered & VIRTIO_F_VERSION_1 != 0,
+            "backend offers VERSION_1"
+        );
+        let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        t.features = offered & (want | proto | VIRTIO_F_VERSION_1);
+        t.fe.set_features(t.features).expect("SET_FEATURES");
+        let pf = t.fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        t.fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
+        )
+        .expect("SET_PROTOCOL_FEATURES");
+        assert!(t.fe.get_queue_num().expect("GET_QUEUE_NUM") >= (2 * pairs) as u64);
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: t.mem.get_host_address(GuestAddress(0)).expect("host addr") as u64,
+            mmap_offset: 0,
+            mmap_handle: t.memfd.as_raw_fd(),
+        };
+        t.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        for i in 0..2 * pairs {
+            t.setup_queue(i);
+        }
+        t
+    }
+
+    fn setup_queue(&mut self, index: usize) {
+        let base = RING_BASE + index as u64 * RING_STRIDE;
+        let layout = RingLayout::at(base);
+        // Ring addresses travel as the frontend's own virtual addresses, as QEMU sends them.
+        let hva = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .expect("host addr") as u64;
+        let cfg = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: 0,
+            desc_table_addr: hva + layout.desc,
+            used_ring_addr: hva + layout.used,
+            avail_ring_addr: hva + layout.avail,
+            log_addr: None,
+        };
+        let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        self.fe
+            .set_vring_num(index, QUEUE_SIZE)
+            .expect("SET_VRING_NUM");
+        self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
+        self.fe.set_vring_base(index, 0).expect("SET_VRING_BASE");
+        self.fe
+            .set_vring_call(index, &call)
+            .expect("SET_VRING_CALL");
+        self.fe
+            .set_vring_kick(index, &kick)
+            .expect("SET_VRING_KICK");
+        self.fe
+            .set_vring_enable(index, true)
+            .expect("SET_VRING_ENABLE");
+        self.queues.push(DriverQueue {
+            index,
+            base,
+            kick,
+            call,
+            next_desc: 0,
+            used_seen: 0,
+        });
+    }
+
+    fn layout(&self, q: usize) -> RingLayout {
+        RingLayout::at(self.queues[q].base)
+    }
+
+    fn r16(&self, addr: u64) -> u16 {
+        u16::from_le(self.mem.read_obj(GuestAddress(addr)).expect("read u16"))
+    }
+
+    fn w16(&self, addr: u64, v: u16) {
+        self.mem
+            .write_obj(v.to_le(), GuestAddress(addr))
+            .expect("write u16");
+    }
+
+    /// Buffer area of queue `q`, slot `slot` (64 KiB each).
+    pub fn buf_addr(q: usize, slot: u16) -> u64 {
+        BUF_BASE + (q as u64 * QUEUE_SIZE as u64 + slot as u64) * BUF_SIZE / 16
+    }
+
+    /// Posts a chain of (addr, len, writable) descriptors; returns its head.
+    pub fn post(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> u16 {
+        let head = self.queues[q].next_desc;
+        let descs: Vec<RawDescriptor> = bufs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, write))| {
+                let last = i + 1 == bufs.len();
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let next = if last {
+                    0
+                } else {
+                    (head + i as u16 + 1) % QUEUE_SIZE
+                };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        let l = self.layout(q);
+        for (i, d) in descs.iter().enumerate() {
+            let slot = (head as u64 + i as u64) % QUEUE_SIZE as u64;
+            self.mem
+                .write_obj(*d, GuestAddress(l.desc + 16 * slot))
+                .expect("write descriptor");
+        }
+        let idx = self.r16(l.avail + 2);
+        self.w16(l.avail + 4 + 2 * (idx % QUEUE_SIZE) as u64, head);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.w16(l.avail + 2, idx.wrapping_add(1));
+        self.queues[q].next_desc = (head + bufs.len() as u16) % QUEUE_SIZE;
+        head
+    }
+
+    /// Posts a TX packet (12-byte zero header + `data`) in one buffer at `addr`.
+    pub fn post_tx(&mut self, q: usize, addr: u64, data: &[u8]) -> u16 {
+        let mut bytes = vec![0u8; 12];
+        bytes.extend_from_slice(data);
+        self.mem
+            .write_slice(&bytes, GuestAddress(addr))
+            .expect("write packet");
+        self.post(q, &[(addr, bytes.len() as u32, false)])
+    }
+
+    pub fn kick(&self, q: usize) {
+        self.queues[q].kick.write(1).expect("kick");
+    }
+
+    /// New used entries of queue `q` as (head, len), waiting up to `timeout` for `n` of them.
+    pub fn wait_used(&mut self, q: usize, n: usize, timeout: Duration) -> Vec<(u32, u32)> {
+        let start = Instant::now();
+        loop {
+            let l = self.layout(q);
+            let idx = self.r16(l.used + 2);
+            let have = idx.wrapping_sub(self.queues[q].used_seen) as usize;
+            if have >= n || start.elapsed() > timeout {
+                let mut out = Vec::new();
+                for _ in 0..have {
+                    let slot = self.queues[q].used_seen % QUEUE_SIZE;
+                    let at = l.used + 4 + 8 * slot as u64;
+                    let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used id");
+                    let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used len");
+                    out.push((u32::from_le(id), u32::from_le(len)));
+                    self.queues[q].used_seen = self.queues[q].used_seen.wrapping_add(1);
+                }
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(addr))
+            .expect("read");
+        v
+    }
+}
+
+/// Where a split ring's three parts sit (virtio 1.x alignment rules).
+#[derive(Clone, Copy)]
+struct RingLayout {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl RingLayout {
+    fn at(base: u64) -> Self {
+        let n = QUEUE_SIZE as u64;
+        let avail = base + 16 * n;
+        // flags, idx, ring[n], used_event; the used ring is 4-byte aligned.
+        let used = (avail + 6 + 2 * n + 3) & !3;
+        RingLayout {
+            desc: base,
+            avail,
+            used,
+        }
+    }
+}
+
+/// "Guest RAM": a memfd mapped shared, so the backend's mapping sees the same bytes.
+fn shared_memory() -> (File, GuestMemoryMmap<()>) {
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
+    let fd = unsafe { libc::memfd_create(c"test-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just created and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).expect("size memfd");
+    let region = MmapRegion::from_file(
+        FileOffset::new(file.try_clone().expect("dup memfd"), 0),
+        MEM_SIZE,
+    )
+    .expect("map memfd");
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("region");
+    let mem = GuestMemoryMmap::from_regions(vec![region]).expect("guest memory");
+    (file, mem)
+}
+
+/// Writes raw bytes to the backend's socket, as a broken frontend would.
+pub fn send_raw(socket: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.write_all(bytes)?;
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(())
+}
+
+/// Starts vhost-relay with arbitrary arguments (no --socket-path added), stderr to `log`.
+pub fn spawn_backend(args: &[&str], log: &Path, pre_exec_fd: Option<i32>) -> Child {
+    use std::os::unix::process::CommandExt;
+    let err = File::create(log).expect("log file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-relay"));
+    cmd.args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("VR_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stderr(Stdio::from(err));
+    if let Some(fd) = pre_exec_fd {
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::fcntl(3, libc::F_SETFD, 0);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().expect("start vhost-relay")
+}
+
+impl TestFrontend {
+    /// Like [`TestFrontend::connect`], over an already connected stream (client-mode backends).
+    pub fn over_stream(
+        stream: std::os::unix::net::UnixStream,
+        pairs: usize,
+        want: u64,
+    ) -> TestFrontend {
+        let fe = Frontend::from_stream(stream, (2 * pairs) as u64);
+        Self::negotiate(fe, pairs, want)
+    }
+}
