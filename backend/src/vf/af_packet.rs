@@ -48,9 +48,12 @@
 //! With more than one queue pair per port, each queue's socket joins the same `PACKET_FANOUT`
 //! group in `PACKET_FANOUT_HASH` mode, so the kernel spreads flows over the sockets by flow hash and
 //! a flow always lands on one queue (no reordering). `PACKET_IGNORE_OUTGOING` (per socket) and
-//! `PACKET_FANOUT_FLAG_IGNORE_OUTGOING` (per group, Linux >= 6.2; 6.1 ignores the flag) stop
-//! packets one socket transmits from being delivered to its siblings; with `PACKET_QDISC_BYPASS`
-//! they are not even offered to taps. Fragments of one IP datagram after the first have no ports
+//! `PACKET_FANOUT_FLAG_IGNORE_OUTGOING` (per group, Linux >= 6.2; 6.1 ignores the flag) keep
+//! packets that the host transmits on the netdev away from the guest; for fanout members, whose
+//! own flag the kernel does not consult, a 4-instruction BPF filter dropping `PACKET_OUTGOING`
+//! does the same on every kernel. Packets a member itself sends are never looped back to its
+//! group anyway (`skb_loop_sk()` matches the group), and with `PACKET_QDISC_BYPASS` they are not
+//! even offered to taps. Fragments of one IP datagram after the first have no ports
 //! and may hash to another queue; that is accepted (no `PACKET_FANOUT_FLAG_DEFRAG`, which would
 //! reassemble, i.e. alter, the guest's traffic).
 //!
@@ -522,7 +525,9 @@ impl VfSocket {
 
         if let Some(group) = fanout_group {
             let joined = sock.join_fanout(group)?;
-            detach_filter(s).map_err(|e| VfError::from_os(ifname, "SO_DETACH_FILTER", e))?;
+            // Replaces the drop-all filter (atomically) once we receive only our share.
+            attach_drop_outgoing(s)
+                .map_err(|e| VfError::from_os(ifname, "SO_ATTACH_FILTER", e))?;
             if !joined {
                 log::info!(
                     "{ifname}: interface is down; joining fanout group {group} once it is up"
@@ -1093,9 +1098,31 @@ fn attach_drop_all(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
 }
 
-fn detach_filter(fd: RawFd) -> io::Result<()> {
-    let zero: libc::c_int = 0;
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, &zero)
+/// Attaches a classic BPF program that drops packets the host transmits (`PACKET_OUTGOING`) and
+/// accepts everything else whole.
+///
+/// Fanout members receive through the group's hook, so their own `PACKET_IGNORE_OUTGOING` is not
+/// consulted; the group flag that replaces it exists only since Linux 6.2. The filter runs per
+/// socket in every kernel, so a guest never sees copies of what the host itself sends on the VF
+/// (IPv6 autoconfiguration, LLDP agents, ...).
+fn attach_drop_outgoing(fd: RawFd) -> io::Result<()> {
+    const SKF_AD_PKTTYPE: u32 = (-0x1000i32) as u32 + 4; // SKF_AD_OFF + SKF_AD_PKTTYPE
+    const PACKET_OUTGOING: u32 = 4;
+    let mut code = [
+        // ld [pkttype]
+        libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: SKF_AD_PKTTYPE },
+        // jeq #PACKET_OUTGOING, drop, accept
+        libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: PACKET_OUTGOING },
+        // drop: ret #0
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 },
+        // accept: ret #-1 (whole packet)
+        libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: u32::MAX },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
 }
 
 #[cfg(test)]
