@@ -271,6 +271,16 @@ mod tests {
     }
 
     #[test]
+    fn non_ethernet_interfaces_are_refused() {
+        with_netns(|| match interface_info("lo") {
+            Err(VfError::NotEthernet { ifname, hw_type }) => {
+                assert_eq!((ifname.as_str(), hw_type), ("lo", libc::ARPHRD_LOOPBACK));
+            }
+            other => panic!("expected NotEthernet, got {other:?}"),
+        });
+    }
+
+    #[test]
     fn reports_mtu_mac_and_state() {
         with_netns(|| {
             ip(&["link", "add", "vfa", "type", "veth", "peer", "name", "vfb"]);
