@@ -48,9 +48,12 @@
 //! With more than one queue pair per port, each queue's socket joins the same `PACKET_FANOUT`
 //! group in `PACKET_FANOUT_HASH` mode, so the kernel spreads flows over the sockets by flow hash and
 //! a flow always lands on one queue (no reordering). `PACKET_IGNORE_OUTGOING` (per socket) and
-//! `PACKET_FANOUT_FLAG_IGNORE_OUTGOING` (per group, Linux >= 6.2; 6.1 ignores the flag) stop
-//! packets one socket transmits from being delivered to its siblings; with `PACKET_QDISC_BYPASS`
-//! they are not even offered to taps. Fragments of one IP datagram after the first have no ports
+//! `PACKET_FANOUT_FLAG_IGNORE_OUTGOING` (per group, Linux >= 6.2; 6.1 ignores the flag) keep
+//! packets that the host transmits on the netdev away from the guest; for fanout members, whose
+//! own flag the kernel does not consult, a 4-instruction BPF filter dropping `PACKET_OUTGOING`
+//! does the same on every kernel. Packets a member itself sends are never looped back to its
+//! group anyway (`skb_loop_sk()` matches the group), and with `PACKET_QDISC_BYPASS` they are not
+//! even offered to taps. Fragments of one IP datagram after the first have no ports
 //! and may hash to another queue; that is accepted (no `PACKET_FANOUT_FLAG_DEFRAG`, which would
 //! reassemble, i.e. alter, the guest's traffic).
 //!
@@ -117,7 +120,8 @@ pub struct RingConfig {
     pub block_size: usize,
     /// Receive buffer (`SO_RCVBUFFORCE`, falling back to `SO_RCVBUF` capped by
     /// `net.core.rmem_max`) that holds oversized packets until `rx_batch` fetches them. When it is
-    /// full, oversized packets are truncated by the kernel and dropped by us.
+    /// full, oversized packets are truncated by the kernel and dropped by us. `0` means the kernel
+    /// minimum (about one oversized packet).
     pub rcvbuf: usize,
     /// Send buffer (`SO_SNDBUFFORCE`, falling back to `SO_SNDBUF`): bytes in flight between
     /// `sendmmsg` and the driver's transmit completion before `EAGAIN`.
@@ -191,8 +195,10 @@ impl Geometry {
         let frame_size = if cfg.frame_size == 0 {
             // macoff = TPACKET_ALIGN(52 + 16) + 10 - 14 for Ethernet; room for the Ethernet header
             // and up to two inline VLAN tags after it.
-            let need = TPACKET2_HDRLEN + 16 + VNET_HDR_LEN + ETH_HLEN + 2 * VLAN_HLEN + mtu as usize;
-            need.clamp(MIN_FRAME_SIZE, AUTO_FRAME_MAX).next_multiple_of(64)
+            let need =
+                TPACKET2_HDRLEN + 16 + VNET_HDR_LEN + ETH_HLEN + 2 * VLAN_HLEN + mtu as usize;
+            need.clamp(MIN_FRAME_SIZE, AUTO_FRAME_MAX)
+                .next_multiple_of(64)
         } else {
             cfg.frame_size
         };
@@ -290,7 +296,11 @@ struct Held {
 /// Where the packet of the current slot is.
 enum Ready {
     /// In the ring frame: header and data offsets within the frame.
-    Ring { hdr: VnetHdr, mac: usize, len: usize },
+    Ring {
+        hdr: VnetHdr,
+        mac: usize,
+        len: usize,
+    },
     /// In the bounce buffer (see `VfSocket::held`).
     Bounce,
 }
@@ -419,17 +429,28 @@ impl VfSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let s = fd.as_raw_fd();
         let opt = |name: libc::c_int, op: &'static str, val: libc::c_int| {
-            setsockopt(s, libc::SOL_PACKET, name, &val)
-                .map_err(|e| VfError::from_os(ifname, op, e))
+            setsockopt(s, libc::SOL_PACKET, name, &val).map_err(|e| VfError::from_os(ifname, op, e))
         };
 
-        opt(sys::PACKET_VERSION, "setsockopt(PACKET_VERSION, TPACKET_V2)", sys::TPACKET_V2)?;
+        opt(
+            sys::PACKET_VERSION,
+            "setsockopt(PACKET_VERSION, TPACKET_V2)",
+            sys::TPACKET_V2,
+        )?;
         // Must precede PACKET_RX_RING (EBUSY afterwards).
         opt(sys::PACKET_VNET_HDR, "setsockopt(PACKET_VNET_HDR)", 1)?;
         // Any non-zero value enables the copy of oversized packets to the socket queue.
         opt(sys::PACKET_COPY_THRESH, "setsockopt(PACKET_COPY_THRESH)", 1)?;
-        opt(sys::PACKET_IGNORE_OUTGOING, "setsockopt(PACKET_IGNORE_OUTGOING)", 1)?;
-        opt(sys::PACKET_QDISC_BYPASS, "setsockopt(PACKET_QDISC_BYPASS)", 1)?;
+        opt(
+            sys::PACKET_IGNORE_OUTGOING,
+            "setsockopt(PACKET_IGNORE_OUTGOING)",
+            1,
+        )?;
+        opt(
+            sys::PACKET_QDISC_BYPASS,
+            "setsockopt(PACKET_QDISC_BYPASS)",
+            1,
+        )?;
         set_buffer(s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, ring.rcvbuf)
             .map_err(|e| VfError::from_os(ifname, "setsockopt(SO_RCVBUF)", e))?;
         set_buffer(s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, ring.sndbuf)
@@ -447,9 +468,8 @@ impl VfSocket {
             tp_frame_size: geo.frame_size as u32,
             tp_frame_nr: geo.frame_count() as u32,
         };
-        setsockopt(s, libc::SOL_PACKET, sys::PACKET_RX_RING, &req).map_err(|e| {
-            VfError::from_os(ifname, "setsockopt(PACKET_RX_RING)", e)
-        })?;
+        setsockopt(s, libc::SOL_PACKET, sys::PACKET_RX_RING, &req)
+            .map_err(|e| VfError::from_os(ifname, "setsockopt(PACKET_RX_RING)", e))?;
         // SAFETY: mapping the ring the kernel just allocated for this socket; the size is exactly
         // the ring size, as packet_mmap() requires. The result is checked.
         let base = unsafe {
@@ -497,7 +517,11 @@ impl VfSocket {
             ..Default::default()
         };
         setsockopt(s, libc::SOL_PACKET, sys::PACKET_ADD_MEMBERSHIP, &mreq).map_err(|e| {
-            VfError::from_os(ifname, "setsockopt(PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC)", e)
+            VfError::from_os(
+                ifname,
+                "setsockopt(PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC)",
+                e,
+            )
         })?;
 
         let mut sock = VfSocket {
@@ -522,7 +546,8 @@ impl VfSocket {
 
         if let Some(group) = fanout_group {
             let joined = sock.join_fanout(group)?;
-            detach_filter(s).map_err(|e| VfError::from_os(ifname, "SO_DETACH_FILTER", e))?;
+            // Replaces the drop-all filter (atomically) once we receive only our share.
+            attach_drop_outgoing(s).map_err(|e| VfError::from_os(ifname, "SO_ATTACH_FILTER", e))?;
             if !joined {
                 log::info!(
                     "{ifname}: interface is down; joining fanout group {group} once it is up"
@@ -548,15 +573,16 @@ impl VfSocket {
             Err(e) if e.raw_os_error() == Some(libc::EALREADY) => Ok(true),
             // fanout_add() requires a running (bound and up) socket; EINVAL otherwise. EINVAL also
             // means "group exists with other settings", so look at the link to tell them apart.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match interface_info(&self.ifname)
-            {
-                Ok(info) if !info.up => Ok(false),
-                _ => Err(VfError::Fanout {
-                    ifname: self.ifname.clone(),
-                    group,
-                    source: e,
-                }),
-            },
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                match interface_info(&self.ifname) {
+                    Ok(info) if !info.up => Ok(false),
+                    _ => Err(VfError::Fanout {
+                        ifname: self.ifname.clone(),
+                        group,
+                        source: e,
+                    }),
+                }
+            }
             Err(e) => Err(VfError::Fanout {
                 ifname: self.ifname.clone(),
                 group,
@@ -864,8 +890,7 @@ impl VfSocket {
                 return None;
             }
             let tag = vlan_tag(status, th);
-            self.bounce
-                .copy_within(VLAN_HLEN..VLAN_HLEN + ETH_ALEN2, 0);
+            self.bounce.copy_within(VLAN_HLEN..VLAN_HLEN + ETH_ALEN2, 0);
             self.bounce[ETH_ALEN2..ETH_ALEN2 + VLAN_HLEN].copy_from_slice(&tag);
             shift_for_vlan(&mut hdr);
             (0, len + VLAN_HLEN)
@@ -890,7 +915,11 @@ impl VfSocket {
     /// mapped for the duration of the call only). Returns how many packets the kernel accepted;
     /// the others were dropped and counted ([`VfStats::tx_dropped`], [`VfStats::tx_invalid`]).
     /// Errors only for a malformed description or an unusable socket.
-    pub fn tx_batch(&mut self, iovs: &[libc::iovec], pkts: &[Range<usize>]) -> Result<usize, VfError> {
+    pub fn tx_batch(
+        &mut self,
+        iovs: &[libc::iovec],
+        pkts: &[Range<usize>],
+    ) -> Result<usize, VfError> {
         if self.fanout_pending && self.last_fanout_attempt.elapsed() >= FANOUT_RETRY_INTERVAL {
             self.retry_fanout();
         }
@@ -1045,8 +1074,11 @@ impl VfSocket {
 
 impl AsRawFd for VfSocket {
     /// The socket becomes readable (`EPOLLIN`) when a ring frame or an oversized packet is
-    /// waiting. Register it edge-triggered and call [`VfSocket::rx_batch`] until it returns less
-    /// than asked (or the callback refused a packet).
+    /// waiting; the kernel signals every packet. Register it edge-triggered and call
+    /// [`VfSocket::rx_batch`] until it returns less than asked. If the callback refused a packet
+    /// (guest out of buffers), no new edge comes for packets already waiting: call `rx_batch`
+    /// again when the guest adds buffers. `EPOLLERR` means a pending socket error (e.g. the link
+    /// went down); clear it with [`VfSocket::take_error`].
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
@@ -1093,9 +1125,51 @@ fn attach_drop_all(fd: RawFd) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
 }
 
-fn detach_filter(fd: RawFd) -> io::Result<()> {
-    let zero: libc::c_int = 0;
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, &zero)
+/// Attaches a classic BPF program that drops packets the host transmits (`PACKET_OUTGOING`) and
+/// accepts everything else whole.
+///
+/// Fanout members receive through the group's hook, so their own `PACKET_IGNORE_OUTGOING` is not
+/// consulted; the group flag that replaces it exists only since Linux 6.2. The filter runs per
+/// socket in every kernel, so a guest never sees copies of what the host itself sends on the VF
+/// (IPv6 autoconfiguration, LLDP agents, ...).
+fn attach_drop_outgoing(fd: RawFd) -> io::Result<()> {
+    const SKF_AD_PKTTYPE: u32 = (-0x1000i32) as u32 + 4; // SKF_AD_OFF + SKF_AD_PKTTYPE
+    const PACKET_OUTGOING: u32 = 4;
+    let mut code = [
+        // ld [pkttype]
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: SKF_AD_PKTTYPE,
+        },
+        // jeq #PACKET_OUTGOING, drop, accept
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: PACKET_OUTGOING,
+        },
+        // drop: ret #0
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        // accept: ret #-1 (whole packet)
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
 }
 
 #[cfg(test)]

@@ -29,7 +29,10 @@ pub enum VfError {
     /// The name can never be an interface name (empty, too long, or containing NUL, '/' or
     /// whitespace), so we do not even ask the kernel.
     #[error("invalid network interface name {ifname:?}: {reason}")]
-    InvalidName { ifname: String, reason: &'static str },
+    InvalidName {
+        ifname: String,
+        reason: &'static str,
+    },
 
     /// The kernel refused an operation for lack of privilege. `AF_PACKET` sockets need
     /// `CAP_NET_RAW` in the network namespace that owns the interface.
@@ -268,10 +271,28 @@ mod tests {
     }
 
     #[test]
+    fn non_ethernet_interfaces_are_refused() {
+        with_netns(|| match interface_info("lo") {
+            Err(VfError::NotEthernet { ifname, hw_type }) => {
+                assert_eq!((ifname.as_str(), hw_type), ("lo", libc::ARPHRD_LOOPBACK));
+            }
+            other => panic!("expected NotEthernet, got {other:?}"),
+        });
+    }
+
+    #[test]
     fn reports_mtu_mac_and_state() {
         with_netns(|| {
             ip(&["link", "add", "vfa", "type", "veth", "peer", "name", "vfb"]);
-            ip(&["link", "set", "vfa", "address", "02:11:22:33:44:55", "mtu", "1400"]);
+            ip(&[
+                "link",
+                "set",
+                "vfa",
+                "address",
+                "02:11:22:33:44:55",
+                "mtu",
+                "1400",
+            ]);
             let info = interface_info("vfa").expect("vfa exists");
             assert_eq!(info.mtu, 1400);
             assert_eq!(info.mac, [0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);

@@ -116,7 +116,12 @@ impl RawSock {
                 4,
             )
         };
-        assert_eq!(rc, 0, "PACKET_IGNORE_OUTGOING: {}", io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "PACKET_IGNORE_OUTGOING: {}",
+            io::Error::last_os_error()
+        );
         let sll = Self::addr(ifindex);
         // SAFETY: valid sockaddr_ll.
         let rc = unsafe {
