@@ -204,11 +204,16 @@ impl VhostUserBackend for NetDevice {
 
     fn handle_event(
         &self,
-        _device_event: u16,
-        _evset: EventSet,
+        device_event: u16,
+        evset: EventSet,
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        if u64::from(device_event) == self.vf_event_id() && evset.contains(EventSet::ERROR) {
+            if let Some(pair) = self.port.pair(thread_id) {
+                pair.report_vf_error();
+            }
+        }
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Ok(());
         };

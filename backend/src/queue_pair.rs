@@ -101,6 +101,21 @@ impl QueuePair {
         }
     }
 
+    /// Logs (rate-limited) an error the kernel reported on the VF socket, e.g. the VF
+    /// going down or away.
+    pub fn report_vf_error(&self) {
+        if let Link::Vf(vf) = &self.link {
+            if let Some(e) = vf.take_error() {
+                crate::warn_limited!(
+                    "port {} pair {}: VF {}: {e}",
+                    self.port,
+                    self.index,
+                    vf.ifname()
+                );
+            }
+        }
+    }
+
     /// Pins the calling worker thread to this pair's CPU, once per connection.
     fn pin(&mut self) {
         self.pinned = true;

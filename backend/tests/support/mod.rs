@@ -321,6 +321,12 @@ impl TestFrontend {
         }
     }
 
+    pub fn write(&self, addr: u64, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(addr))
+            .expect("write guest memory");
+    }
+
     pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         self.mem
@@ -413,5 +419,154 @@ impl TestFrontend {
     ) -> TestFrontend {
         let fe = Frontend::from_stream(stream, (2 * pairs) as u64);
         Self::negotiate(fe, pairs, want)
+    }
+}
+
+/// A network namespace with a veth pair: `vf0` for the backend, `wire0` standing for the wire.
+/// Deleted on drop. Nothing in it routes anywhere else.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("vrt-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?}");
+        };
+        run(&["netns", "add", &name]);
+        run(&[
+            "-n", &name, "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
+        ]);
+        run(&["-n", &name, "link", "set", "vf0", "up"]);
+        run(&["-n", &name, "link", "set", "wire0", "up"]);
+        run(&["-n", &name, "link", "set", "lo", "up"]);
+        NetNs { name }
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open netns");
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// Starts vhost-relay inside the namespace.
+    pub fn spawn_backend(&self, args: &[&str], log: &Path) -> Child {
+        let err = File::create(log).expect("log file");
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                env!("CARGO_BIN_EXE_vhost-relay"),
+            ])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("VR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("start vhost-relay in netns")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A raw packet socket on an interface, for the "wire" side of tests.
+pub struct RawSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawSocket {
+    /// Opens on `ifname` in the calling thread's namespace, with the virtio-net header on
+    /// (so GSO packets are seen whole with their offload metadata).
+    pub fn open(ifname: &str, vnet_hdr: bool) -> RawSocket {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket/setsockopt/bind calls on a new fd with local structures.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                (libc::ETH_P_ALL as u16).to_be() as i32,
+            );
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            if vnet_hdr {
+                let one: libc::c_int = 1;
+                let rc = libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    15, // PACKET_VNET_HDR
+                    (&one as *const libc::c_int).cast(),
+                    4,
+                );
+                assert_eq!(rc, 0);
+            }
+            let name = std::ffi::CString::new(ifname).unwrap();
+            let index = libc::if_nametoindex(name.as_ptr());
+            assert!(index > 0, "no interface {ifname}");
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = index as i32;
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            RawSocket { fd }
+        }
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: valid fd and buffer.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Next frame within the timeout, if any.
+    pub fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 70_000];
+        // SAFETY: valid fd and buffer.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            return None;
+        }
+        buf.truncate(n as usize);
+        Some(buf)
     }
 }
