@@ -230,14 +230,21 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                 } else {
                     &data[pos - hdr_len..pos - hdr_len + (n - off)]
                 };
-                self.mem
-                    .write_slice(src, dst)
-                    .map_err(|source| RxError::BadAddress {
-                        head: head_index,
-                        addr: desc.addr().raw_value(),
-                        len,
-                        source,
-                    })?;
+                // One region lookup for the usual case; `copy_from` marks the pages dirty in
+                // the migration bitmap like every other vm-memory write.
+                match self.mem.get_slice(dst, src.len()) {
+                    Ok(slice) => slice.copy_from(src),
+                    Err(_) => {
+                        self.mem
+                            .write_slice(src, dst)
+                            .map_err(|source| RxError::BadAddress {
+                                head: head_index,
+                                addr: desc.addr().raw_value(),
+                                len,
+                                source,
+                            })?
+                    }
+                }
                 off += src.len();
             }
             written += n;

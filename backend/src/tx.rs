@@ -216,6 +216,21 @@ where
                 max: MAX_TX_PACKET,
             });
         }
+        if iovs.len() - first_iov > MAX_TX_SEGMENTS {
+            return Err(TxError::TooManySegments {
+                head,
+                max: MAX_TX_SEGMENTS,
+            });
+        }
+        // Almost every buffer lies inside one memory region: one lookup, one iovec. Only a
+        // buffer straddling two regions takes the general path.
+        if let Ok(slice) = mem.get_slice(addr, len) {
+            iovs.push(libc::iovec {
+                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
+                iov_len: slice.len(),
+            });
+            continue;
+        }
         for slice in mem.get_slices(addr, len) {
             let slice = slice.map_err(|e| bad(addr.raw_value(), len, e))?;
             if iovs.len() - first_iov > MAX_TX_SEGMENTS {
