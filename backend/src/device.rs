@@ -6,6 +6,7 @@
 //! mutex per queue pair that only that pair's worker thread (and `stop_vring`) ever takes.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -100,6 +101,11 @@ pub struct NetDevice {
     port: Arc<Port>,
     mem: GuestMemoryAtomicB,
     acked: AtomicU64,
+    /// Exit eventfds handed to the library's workers. It registers them in epoll with
+    /// `into_raw_fd()` and never closes them, so they are closed here when the session's
+    /// device goes away (after its workers are gone); otherwise every reconnect leaks one
+    /// fd per queue pair.
+    exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
 }
 
 impl NetDevice {
@@ -113,6 +119,7 @@ impl NetDevice {
             port,
             mem,
             acked: AtomicU64::new(0),
+            exit_fds: Mutex::new(Vec::new()),
         }
     }
 
@@ -134,6 +141,19 @@ impl NetDevice {
     /// Event id of a pair's reschedule eventfd.
     pub fn resched_event_id(&self) -> u64 {
         self.num_queues() as u64 + 2
+    }
+}
+
+impl Drop for NetDevice {
+    fn drop(&mut self) {
+        let fds = std::mem::take(self.exit_fds.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for fd in fds {
+            // SAFETY: each fd is an eventfd we created for a worker; the library took it with
+            // into_raw_fd() and never closes it. The device is dropped only after the daemon,
+            // its handler and every worker thread (which hold clones of it) are gone, so no
+            // one uses the fd any more.
+            drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
     }
 }
 
@@ -189,7 +209,12 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        self.exit_fds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pair.0.as_raw_fd());
+        Some(pair)
     }
 
     /// GET_VRING_BASE: the library has already unregistered the queue; taking the pair's lock

@@ -172,3 +172,46 @@ fn reconnecting_frontend_gets_a_fresh_device() {
     }
     assert_eq!(be.counters(0).0, 3, "counters survive reconnects");
 }
+
+/// Threads and fds of a process, from /proc.
+fn resources(pid: u32) -> (usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (threads, fds)
+}
+
+#[test]
+fn reconnects_leak_neither_threads_nor_fds() {
+    let dir = temp_dir("fe-leak");
+    let be = Backend::start(&dir, &["--loopback", "--queues", "2"]);
+    let pid = be.child.id();
+    let mut baseline = None;
+    for round in 0..25u8 {
+        let mut f = TestFrontend::connect(&be.socket, 2, VIRTIO_NET_F_MRG_RXBUF);
+        post_rx(&mut f, 2, 2);
+        f.post_tx(3, TestFrontend::buf_addr(3, 0), &packet(round, 64));
+        f.kick(3);
+        assert_eq!(f.wait_used(2, 1, T).len(), 1, "round {round}");
+        drop(f);
+        // Let the session wind down, then measure between connections.
+        std::thread::sleep(Duration::from_millis(100));
+        let now = resources(pid);
+        if round == 4 {
+            baseline = Some(now);
+        }
+        if let Some((threads, fds)) = baseline {
+            assert!(
+                now.0 <= threads && now.1 <= fds,
+                "round {round}: {now:?} grew from {:?}",
+                (threads, fds)
+            );
+        }
+    }
+}
