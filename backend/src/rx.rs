@@ -262,7 +262,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
 /// Why an RX batch stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RxStop {
-    /// The VF ring is empty.
+    /// The VF ring is empty, or the batch budget was used up.
     Drained,
     /// The guest ran out of buffers with frames still waiting.
     GuestFull,
@@ -288,12 +288,11 @@ pub fn vf_to_guest<M: GuestMemoryBackend>(
             Delivery::Delivered(_) => true,
         }
     });
+    // A full budget with frames left is still "Drained" from the guest's side: the caller
+    // sees progress and comes back for more in its next round.
     let stop = if guest_full {
         RxStop::GuestFull
-    } else if consumed < budget {
-        RxStop::Drained
     } else {
-        // Budget used up: report as drained only if the caller should look again itself.
         RxStop::Drained
     };
     (consumed, stop)
