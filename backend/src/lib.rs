@@ -18,6 +18,7 @@ pub mod protocol_shim;
 pub mod queue_pair;
 pub mod rx;
 pub mod server;
+pub mod signals;
 pub mod stats;
 pub mod tx;
 pub mod vf;
