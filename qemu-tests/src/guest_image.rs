@@ -64,7 +64,9 @@ for t in $(cat /proc/cmdline); do
 done
 echo 1 > /proc/sys/kernel/printk
 stty -F /dev/ttyS0 -echo
-export PS1='' PS2='' ENV=''
+# No job control: its "[1]+ Done" notices would land in the next command's output.
+echo 'set +m' > /etc/shrc
+export PS1='' PS2='' ENV=/etc/shrc
 echo "@@VHOST-RELAY-GUEST-READY@@"
 while true; do
   setsid cttyhack sh
