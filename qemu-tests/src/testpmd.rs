@@ -62,8 +62,12 @@ impl TestpmdFrontend {
     pub fn spawn(socket: &Path, queues: u16, workdir: &Path) -> Result<Self> {
         let prefix = util::unique_name("vrt-vu");
         let q = queues.max(1).to_string();
-        let mut cmd = Command::new("dpdk-testpmd");
+        // testpmd prints with stdio, block-buffered on a pipe: without line buffering its
+        // answers would only appear when it exits.
+        let mut cmd = Command::new("stdbuf");
         cmd.args([
+            "-oL",
+            "dpdk-testpmd",
             "--no-huge",
             "-m",
             "1024",
