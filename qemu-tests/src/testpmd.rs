@@ -62,6 +62,9 @@ impl TestpmdFrontend {
     pub fn spawn(socket: &Path, queues: u16, workdir: &Path) -> Result<Self> {
         let prefix = util::unique_name("vrt-vu");
         let q = queues.max(1).to_string();
+        let err_path = workdir.join(format!("{prefix}.stderr"));
+        let stderr = std::fs::File::create(&err_path)
+            .map_err(|e| Error::io(format!("creating {}", err_path.display()), e))?;
         // testpmd prints with stdio, block-buffered on a pipe: without line buffering its
         // answers would only appear when it exits.
         let mut cmd = Command::new("stdbuf");
@@ -84,7 +87,7 @@ impl TestpmdFrontend {
         .arg(format!("--txq={q}"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(stderr);
         let mut child = cmd
             .spawn()
             .map_err(|e| Error::io(format!("starting `{}`", util::describe(&cmd)), e))?;

@@ -11,7 +11,7 @@ use qemu_tests::{e2e_test, ensure, find_stat, Backend, TestpmdFrontend};
 fn testpmd_virtio_user_against_loopback() {
     e2e_test(
         "testpmd_virtio_user_against_loopback",
-        &["dpdk-testpmd"],
+        &["dpdk-testpmd", "stdbuf"],
         |env| {
             let sock = env.dir.join("lb.sock");
             let mut relay = Backend::vhost_relay_loopback(&sock, 1, env.dir.path())?;
