@@ -35,8 +35,17 @@ impl fmt::Display for QueueStat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "port={} queue={} dir={:?} packets={} bytes={} drops={} errors={}",
-            self.port, self.queue, self.dir, self.packets, self.bytes, self.drops, self.errors
+            "port={} queue={} dir={} packets={} bytes={} drops={} errors={}",
+            self.port,
+            self.queue,
+            match self.dir {
+                Dir::Rx => "rx",
+                Dir::Tx => "tx",
+            },
+            self.packets,
+            self.bytes,
+            self.drops,
+            self.errors
         )
     }
 }
@@ -378,6 +387,13 @@ mod tests {
         let l = "stats port=a queue=0 dir=rx packets=18446744073709551615 bytes=0 drops=0 errors=2";
         let s = parse_stats_line(l).unwrap();
         assert_eq!((s.dir, s.packets, s.errors), (Dir::Rx, u64::MAX, 2));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let l = "stats port=vm1 queue=2 dir=rx packets=5 bytes=300 drops=1 errors=0";
+        let s = parse_stats_line(l).unwrap();
+        assert_eq!(format!("stats {s}"), l);
     }
 
     #[test]
