@@ -124,6 +124,8 @@ pub struct Backend {
     stdout_log: PathBuf,
     /// How many stats lines one SIGUSR1 produces (2 per queue pair and port).
     stat_lines: usize,
+    /// Removed after the process stops (DPDK's runtime directory).
+    leftover: Option<PathBuf>,
 }
 
 impl Backend {
@@ -146,6 +148,7 @@ impl Backend {
             stderr_log,
             stdout_log,
             stat_lines,
+            leftover: None,
         })
     }
 
@@ -230,6 +233,7 @@ impl Backend {
             "--nb-cores=1",
         ]);
         let mut b = Self::spawn("testpmd-vhost", cmd, workdir, 0)?;
+        b.leftover = Some(dpdk_runtime_dir(&prefix));
         b.wait_for_socket(socket, Duration::from_secs(30))?;
         Ok(b)
     }
@@ -343,7 +347,11 @@ impl Backend {
 
     /// Stops the backend (SIGTERM, then SIGKILL after 5 s).
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
-        util::stop_child(&mut self.child, Duration::from_secs(5))
+        let st = util::stop_child(&mut self.child, Duration::from_secs(5));
+        if let Some(dir) = self.leftover.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        st
     }
 }
 
@@ -351,6 +359,11 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Where DPDK keeps a process's runtime files (`--file-prefix`); it outlives the process.
+pub fn dpdk_runtime_dir(prefix: &str) -> PathBuf {
+    Path::new("/var/run/dpdk").join(prefix)
 }
 
 /// The counter of virtqueue `queue` of `port` in `stats`.

@@ -147,6 +147,7 @@ pub struct Qemu {
     /// The guest's serial console.
     pub console: Console,
     stderr_log: PathBuf,
+    qmp: PathBuf,
 }
 
 impl Qemu {
@@ -178,6 +179,7 @@ impl Qemu {
             child,
             console,
             stderr_log,
+            qmp: cfg.workdir.join("qmp.sock"),
         })
     }
 
@@ -186,6 +188,11 @@ impl Qemu {
         let mut q = Self::spawn(cfg)?;
         q.wait_ready(timeout)?;
         Ok(q)
+    }
+
+    /// QEMU's QMP socket (`-qmp unix:...,server=on,wait=off`), for tests that want the monitor.
+    pub fn qmp_path(&self) -> &Path {
+        &self.qmp
     }
 
     /// QEMU's PID.

@@ -55,6 +55,7 @@ pub fn parse_port_stats(text: &str) -> Result<PortStats> {
 pub struct TestpmdFrontend {
     child: Child,
     console: Console,
+    prefix: String,
 }
 
 impl TestpmdFrontend {
@@ -97,7 +98,11 @@ impl TestpmdFrontend {
             return Err(Error::Check("testpmd started without stdio pipes".into()));
         };
         let console = Console::new(stdout, stdin, Some(&workdir.join(format!("{prefix}.log"))))?;
-        let mut t = TestpmdFrontend { child, console };
+        let mut t = TestpmdFrontend {
+            child,
+            console,
+            prefix,
+        };
         t.console.wait_for(PROMPT, Duration::from_secs(60))?;
         Ok(t)
     }
@@ -135,6 +140,7 @@ impl TestpmdFrontend {
 impl Drop for TestpmdFrontend {
     fn drop(&mut self) {
         util::stop_child(&mut self.child, Duration::from_secs(5));
+        let _ = std::fs::remove_dir_all(crate::backend::dpdk_runtime_dir(&self.prefix));
     }
 }
 
