@@ -1,0 +1,438 @@
+//! Starting the vhost-user backend under test (vhost-relay), or DPDK testpmd as a reference
+//! backend, and reading vhost-relay's per-queue counters.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::netns::NetNs;
+use crate::util;
+
+/// Direction of a virtqueue as vhost-relay names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Towards the guest (even virtqueues).
+    Rx,
+    /// From the guest (odd virtqueues).
+    Tx,
+}
+
+/// One `stats port=NAME queue=Q dir=rx|tx packets=N bytes=N drops=N errors=N` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueStat {
+    pub port: String,
+    pub queue: u16,
+    pub dir: Dir,
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: u64,
+    pub errors: u64,
+}
+
+impl fmt::Display for QueueStat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "port={} queue={} dir={} packets={} bytes={} drops={} errors={}",
+            self.port,
+            self.queue,
+            match self.dir {
+                Dir::Rx => "rx",
+                Dir::Tx => "tx",
+            },
+            self.packets,
+            self.bytes,
+            self.drops,
+            self.errors
+        )
+    }
+}
+
+/// Parses a stats line anywhere in a log line (env_logger puts a timestamp and level first).
+pub fn parse_stats_line(line: &str) -> Option<QueueStat> {
+    let rest = &line[line.find("stats port=")?..];
+    let mut port = None;
+    let (mut queue, mut dir, mut packets, mut bytes, mut drops, mut errors) =
+        (None, None, None, None, None, None);
+    for kv in rest.split_whitespace().skip(1) {
+        let (k, v) = kv.split_once('=')?;
+        match k {
+            "port" => port = Some(v.to_string()),
+            "queue" => queue = v.parse().ok(),
+            "dir" => {
+                dir = match v {
+                    "rx" => Some(Dir::Rx),
+                    "tx" => Some(Dir::Tx),
+                    _ => None,
+                }
+            }
+            "packets" => packets = v.parse().ok(),
+            "bytes" => bytes = v.parse().ok(),
+            "drops" => drops = v.parse().ok(),
+            "errors" => errors = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some(QueueStat {
+        port: port?,
+        queue: queue?,
+        dir: dir?,
+        packets: packets?,
+        bytes: bytes?,
+        drops: drops?,
+        errors: errors?,
+    })
+}
+
+/// Finds the vhost-relay binary: `$VHOST_RELAY_BIN`, else `release` then `debug` builds under
+/// `$CARGO_TARGET_DIR` (if set) and `<workspace>/target`.
+pub fn vhost_relay_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VHOST_RELAY_BIN").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::BinaryNotFound { tried: vec![p] })
+        };
+    }
+    let mut dirs = Vec::new();
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR").filter(|p| !p.is_empty()) {
+        dirs.push(PathBuf::from(t));
+    }
+    dirs.push(util::workspace_root().join("target"));
+    let mut tried = Vec::new();
+    for profile in ["release", "debug"] {
+        for d in &dirs {
+            let p = d.join(profile).join("vhost-relay");
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(p);
+        }
+    }
+    Err(Error::BinaryNotFound { tried })
+}
+
+/// A running backend process, stopped (SIGTERM, then SIGKILL) by PID on drop.
+#[derive(Debug)]
+pub struct Backend {
+    what: String,
+    child: Child,
+    stderr_log: PathBuf,
+    stdout_log: PathBuf,
+    /// How many stats lines one SIGUSR1 produces (2 per queue pair and port).
+    stat_lines: usize,
+    /// Removed after the process stops (DPDK's runtime directory).
+    leftover: Option<PathBuf>,
+}
+
+impl Backend {
+    /// Starts `cmd` with its output captured to `<workdir>/<tag>.{stdout,stderr}`.
+    pub fn spawn(what: &str, mut cmd: Command, workdir: &Path, stat_lines: usize) -> Result<Self> {
+        let tag = util::unique_name(what);
+        let stderr_log = workdir.join(format!("{tag}.stderr"));
+        let stdout_log = workdir.join(format!("{tag}.stdout"));
+        let err = std::fs::File::create(&stderr_log)
+            .map_err(|e| Error::io(format!("creating {}", stderr_log.display()), e))?;
+        let out = std::fs::File::create(&stdout_log)
+            .map_err(|e| Error::io(format!("creating {}", stdout_log.display()), e))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::io(format!("starting `{}`", util::describe(&cmd)), e))?;
+        Ok(Backend {
+            what: what.to_string(),
+            child,
+            stderr_log,
+            stdout_log,
+            stat_lines,
+            leftover: None,
+        })
+    }
+
+    /// `vhost-relay ARGS` with `RUST_LOG=info`, inside `ns` when given (to see its VF).
+    /// `queue_pairs` is the total over all ports, for [`Backend::stats`].
+    pub fn vhost_relay(
+        ns: Option<&NetNs>,
+        args: &[&str],
+        workdir: &Path,
+        queue_pairs: usize,
+    ) -> Result<Self> {
+        let bin = vhost_relay_bin()?;
+        let mut cmd = match ns {
+            Some(ns) => ns.command(&bin),
+            None => Command::new(&bin),
+        };
+        cmd.args(args).env("RUST_LOG", "info");
+        Self::spawn("vhost-relay", cmd, workdir, 2 * queue_pairs)
+    }
+
+    /// One vhost-relay port listening on `socket`, relaying to the namespace's VF end.
+    pub fn vhost_relay_port(
+        ns: &NetNs,
+        socket: &Path,
+        queues: u16,
+        workdir: &Path,
+    ) -> Result<Self> {
+        let sock = socket.display().to_string();
+        let q = queues.to_string();
+        let mut b = Self::vhost_relay(
+            Some(ns),
+            &["--socket-path", &sock, "--vf", ns.vf(), "--queues", &q],
+            workdir,
+            usize::from(queues),
+        )?;
+        b.wait_for_socket(socket, Duration::from_secs(10))?;
+        Ok(b)
+    }
+
+    /// `vhost-relay --loopback` listening on `socket`.
+    pub fn vhost_relay_loopback(socket: &Path, queues: u16, workdir: &Path) -> Result<Self> {
+        let sock = socket.display().to_string();
+        let q = queues.to_string();
+        let mut b = Self::vhost_relay(
+            None,
+            &["--loopback", "--socket-path", &sock, "--queues", &q],
+            workdir,
+            usize::from(queues),
+        )?;
+        b.wait_for_socket(socket, Duration::from_secs(10))?;
+        Ok(b)
+    }
+
+    /// DPDK testpmd as the vhost-user backend: `net_vhost` on `socket` forwarded (io mode) to
+    /// `net_af_packet` on the namespace's VF end. A reference to validate the harness without
+    /// vhost-relay.
+    pub fn testpmd_vhost(ns: &NetNs, socket: &Path, workdir: &Path) -> Result<Self> {
+        let prefix = util::unique_name("vrt-pmd");
+        let mut cmd = ns.command("dpdk-testpmd");
+        cmd.args([
+            "--no-huge",
+            "-m",
+            "1024",
+            "--no-pci",
+            "--file-prefix",
+            &prefix,
+            "-l",
+            "0-1",
+            "--log-level",
+            "user1,info",
+        ])
+        .arg("--vdev")
+        .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+        .arg("--vdev")
+        .arg(format!("net_af_packet0,iface={}", ns.vf()))
+        .args([
+            "--",
+            "--forward-mode=io",
+            "--stats-period",
+            "1",
+            "--total-num-mbufs=16384",
+            "--nb-cores=1",
+        ]);
+        let mut b = Self::spawn("testpmd-vhost", cmd, workdir, 0)?;
+        b.leftover = Some(dpdk_runtime_dir(&prefix));
+        b.wait_for_socket(socket, Duration::from_secs(30))?;
+        Ok(b)
+    }
+
+    /// The backend's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Path of the captured stderr (vhost-relay's log).
+    pub fn stderr_log(&self) -> &Path {
+        &self.stderr_log
+    }
+
+    /// Captured stdout and stderr so far.
+    pub fn output(&self) -> String {
+        let read = |p: &Path| {
+            std::fs::read(p)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        format!("{}{}", read(&self.stdout_log), read(&self.stderr_log))
+    }
+
+    /// Fails with the log tail if the process has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(st)) => Err(self.exited(st.to_string())),
+            Err(e) => Err(Error::io(format!("checking on {}", self.what), e)),
+        }
+    }
+
+    fn exited(&self, status: String) -> Error {
+        Error::ProcessExited {
+            what: self.what.clone(),
+            status,
+            log: self.stderr_log.clone(),
+            tail: format!(
+                "{}\n{}",
+                util::tail_file(&self.stdout_log, 15),
+                util::tail_file(&self.stderr_log, 25)
+            ),
+        }
+    }
+
+    /// Waits for the backend to create its listening socket (QEMU as a client fails at once if
+    /// the socket is not there yet).
+    pub fn wait_for_socket(&mut self, socket: &Path, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.ensure_running()?;
+            if socket.exists() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("{} to create {}", self.what, socket.display()),
+                    secs: timeout.as_secs(),
+                    detail: format!("; its log:\n{}", util::tail_file(&self.stderr_log, 20)),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGUSR1 and returns the counters it logs, one entry per virtqueue (sorted by port
+    /// and queue).
+    pub fn stats(&mut self) -> Result<Vec<QueueStat>> {
+        self.ensure_running()?;
+        if self.stat_lines == 0 {
+            return Err(Error::Check(format!(
+                "{} does not report vhost-relay counters",
+                self.what
+            )));
+        }
+        let before = std::fs::metadata(&self.stderr_log)
+            .map(|m| m.len())
+            .unwrap_or(0) as usize;
+        util::signal(self.pid(), libc::SIGUSR1)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read(&self.stderr_log)
+                .map_err(|e| Error::io(format!("reading {}", self.stderr_log.display()), e))?;
+            let new = String::from_utf8_lossy(text.get(before..).unwrap_or(&[])).into_owned();
+            // Only complete lines: the logger may be mid-write.
+            let complete = match new.rfind('\n') {
+                Some(i) => &new[..=i],
+                None => "",
+            };
+            let mut stats: Vec<QueueStat> = complete.lines().filter_map(parse_stats_line).collect();
+            if stats.len() >= self.stat_lines {
+                stats.sort_by(|a, b| (&a.port, a.queue).cmp(&(&b.port, b.queue)));
+                stats.dedup_by(|a, b| a.port == b.port && a.queue == b.queue);
+                return Ok(stats);
+            }
+            self.ensure_running()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "{} stats lines from {} after SIGUSR1",
+                        self.stat_lines, self.what
+                    ),
+                    secs: 10,
+                    detail: format!("; got:\n{complete}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the backend (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let st = util::stop_child(&mut self.child, Duration::from_secs(5));
+        if let Some(dir) = self.leftover.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        st
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where DPDK keeps a process's runtime files (`--file-prefix`); it outlives the process.
+pub fn dpdk_runtime_dir(prefix: &str) -> PathBuf {
+    Path::new("/var/run/dpdk").join(prefix)
+}
+
+/// The counter of virtqueue `queue` of `port` in `stats`.
+pub fn find_stat<'a>(stats: &'a [QueueStat], port: &str, queue: u16) -> Result<&'a QueueStat> {
+    stats
+        .iter()
+        .find(|s| s.port == port && s.queue == queue)
+        .ok_or_else(|| {
+            Error::Check(format!(
+                "no counters for port {port} queue {queue} in {stats:?}"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_env_logger_stats_lines() {
+        let l = "[2026-11-21T19:33:37Z INFO  vhost_relay::stats] stats port=vm1 queue=3 dir=tx packets=3 bytes=180 drops=1 errors=0";
+        assert_eq!(
+            parse_stats_line(l),
+            Some(QueueStat {
+                port: "vm1".into(),
+                queue: 3,
+                dir: Dir::Tx,
+                packets: 3,
+                bytes: 180,
+                drops: 1,
+                errors: 0
+            })
+        );
+        let l = "stats port=a queue=0 dir=rx packets=18446744073709551615 bytes=0 drops=0 errors=2";
+        let s = parse_stats_line(l).unwrap();
+        assert_eq!((s.dir, s.packets, s.errors), (Dir::Rx, u64::MAX, 2));
+    }
+
+    #[test]
+    fn display_round_trips() {
+        let l = "stats port=vm1 queue=2 dir=rx packets=5 bytes=300 drops=1 errors=0";
+        let s = parse_stats_line(l).unwrap();
+        assert_eq!(format!("stats {s}"), l);
+    }
+
+    #[test]
+    fn rejects_malformed_stats_lines() {
+        assert_eq!(parse_stats_line("port lb: listening on /tmp/lb.sock"), None);
+        assert_eq!(
+            parse_stats_line("stats port=a queue=0 dir=up packets=1 bytes=0 drops=0 errors=0"),
+            None
+        );
+        assert_eq!(
+            parse_stats_line("stats port=a queue=0 dir=rx packets=1 bytes=0 drops=0"),
+            None
+        );
+        assert_eq!(
+            parse_stats_line("stats port=a queue=x dir=rx packets=1 bytes=0 drops=0 errors=0"),
+            None
+        );
+    }
+
+    #[test]
+    fn find_stat_names_what_is_missing() {
+        let s = vec![parse_stats_line(
+            "stats port=a queue=0 dir=rx packets=1 bytes=2 drops=0 errors=0",
+        )
+        .unwrap()];
+        assert_eq!(find_stat(&s, "a", 0).unwrap().bytes, 2);
+        assert!(matches!(find_stat(&s, "a", 1), Err(Error::Check(m)) if m.contains("queue 1")));
+    }
+}

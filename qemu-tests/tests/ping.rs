@@ -1,0 +1,71 @@
+//! Basic connectivity through vhost-relay: the guest's virtio-net NIC is relayed to the VF end of
+//! a veth pair, and the host peer on the other end answers.
+
+use std::time::Duration;
+
+use qemu_tests::{
+    e2e_test, ensure, find_stat, guest_ping, guest_ping_until_reply, peer_ping, Backend, NetNs,
+    Qemu, QemuConfig, SocketMode, BOOT_TIMEOUT, GUEST_IP, PEER_IP,
+};
+
+#[test]
+fn ping_both_ways() {
+    e2e_test("ping_both_ways", &[], |env| {
+        let ns = NetNs::new("vrt")?;
+        let sock = env.dir.join("vm1.sock");
+        let mut relay = Backend::vhost_relay_port(&ns, &sock, 1, env.dir.path())?;
+        env.step("booting guest");
+        let mut qemu = Qemu::boot(
+            &QemuConfig::new(&env.image, &sock, env.dir.path()),
+            BOOT_TIMEOUT,
+        )?;
+        env.step("guest ready");
+        guest_ping_until_reply(&mut qemu, PEER_IP, Duration::from_secs(60))?;
+        let before = relay.stats()?;
+        guest_ping(&mut qemu, PEER_IP, 10)?;
+        env.step("guest -> peer: 10/10");
+        peer_ping(&ns, GUEST_IP, 10)?;
+        env.step("peer -> guest: 10/10");
+        let after = relay.stats()?;
+        // 20 echo requests and 20 replies crossed each way (plus ARP): the counters must show it.
+        for q in [0u16, 1] {
+            let (b, a) = (find_stat(&before, "vm1", q)?, find_stat(&after, "vm1", q)?);
+            ensure(a.packets >= b.packets + 20, || {
+                format!("queue {q}: {b} -> {a}, expected +20 packets")
+            })?;
+            ensure(a.bytes >= b.bytes + 20 * 98, || {
+                format!("queue {q}: {b} -> {a}, expected +1960 bytes")
+            })?;
+            ensure(a.errors == 0, || format!("queue {q} counted errors: {a}"))?;
+        }
+        relay.ensure_running()?;
+        Ok(())
+    });
+}
+
+/// `vhost-relay --client`: QEMU listens, vhost-relay connects to it.
+#[test]
+fn ping_with_relay_as_client() {
+    e2e_test("ping_with_relay_as_client", &[], |env| {
+        let ns = NetNs::new("vrt")?;
+        let sock = env.dir.join("vm2.sock");
+        let mut cfg = QemuConfig::new(&env.image, &sock, env.dir.path());
+        cfg.socket_mode = SocketMode::Server;
+        env.step("booting guest (QEMU listens)");
+        let mut qemu = Qemu::spawn(&cfg)?;
+        let s = sock.display().to_string();
+        let mut relay = Backend::vhost_relay(
+            Some(&ns),
+            &["--client", "--socket-path", &s, "--vf", ns.vf()],
+            env.dir.path(),
+            1,
+        )?;
+        qemu.wait_ready(BOOT_TIMEOUT)?;
+        env.step("guest ready");
+        guest_ping_until_reply(&mut qemu, PEER_IP, Duration::from_secs(60))?;
+        guest_ping(&mut qemu, PEER_IP, 5)?;
+        peer_ping(&ns, GUEST_IP, 5)?;
+        relay.ensure_running()?;
+        Ok(())
+    });
+}
