@@ -31,9 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use log::{debug, error, info, warn};
-use vhost_user_backend::bitmap::{
-    AtomicBitmapMmap, BitmapReplace, MemRegionBitmap, MmapLogReg,
-};
+use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapReplace, MemRegionBitmap, MmapLogReg};
 use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -57,7 +55,9 @@ pub enum DirtyLogError {
         /// ", the log has N" when the size is known.
         have: String,
     },
-    #[error("{label}: guest region {gpa:#x}+{len:#x} is empty or ends beyond the 64-bit address space")]
+    #[error(
+        "{label}: guest region {gpa:#x}+{len:#x} is empty or ends beyond the 64-bit address space"
+    )]
     BadRegion { label: String, gpa: u64, len: u64 },
     #[error("{label}: {count} guest region(s) have no dirty log (first {gpa:#x}+{len:#x}): writes there cannot be logged")]
     Unlogged {
@@ -125,10 +125,12 @@ impl LogMemory {
             .ok_or(bad("too large"))?;
         // SAFETY: sysconf has no memory-safety preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-        if offset % page != 0 {
+        if !offset.is_multiple_of(page) {
             return Err(bad("offset not page-aligned"));
         }
-        let end = offset.checked_add(size).ok_or(bad("offset + size overflows"))?;
+        let end = offset
+            .checked_add(size)
+            .ok_or(bad("offset + size overflows"))?;
         let map_err = |source| DirtyLogError::Map {
             fd: raw,
             offset,
@@ -887,5 +889,472 @@ impl MemRegionBitmap for LogAttachment {
             gpa: region.start_addr().raw_value(),
             len: region.len(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::fs::File;
+    use std::os::fd::{AsFd, FromRawFd};
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::{Duration, Instant};
+    use vm_memory::{Bytes, GuestAddress, VolatileMemory};
+
+    type Mem = GuestMemoryMmap<DirtyBitmap>;
+
+    /// A log as a frontend makes it: a memfd of `size` bytes.
+    struct TestLog {
+        file: File,
+        size: u64,
+    }
+
+    impl TestLog {
+        fn new(size: u64) -> TestLog {
+            // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+            let fd = unsafe { libc::memfd_create(c"test-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: fresh fd owned by nobody else.
+            let file = unsafe { File::from_raw_fd(fd) };
+            file.set_len(size).unwrap();
+            TestLog { file, size }
+        }
+
+        /// Just big enough for guest addresses below `top`.
+        fn covering(top: u64) -> TestLog {
+            Self::new(log_bytes_needed(0, top).unwrap())
+        }
+
+        fn map(&self) -> LogMemory {
+            LogMemory::map(self.file.as_fd(), 0, self.size).unwrap()
+        }
+
+        /// Marked pages, read through the file (not our mapping).
+        fn pages(&self) -> BTreeSet<u64> {
+            let mut out = BTreeSet::new();
+            let mut buf = vec![0u8; 1 << 16];
+            let mut at = 0u64;
+            while at < self.size {
+                let n = (self.size - at).min(buf.len() as u64) as usize;
+                self.file.read_exact_at(&mut buf[..n], at).unwrap();
+                for (i, b) in buf[..n].iter().enumerate().filter(|(_, b)| **b != 0) {
+                    for bit in 0..8 {
+                        if b & (1 << bit) != 0 {
+                            out.insert((at + i as u64) * 8 + bit);
+                        }
+                    }
+                }
+                at += n as u64;
+            }
+            out
+        }
+
+        fn clear(&self) {
+            let zero = vec![0u8; self.size as usize];
+            self.file.write_all_at(&zero, 0).unwrap();
+        }
+    }
+
+    fn pages(v: &[u64]) -> BTreeSet<u64> {
+        v.iter().copied().collect()
+    }
+
+    fn memory(ranges: &[(u64, usize)]) -> Mem {
+        let r: Vec<_> = ranges.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
+        GuestMemoryMmap::from_ranges(&r).unwrap()
+    }
+
+    /// A device with `mem` bound, `log` set and LOG_ALL on.
+    fn logging(mem: &Mem, log: &TestLog) -> DirtyLog {
+        let d = DirtyLog::new("test");
+        d.update_memory(mem).unwrap();
+        d.set_log_base(mem, log.map()).unwrap();
+        d.set_log_all(true).unwrap();
+        assert!(d.is_logging());
+        d
+    }
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn byte_write_marks_its_page_only() {
+        let mem = memory(&[(0, MIB)]);
+        let log = TestLog::covering(MIB as u64);
+        let _d = logging(&mem, &log);
+        mem.write_obj(0xaau8, GuestAddress(0x5123)).unwrap();
+        assert_eq!(log.pages(), pages(&[5]));
+    }
+
+    #[test]
+    fn unaligned_write_spanning_pages_and_log_bytes() {
+        let mem = memory(&[(0, MIB)]);
+        let log = TestLog::covering(MIB as u64);
+        let _d = logging(&mem, &log);
+        // 0x7ffe..0x8001: the last page of log byte 0 and the first of log byte 1.
+        mem.write_slice(&[1; 4], GuestAddress(0x7ffe)).unwrap();
+        assert_eq!(log.pages(), pages(&[7, 8]));
+        log.clear();
+        // 10 pages from the middle of page 3: pages 3..=13.
+        mem.write_slice(&vec![2; 10 * 4096], GuestAddress(0x3800))
+            .unwrap();
+        assert_eq!(log.pages(), (3..=13).collect());
+        log.clear();
+        // Exactly one page, aligned: that page only.
+        mem.write_slice(&[3; 4096], GuestAddress(0x20000)).unwrap();
+        assert_eq!(log.pages(), pages(&[0x20]));
+    }
+
+    #[test]
+    fn every_vm_memory_write_path_marks() {
+        let mem = memory(&[(0, MIB)]);
+        let log = TestLog::covering(MIB as u64);
+        let _d = logging(&mem, &log);
+        // Atomic store (virtio-queue's used idx, flags, avail_event).
+        mem.store(7u16, GuestAddress(0x1002), Ordering::Release)
+            .unwrap();
+        // write_obj (used elements, num_buffers).
+        mem.write_obj(0x1234_5678u64, GuestAddress(0x2ffc)).unwrap();
+        // A slice and copy_from (the RX fast path).
+        mem.get_slice(GuestAddress(0x5ff0), 0x20)
+            .unwrap()
+            .copy_from(&[9u8; 0x20]);
+        // A sub-slice of a slice.
+        let s = mem.get_slice(GuestAddress(0x8000), 0x3000).unwrap();
+        s.subslice(0x2000, 0x10).unwrap().copy_from(&[1u8; 0x10]);
+        // Volatile writes through a ref.
+        s.get_ref::<u32>(0x10).unwrap().store(5);
+        assert_eq!(log.pages(), pages(&[1, 2, 3, 5, 6, 8, 10]));
+    }
+
+    #[test]
+    fn region_boundaries_and_unaligned_regions() {
+        // Two adjacent regions, and one starting in the middle of a page.
+        let mem = memory(&[(0, MIB), (MIB as u64, MIB), (0x20_1800, 0x2000)]);
+        let log = TestLog::covering(0x20_3800);
+        let _d = logging(&mem, &log);
+        // Crossing from the first region into the second.
+        mem.write_slice(&[1; 0x20], GuestAddress(MIB as u64 - 0x10))
+            .unwrap();
+        assert_eq!(log.pages(), pages(&[0xff, 0x100]));
+        log.clear();
+        // Region offset 0x900 of the region at 0x201800 is page 0x202 (gpa 0x202100),
+        // not 0x201 (a page count from the region's start would say so).
+        mem.write_obj(1u8, GuestAddress(0x20_2100)).unwrap();
+        // Its last byte is in page 0x203 (a partial page at the end of the region).
+        mem.write_obj(1u8, GuestAddress(0x20_37ff)).unwrap();
+        // Its first byte is in page 0x201.
+        mem.write_obj(1u8, GuestAddress(0x20_1800)).unwrap();
+        assert_eq!(log.pages(), pages(&[0x201, 0x202, 0x203]));
+    }
+
+    #[test]
+    fn region_at_a_high_guest_address() {
+        let high = 1u64 << 40; // 1 TiB: log byte 32 MiB
+        let mem = memory(&[(0, 0x10000), (high, 0x10000)]);
+        let log = TestLog::covering(high + 0x10000);
+        let _d = logging(&mem, &log);
+        mem.write_slice(&[1; 2], GuestAddress(high + 0x2fff))
+            .unwrap();
+        let p = high / LOG_PAGE_SIZE;
+        assert_eq!(log.pages(), pages(&[p + 2, p + 3]));
+    }
+
+    #[test]
+    fn nothing_is_marked_until_log_all_and_after_it() {
+        let mem = memory(&[(0, MIB)]);
+        let log = TestLog::covering(MIB as u64);
+        let d = DirtyLog::new("test");
+        d.update_memory(&mem).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+        d.set_log_base(&mem, log.map()).unwrap();
+        assert!(!d.is_logging());
+        // A log base alone does not start logging (QEMU sends it before LOG_ALL).
+        mem.write_obj(1u8, GuestAddress(0x2000)).unwrap();
+        assert!(log.pages().is_empty());
+        d.set_log_all(true).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        assert_eq!(log.pages(), pages(&[3]));
+        // Off: nothing more (vhost-user-backend's bitmap keeps marking here).
+        d.set_log_all(false).unwrap();
+        assert!(!d.is_logging());
+        log.clear();
+        mem.write_slice(&[1; 0x4000], GuestAddress(0x4000)).unwrap();
+        assert!(log.pages().is_empty());
+        assert!(!mem
+            .find_region(GuestAddress(0))
+            .unwrap()
+            .bitmap()
+            .dirty_at(0x3000));
+        // On again without a new base: the kept log.
+        d.set_log_all(true).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x9000)).unwrap();
+        assert_eq!(log.pages(), pages(&[9]));
+        assert!(mem
+            .find_region(GuestAddress(0))
+            .unwrap()
+            .bitmap()
+            .dirty_at(0x9abc));
+    }
+
+    #[test]
+    fn a_new_log_base_takes_over_from_the_old_one() {
+        let mem = memory(&[(0, MIB)]);
+        let a = TestLog::covering(MIB as u64);
+        let b = TestLog::covering(2 * MIB as u64); // a resize: larger
+        let d = logging(&mem, &a);
+        mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+        d.set_log_base(&mem, b.map()).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x2000)).unwrap();
+        assert_eq!(a.pages(), pages(&[1]));
+        assert_eq!(b.pages(), pages(&[2]));
+        // A second migration after a cancelled one: off, new base, on.
+        let c = TestLog::covering(MIB as u64);
+        d.set_log_all(false).unwrap();
+        d.set_log_base(&mem, c.map()).unwrap();
+        d.set_log_all(true).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        assert_eq!(a.pages(), pages(&[1]));
+        assert_eq!(b.pages(), pages(&[2]));
+        assert_eq!(c.pages(), pages(&[3]));
+    }
+
+    #[test]
+    fn a_region_added_while_logging_is_logged() {
+        let mem = memory(&[(0, MIB)]);
+        let log = TestLog::covering(4 * MIB as u64);
+        let d = logging(&mem, &log);
+        // ADD_MEM_REG: the existing region is shared with the new memory.
+        let region = vm_memory::GuestRegionMmap::new(
+            vm_memory::MmapRegion::new(MIB).unwrap(),
+            GuestAddress(2 * MIB as u64),
+        )
+        .unwrap();
+        let mem2 = mem.insert_region(Arc::new(region)).unwrap();
+        d.update_memory(&mem2).unwrap();
+        mem2.write_obj(1u8, GuestAddress(2 * MIB as u64 + 0x5000))
+            .unwrap();
+        mem2.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+        assert_eq!(log.pages(), pages(&[1, 0x205]));
+        // SET_MEM_TABLE: all new regions.
+        let mem3 = memory(&[(0, MIB), (3 * MIB as u64, MIB)]);
+        d.update_memory(&mem3).unwrap();
+        log.clear();
+        mem3.write_obj(1u8, GuestAddress(3 * MIB as u64)).unwrap();
+        mem3.write_obj(1u8, GuestAddress(0x7000)).unwrap();
+        assert_eq!(log.pages(), pages(&[7, 0x300]));
+        // A region removed from the table but still written through an old snapshot (a
+        // worker mid-batch) keeps logging: over-marking is harmless, a lost mark is not.
+        log.clear();
+        mem2.write_obj(1u8, GuestAddress(2 * MIB as u64)).unwrap();
+        assert_eq!(log.pages(), pages(&[0x200]));
+    }
+
+    #[test]
+    fn a_region_written_before_it_is_bound_is_marked_whole() {
+        let mem = memory(&[(0, MIB)]);
+        let log = TestLog::covering(4 * MIB as u64);
+        let d = logging(&mem, &log);
+        // vhost-user-backend publishes new memory before calling update_memory.
+        let mem2 = memory(&[(0, MIB), (2 * MIB as u64, 0x8000)]);
+        mem2.write_obj(1u8, GuestAddress(2 * MIB as u64 + 0x10))
+            .unwrap();
+        assert!(log.pages().is_empty());
+        d.update_memory(&mem2).unwrap();
+        // Written while unbound: all 8 pages of that region; the other region was not.
+        assert_eq!(log.pages(), (0x200..0x208).collect());
+        // An unbound region not written is not marked.
+        let mem3 = memory(&[(0, MIB), (2 * MIB as u64, 0x8000)]);
+        log.clear();
+        d.update_memory(&mem3).unwrap();
+        assert!(log.pages().is_empty());
+    }
+
+    #[test]
+    fn a_log_too_small_is_refused_and_never_written_past() {
+        let mem = memory(&[(0, MIB), (8 * MIB as u64, MIB)]);
+        let small = TestLog::covering(MIB as u64);
+        let d = DirtyLog::new("port t");
+        d.update_memory(&mem).unwrap();
+        let e = d.set_log_base(&mem, small.map()).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, DirtyLogError::LogTooSmall { gpa, needed, .. } if gpa == 8 * MIB as u64 && needed == 288),
+            "{text}"
+        );
+        assert!(
+            text.contains("port t") && text.contains("0x800000"),
+            "{text}"
+        );
+        // Nothing installed: LOG_ALL now reports it has nothing to log into.
+        assert!(matches!(
+            d.set_log_all(true),
+            Err(DirtyLogError::NoLog { .. })
+        ));
+        mem.write_obj(1u8, GuestAddress(0)).unwrap();
+        assert!(small.pages().is_empty());
+
+        // Logging with a good log, then a region the log cannot cover: refused.
+        let good = TestLog::covering(9 * MIB as u64);
+        d.set_log_base(&mem, good.map()).unwrap();
+        d.set_log_all(true).unwrap();
+        let far = memory(&[(0, MIB), (8 * MIB as u64, MIB), (64 * MIB as u64, MIB)]);
+        let e = d.update_memory(&far).unwrap_err();
+        assert!(
+            matches!(e, DirtyLogError::LogTooSmall { gpa, .. } if gpa == 64 * MIB as u64),
+            "{e}"
+        );
+        // The uncovered region is not logged (and not written past the log); the others are.
+        far.write_obj(1u8, GuestAddress(64 * MIB as u64 + 0x1000))
+            .unwrap();
+        far.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+        assert_eq!(good.pages(), pages(&[1]));
+        // Turning logging on again says which region is unlogged.
+        let e = d.set_log_all(true).unwrap_err();
+        assert!(
+            matches!(e, DirtyLogError::Unlogged { count: 1, gpa, .. } if gpa == 64 * MIB as u64),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn log_areas_a_frontend_should_not_send_are_refused() {
+        let log = TestLog::new(4096);
+        let fd = log.file.as_fd();
+        for (offset, size, why) in [
+            (0, 0, "empty"),
+            (0, 8192, "beyond the end of the file"),
+            (100, 16, "offset not page-aligned"),
+            (4096, u64::MAX, "too large"),
+            (u64::MAX - 4095, 4096, "offset + size overflows"),
+        ] {
+            match LogMemory::map(fd, offset, size) {
+                Err(DirtyLogError::BadLogArea { why: w, .. }) => assert_eq!(w, why),
+                other => panic!("{offset:#x}+{size:#x}: {other:?}"),
+            }
+        }
+        let m = LogMemory::map(fd, 0, 4096).unwrap();
+        assert_eq!(m.len(), 4096);
+    }
+
+    #[test]
+    fn writes_outside_any_region_or_past_its_end_are_not_marked() {
+        let mem = memory(&[(0, 0x3000)]);
+        let log = TestLog::covering(MIB as u64);
+        let _d = logging(&mem, &log);
+        assert!(mem.write_obj(1u8, GuestAddress(0x3000)).is_err());
+        // A bitmap asked about bytes past its region ignores them.
+        let r = mem.find_region(GuestAddress(0)).unwrap();
+        r.bitmap().mark_dirty(0x2fff, 0x10_0000);
+        r.bitmap().mark_dirty(usize::MAX, 2);
+        r.bitmap().slice_at(usize::MAX).mark_dirty(usize::MAX, 1);
+        assert_eq!(log.pages(), pages(&[2]));
+    }
+
+    #[test]
+    fn grace_period_waits_for_a_reader_inside_a_section() {
+        let (in_tx, in_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            grace::read(|| {
+                in_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+            })
+        });
+        in_rx.recv().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                grace::synchronize();
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "grace period ended with a reader inside"
+        );
+        go_tx.send(()).unwrap();
+        reader.join().unwrap();
+        waiter.join().unwrap();
+        assert!(done.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn writers_racing_with_log_changes_use_only_the_current_log() {
+        // Four writer threads hammer guest memory while the control plane swaps logs and
+        // turns logging off and on. Once a change has returned (when the backend replies to
+        // the frontend), no writer may mark the log it replaced or a log while off; writers
+        // must reach the new log. Nothing may crash or write past a mapping.
+        let mem = Arc::new(memory(&[(0, 4 * MIB)]));
+        let logs: Vec<TestLog> = (0..3).map(|_| TestLog::covering(4 * MIB as u64)).collect();
+        let d = DirtyLog::new("race");
+        d.update_memory(&mem).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let writers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (mem, stop, writes) = (mem.clone(), stop.clone(), writes.clone());
+                std::thread::spawn(move || {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let addr = (t * MIB as u64) + (i % 256) * 4096;
+                        mem.write_obj(i, GuestAddress(addr)).unwrap();
+                        writes.fetch_add(1, Ordering::Relaxed);
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        // Every writer has marked `log` (a page in each writer's MiB).
+        let reached_by_all = |log: &TestLog| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let p = log.pages();
+                if (0..4u64).all(|t| p.range(t * 256..(t + 1) * 256).next().is_some()) {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let quiet = |log: &TestLog| {
+            std::thread::sleep(Duration::from_millis(3));
+            log.pages().is_empty()
+        };
+        d.set_log_base(&mem, logs[0].map()).unwrap();
+        d.set_log_all(true).unwrap();
+        assert!(reached_by_all(&logs[0]));
+        let start = Instant::now();
+        let mut round = 1usize;
+        while start.elapsed() < Duration::from_millis(600) {
+            let old = &logs[(round - 1) % logs.len()];
+            let new = &logs[round % logs.len()];
+            new.clear();
+            d.set_log_base(&mem, new.map()).unwrap();
+            old.clear();
+            assert!(quiet(old), "round {round}: a mark reached the replaced log");
+            assert!(
+                reached_by_all(new),
+                "round {round}: writers did not reach the new log"
+            );
+            if round.is_multiple_of(3) {
+                d.set_log_all(false).unwrap();
+                new.clear();
+                assert!(quiet(new), "round {round}: a mark while logging was off");
+                d.set_log_all(true).unwrap();
+                assert!(reached_by_all(new), "round {round}: logging did not resume");
+            }
+            round += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert!(round > 5 && writes.load(Ordering::Relaxed) > 10_000);
     }
 }

@@ -151,7 +151,14 @@ pub(crate) fn barrier_all_threads() {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let membarrier = |cmd: libc::c_long| {
         // SAFETY: membarrier takes integer arguments only and touches no memory of ours.
-        let rc = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_long, 0 as libc::c_long) };
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                cmd,
+                0 as libc::c_long,
+                0 as libc::c_long,
+            )
+        };
         rc == 0
     };
     let registered =

@@ -14,6 +14,5 @@ mod dirty;
 mod grace;
 
 pub use dirty::{
-    DirtyBitmap, DirtyBitmapSlice, DirtyLog, DirtyLogError, LogAttachment, LogMemory,
-    LOG_PAGE_SIZE,
+    DirtyBitmap, DirtyBitmapSlice, DirtyLog, DirtyLogError, LogAttachment, LogMemory, LOG_PAGE_SIZE,
 };
