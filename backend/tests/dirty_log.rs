@@ -107,7 +107,7 @@ fn exactly_the_written_pages_are_logged_while_log_all_is_on() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(log.pages(), BTreeSet::new(), "logged before LOG_ALL");
 
-    f.set_log_all(true);
+    f.migration_log(true);
     let want = traffic(&mut f, &rx_buffers(0x61_0000), 0x71_0000, &SIZES);
     // Spell out what that is, so the test does not just agree with itself.
     let expect: BTreeSet<u64> = [0x1, 0x11, 0x610, 0x611, 0x612, 0x614]
@@ -121,7 +121,7 @@ fn exactly_the_written_pages_are_logged_while_log_all_is_on() {
     );
 
     // A cancelled migration: LOG_ALL cleared. Nothing more is marked.
-    f.set_log_all(false);
+    f.migration_log(false);
     log.clear();
     traffic(&mut f, &rx_buffers(0x62_0000), 0x72_0000, &SIZES);
     std::thread::sleep(Duration::from_millis(100));

@@ -667,6 +667,38 @@ impl TestFrontend {
         self.fe.get_features().expect("GET_FEATURES");
     }
 
+    /// SET_VRING_ADDR again on a running ring, with the LOG flag and the used ring's guest
+    /// address as log address when `log`: what QEMU does to every ring when it turns
+    /// logging on or off.
+    pub fn resend_vring_addr(&self, q: usize, log: bool) {
+        let l = self.layout(q);
+        let hva = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .expect("host addr") as u64;
+        let cfg = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: u32::from(log), // VHOST_VRING_F_LOG
+            desc_table_addr: hva + l.desc,
+            used_ring_addr: hva + l.used,
+            avail_ring_addr: hva + l.avail,
+            log_addr: log.then_some(l.used),
+        };
+        self.fe
+            .set_vring_addr(self.queues[q].index, &cfg)
+            .expect("SET_VRING_ADDR");
+    }
+
+    /// What QEMU sends to start (`on`) or stop dirty logging of a running device:
+    /// SET_FEATURES with or without LOG_ALL, then SET_VRING_ADDR on every ring.
+    pub fn migration_log(&mut self, on: bool) {
+        self.set_log_all(on);
+        for q in 0..self.queues.len() {
+            self.resend_vring_addr(q, on);
+        }
+    }
+
     /// Guest pages of queue `q`'s used ring (flags, idx, ring, avail_event).
     pub fn used_ring_pages(&self, q: usize) -> std::ops::RangeInclusive<u64> {
         let used = self.layout(q).used;
