@@ -58,6 +58,9 @@ pub fn device_features() -> u64 {
     ];
     bits.iter().fold(0u64, |acc, b| acc | (1u64 << b))
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Live migration: QEMU blocks migrating a vhost-user NIC whose backend lacks it.
+        // Acked only while a migration runs; the dirty log follows it (see `acked_features`).
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 /// vhost-user protocol features this backend implements.
@@ -65,10 +68,13 @@ pub fn device_features() -> u64 {
 /// Not RESET_DEVICE: QEMU sends it when it connects, and vhost-user-backend's handler then
 /// forgets the acked PROTOCOL_FEATURES bit and refuses the SET_VRING_ENABLE that follows.
 /// A device reset reaches us anyway as GET_VRING_BASE on every ring and a fresh setup.
+///
+/// LOG_SHMFD: the dirty log comes as a shared-memory fd with SET_LOG_BASE (live migration).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// A port's queue pairs and counters: created once, kept across frontend connections.
@@ -101,6 +107,9 @@ pub struct NetDevice {
     port: Arc<Port>,
     mem: GuestMemoryAtomicB,
     acked: AtomicU64,
+    /// Dirty-page logging for live migration: told about LOG_ALL and memory changes here;
+    /// SET_LOG_BASE reaches it through the guest memory bitmaps.
+    dirty: migration::DirtyLog,
     /// Exit eventfds handed to the library's workers. It registers them in epoll with
     /// `into_raw_fd()` and never closes them, so they are closed here when the session's
     /// device goes away (after its workers are gone); otherwise every reconnect leaks one
@@ -116,6 +125,7 @@ impl NetDevice {
             }
         }
         NetDevice {
+            dirty: migration::DirtyLog::new(format!("port {}", port.name)),
             port,
             mem,
             acked: AtomicU64::new(0),
@@ -158,7 +168,7 @@ impl Drop for NetDevice {
 }
 
 impl VhostUserBackend for NetDevice {
-    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+    type Bitmap = migration::DirtyBitmap;
     type Vring = VringRwLock<GuestMemoryAtomicB>;
 
     fn num_queues(&self) -> usize {
@@ -176,6 +186,12 @@ impl VhostUserBackend for NetDevice {
     fn acked_features(&self, features: u64) {
         info!("port {}: guest features {features:#x}", self.port.name);
         self.acked.store(features, Ordering::Release);
+        // Logging stops when a SET_FEATURES clears LOG_ALL (a cancelled migration), which
+        // vhost-user-backend's own bitmap ignores. Errors are logged by the dirty log; this
+        // message cannot fail.
+        let _ = self
+            .dirty
+            .set_log_all(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -196,10 +212,15 @@ impl VhostUserBackend for NetDevice {
         debug!("port {}: event idx {enabled}", self.port.name);
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomicB) -> io::Result<()> {
-        // The library replaced the memory inside the atomic we share with it.
+    fn update_memory(&self, mem: GuestMemoryAtomicB) -> io::Result<()> {
+        // The library replaced the memory inside the atomic we share with it. Every region
+        // of it must log into the current dirty log (if migrating): the library gives new
+        // regions a bitmap with no log at all. A log that does not cover a new region fails
+        // the message (and the connection) rather than corrupt the migrated guest.
         debug!("port {}: memory table updated", self.port.name);
-        Ok(())
+        self.dirty
+            .update_memory(&mem.memory())
+            .map_err(io::Error::other)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -26,8 +26,10 @@ pub mod vf;
 #[cfg(test)]
 mod mock_guest;
 
-/// Guest memory with the dirty-page bitmap vhost-user-backend keeps for live migration.
-pub type GuestMemoryMmapB =
-    vm_memory::GuestMemoryMmap<vhost_user_backend::bitmap::BitmapMmapRegion>;
+/// Guest memory with the dirty-page bitmap used for live migration. Not vhost-user-backend's
+/// `BitmapMmapRegion`: that one keeps logging after LOG_ALL is turned off, leaves regions
+/// added after SET_LOG_BASE unlogged, and takes a lock shared by all queue threads on every
+/// write (see the `migration` crate).
+pub type GuestMemoryMmapB = vm_memory::GuestMemoryMmap<migration::DirtyBitmap>;
 /// The shared, swappable view of guest memory the frontend's memory table updates.
 pub type GuestMemoryAtomicB = vm_memory::GuestMemoryAtomic<GuestMemoryMmapB>;

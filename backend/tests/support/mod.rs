@@ -570,3 +570,154 @@ impl RawSocket {
         Some(buf)
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Live migration: dirty-page log helpers (used by dirty_log.rs).
+// ---------------------------------------------------------------------------------------
+
+/// `VHOST_F_LOG_ALL`: the frontend wants every guest page the backend writes logged.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+pub const LOG_PAGE: u64 = 4096;
+
+/// A dirty log as QEMU makes one: a memfd with one bit per 4 KiB guest page.
+pub struct DirtyLogFd {
+    pub file: File,
+    pub size: u64,
+}
+
+impl DirtyLogFd {
+    pub fn new(size: u64) -> DirtyLogFd {
+        // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"test-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just created and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).expect("size log memfd");
+        DirtyLogFd { file, size }
+    }
+
+    /// Guest page numbers whose bit is set.
+    pub fn pages(&self) -> std::collections::BTreeSet<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0u8; self.size as usize];
+        self.file.read_exact_at(&mut bytes, 0).expect("read log");
+        let mut out = std::collections::BTreeSet::new();
+        for (i, b) in bytes.iter().enumerate().filter(|(_, b)| **b != 0) {
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    out.insert(i as u64 * 8 + bit);
+                }
+            }
+        }
+        out
+    }
+
+    /// Clears the log, as QEMU does when it collects the bits.
+    pub fn clear(&self) {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(&vec![0u8; self.size as usize], 0)
+            .expect("clear log");
+    }
+
+    pub fn region(&self) -> vhost::VhostUserDirtyLogRegion {
+        vhost::VhostUserDirtyLogRegion {
+            mmap_size: self.size,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+}
+
+/// Guest pages covering `[addr, addr + len)`.
+pub fn pages_of(addr: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+    addr / LOG_PAGE..=(addr + len.max(1) - 1) / LOG_PAGE
+}
+
+impl TestFrontend {
+    /// Acks `extra` protocol features on top of what `connect` acked (MQ, REPLY_ACK).
+    pub fn ack_protocol_features(&mut self, extra: VhostUserProtocolFeatures) {
+        let pf = self
+            .fe
+            .get_protocol_features()
+            .expect("GET_PROTOCOL_FEATURES");
+        assert!(pf.contains(extra), "backend offers {extra:?}");
+        self.fe
+            .set_protocol_features(
+                pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | extra),
+            )
+            .expect("SET_PROTOCOL_FEATURES");
+    }
+
+    /// SET_LOG_BASE with `log` (needs LOG_SHMFD acked); waits for the backend's reply.
+    pub fn set_log_base(&self, log: &DirtyLogFd) -> vhost::Result<()> {
+        self.fe.set_log_base(0, Some(log.region()))
+    }
+
+    /// SET_FEATURES with the negotiated features, plus LOG_ALL if `log_all`.
+    pub fn set_log_all(&mut self, log_all: bool) {
+        let f = if log_all {
+            self.features | VHOST_F_LOG_ALL
+        } else {
+            self.features & !VHOST_F_LOG_ALL
+        };
+        self.fe.set_features(f).expect("SET_FEATURES");
+        // SET_FEATURES has no reply; the backend handles messages in order, so the reply
+        // to GET_FEATURES means it is done (QEMU syncs the same way when it turns on logging).
+        self.fe.get_features().expect("GET_FEATURES");
+    }
+
+    /// SET_VRING_ADDR again on a running ring, with the LOG flag and the used ring's guest
+    /// address as log address when `log`: what QEMU does to every ring when it turns
+    /// logging on or off.
+    pub fn resend_vring_addr(&self, q: usize, log: bool) {
+        let l = self.layout(q);
+        let hva = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .expect("host addr") as u64;
+        let cfg = VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: u32::from(log), // VHOST_VRING_F_LOG
+            desc_table_addr: hva + l.desc,
+            used_ring_addr: hva + l.used,
+            avail_ring_addr: hva + l.avail,
+            log_addr: log.then_some(l.used),
+        };
+        self.fe
+            .set_vring_addr(self.queues[q].index, &cfg)
+            .expect("SET_VRING_ADDR");
+    }
+
+    /// What QEMU sends to start (`on`) or stop dirty logging of a running device:
+    /// SET_FEATURES with or without LOG_ALL, then SET_VRING_ADDR on every ring.
+    pub fn migration_log(&mut self, on: bool) {
+        self.set_log_all(on);
+        for q in 0..self.queues.len() {
+            self.resend_vring_addr(q, on);
+        }
+    }
+
+    /// Guest pages of queue `q`'s used ring (flags, idx, ring, avail_event).
+    pub fn used_ring_pages(&self, q: usize) -> std::ops::RangeInclusive<u64> {
+        let used = self.layout(q).used;
+        pages_of(used, 4 + 8 * QUEUE_SIZE as u64 + 2)
+    }
+
+    /// Resends the memory table (as QEMU does on any layout change): the backend maps new
+    /// regions for the same guest memory.
+    pub fn resend_mem_table(&self) {
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: self
+                .mem
+                .get_host_address(GuestAddress(0))
+                .expect("host addr") as u64,
+            mmap_offset: 0,
+            mmap_handle: self.memfd.as_raw_fd(),
+        };
+        self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+    }
+}
