@@ -345,46 +345,41 @@ impl Drop for PrivateDir {
 }
 
 fn check_listening_socket(port: &str, fd: RawFd) -> Result<(), ServerError> {
-    let bad = |message: String| ServerError::BadFd {
+    let bad = |message: &str| ServerError::BadFd {
         port: port.to_string(),
         fd,
-        message,
+        message: message.to_string(),
     };
-    // SAFETY: fstat/getsockopt only read into the local structures passed.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd, &mut st) != 0 {
-            return Err(bad(std::io::Error::last_os_error().to_string()));
-        }
-        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-            return Err(bad("not a socket".into()));
-        }
-        let mut val: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        if libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        ) != 0
-            || val == 0
-        {
-            return Err(bad("not listening".into()));
-        }
-        let mut domain: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        if libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_DOMAIN,
-            (&mut domain as *mut libc::c_int).cast(),
-            &mut len,
-        ) != 0
-            || domain != libc::AF_UNIX
-        {
-            return Err(bad("not a unix socket".into()));
-        }
+    // SAFETY: fstat only writes into the local stat buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(bad(&std::io::Error::last_os_error().to_string()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("not a socket"));
+    }
+    if socket_option(fd, libc::SO_ACCEPTCONN) != Some(1) {
+        return Err(bad("not listening"));
+    }
+    if socket_option(fd, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
+        return Err(bad("not a unix socket"));
     }
     Ok(())
+}
+
+/// An integer `SOL_SOCKET` option of `fd`, or `None` if it cannot be read.
+fn socket_option(fd: RawFd, option: libc::c_int) -> Option<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the local `val`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(val)
 }

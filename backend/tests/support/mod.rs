@@ -48,17 +48,9 @@ impl Backend {
     pub fn start(dir: &Path, args: &[&str]) -> Backend {
         let socket = dir.join("vr.sock");
         let log = dir.join("vr.log");
-        let err = File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-relay"))
-            .args(["--socket-path", socket.to_str().expect("utf-8 path")])
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("VR_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("start vhost-relay");
+        let mut all = vec!["--socket-path", socket.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        let child = spawn_backend(&all, &log, None);
         let b = Backend { child, socket, log };
         wait_for(Duration::from_secs(10), || b.socket.exists());
         b
@@ -384,17 +376,24 @@ pub fn send_raw(socket: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Starts vhost-relay with arbitrary arguments (no --socket-path added), stderr to `log`.
-pub fn spawn_backend(args: &[&str], log: &Path, pre_exec_fd: Option<i32>) -> Child {
-    use std::os::unix::process::CommandExt;
+/// Runs `cmd ARGS` (vhost-relay, possibly behind `ip netns exec`) with RUST_LOG from `VR_LOG`
+/// (default info) and stderr to `log`.
+fn start_logged(mut cmd: Command, args: &[&str], log: &Path) -> Child {
     let err = File::create(log).expect("log file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-relay"));
     cmd.args(args)
         .env(
             "RUST_LOG",
             std::env::var("VR_LOG").unwrap_or_else(|_| "info".into()),
         )
-        .stderr(Stdio::from(err));
+        .stderr(Stdio::from(err))
+        .spawn()
+        .expect("start vhost-relay")
+}
+
+/// Starts vhost-relay with arbitrary arguments (no --socket-path added), stderr to `log`.
+pub fn spawn_backend(args: &[&str], log: &Path, pre_exec_fd: Option<i32>) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-relay"));
     if let Some(fd) = pre_exec_fd {
         // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
         unsafe {
@@ -407,7 +406,7 @@ pub fn spawn_backend(args: &[&str], log: &Path, pre_exec_fd: Option<i32>) -> Chi
             });
         }
     }
-    cmd.spawn().expect("start vhost-relay")
+    start_logged(cmd, args, log)
 }
 
 impl TestFrontend {
@@ -462,22 +461,14 @@ impl NetNs {
 
     /// Starts vhost-relay inside the namespace.
     pub fn spawn_backend(&self, args: &[&str], log: &Path) -> Child {
-        let err = File::create(log).expect("log file");
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.name,
-                env!("CARGO_BIN_EXE_vhost-relay"),
-            ])
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("VR_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("start vhost-relay in netns")
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.name,
+            env!("CARGO_BIN_EXE_vhost-relay"),
+        ]);
+        start_logged(cmd, args, log)
     }
 }
 
