@@ -55,6 +55,10 @@ pub fn device_features() -> u64 {
         VIRTIO_NET_F_MRG_RXBUF,
         VIRTIO_NET_F_STATUS,
         VIRTIO_NET_F_MQ,
+        // QEMU keeps the control queue and the config space, so offering this is all it
+        // takes for QEMU to ask the guest to announce itself (gratuitous ARP/NA) after a
+        // migration, and the switches behind the destination's VF learn its new place.
+        VIRTIO_NET_F_GUEST_ANNOUNCE,
     ];
     bits.iter().fold(0u64, |acc, b| acc | (1u64 << b))
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
