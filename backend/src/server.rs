@@ -128,11 +128,6 @@ fn format_mac(mac: &[u8; 6]) -> String {
 /// Serves the port until a fatal error (its listening socket failing). Frontends coming and
 /// going are not errors.
 pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
-    let private = PrivateDir::create(&cfg.name).map_err(|source| ServerError::Io {
-        port: cfg.name.clone(),
-        message: "cannot create its private socket directory".into(),
-        source,
-    })?;
     match &cfg.socket {
         SocketMode::Listen(path) => {
             let listener = listen(path).map_err(|source| ServerError::Listen {
@@ -141,7 +136,7 @@ pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
                 source,
             })?;
             info!("port {}: listening on {}", cfg.name, path.display());
-            serve_listener(cfg, &port, &private, &listener)
+            serve_listener(cfg, &port, &listener)
         }
         SocketMode::Inherited(fd) => {
             check_listening_socket(&cfg.name, *fd)?;
@@ -149,7 +144,7 @@ pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
             // handed it to us to own (libvirt/systemd socket passing).
             let listener = unsafe { UnixListener::from_raw_fd(*fd) };
             info!("port {}: serving inherited socket fd {fd}", cfg.name);
-            serve_listener(cfg, &port, &private, &listener)
+            serve_listener(cfg, &port, &listener)
         }
         SocketMode::Connect(path) => {
             let mut warned = false;
@@ -158,7 +153,7 @@ pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
                     Ok(stream) => {
                         warned = false;
                         info!("port {}: connected to {}", cfg.name, path.display());
-                        run_session(cfg, &port, &private, stream)?;
+                        run_session(cfg, &port, stream)?;
                     }
                     Err(e) => {
                         if !warned {
@@ -198,14 +193,13 @@ fn listen(path: &Path) -> std::io::Result<UnixListener> {
 fn serve_listener(
     cfg: &PortConfig,
     port: &Arc<Port>,
-    private: &PrivateDir,
     listener: &UnixListener,
 ) -> Result<(), ServerError> {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
                 info!("port {}: frontend connected", cfg.name);
-                run_session(cfg, port, private, stream)?;
+                run_session(cfg, port, stream)?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -224,7 +218,6 @@ type Daemon = VhostUserDaemon<Arc<NetDevice>>;
 fn run_session(
     cfg: &PortConfig,
     port: &Arc<Port>,
-    private: &PrivateDir,
     frontend: UnixStream,
 ) -> Result<(), ServerError> {
     let io_err = |message: &str, source| ServerError::Io {
@@ -234,11 +227,8 @@ fn run_session(
     };
     let (mut daemon, _dev) = new_session(cfg, port)?;
     // The library accepts on a listener only; give it a private one and connect the shim.
-    let mut lib_listener = private
-        .listener()
-        .map_err(|e| io_err("cannot create the backend-side socket", e))?;
-    let shim_end = UnixStream::connect(private.path())
-        .map_err(|e| io_err("cannot connect the backend-side socket", e))?;
+    let (mut lib_listener, shim_end) = private_connection(&cfg.name)
+        .map_err(|e| io_err("cannot set up the backend-side socket", e))?;
     let started = daemon.start(&mut lib_listener);
     drop(lib_listener);
     if let Err(e) = started {
@@ -308,40 +298,27 @@ fn stop_workers(daemon: &Daemon) {
     }
 }
 
-/// A directory only we can enter, holding the socket the library accepts the shim on.
-struct PrivateDir {
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl PrivateDir {
-    fn create(port: &str) -> std::io::Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
-        let safe: String = port
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let dir = std::env::temp_dir().join(format!("vhost-relay.{}.{}", std::process::id(), safe));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        let sock = dir.join("backend.sock");
-        Ok(PrivateDir { dir, sock })
-    }
-
-    fn path(&self) -> &Path {
-        &self.sock
-    }
-
-    fn listener(&self) -> std::io::Result<Listener> {
-        let _ = std::fs::remove_file(&self.sock);
-        Ok(Listener::from(UnixListener::bind(&self.sock)?))
-    }
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A listener with one connection already pending on it, and that connection's other end.
+///
+/// The socket is bound in a fresh directory only we can enter, connected to, and then the
+/// socket and directory are removed at once (a pending connection survives the unlink), so
+/// nothing else can reach the library's side and nothing is left on disk if we are killed.
+fn private_connection(port: &str) -> std::io::Result<(Listener, UnixStream)> {
+    use std::os::unix::fs::DirBuilderExt;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let safe: String = port
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("vhost-relay.{}.{safe}.{n}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let sock = dir.join("backend.sock");
+    let made = UnixListener::bind(&sock).and_then(|l| Ok((l, UnixStream::connect(&sock)?)));
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_dir(&dir);
+    let (listener, stream) = made?;
+    Ok((Listener::from(listener), stream))
 }
 
 fn check_listening_socket(port: &str, fd: RawFd) -> Result<(), ServerError> {

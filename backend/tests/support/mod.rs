@@ -436,13 +436,16 @@ impl NetNs {
             assert!(st.success(), "ip {args:?}");
         };
         run(&["netns", "add", &name]);
+        // From here on the guard deletes the namespace, even if a step below fails.
+        let ns = NetNs { name };
+        let name = ns.name.as_str();
         run(&[
-            "-n", &name, "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
+            "-n", name, "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
         ]);
-        run(&["-n", &name, "link", "set", "vf0", "up"]);
-        run(&["-n", &name, "link", "set", "wire0", "up"]);
-        run(&["-n", &name, "link", "set", "lo", "up"]);
-        NetNs { name }
+        run(&["-n", name, "link", "set", "vf0", "up"]);
+        run(&["-n", name, "link", "set", "wire0", "up"]);
+        run(&["-n", name, "link", "set", "lo", "up"]);
+        ns
     }
 
     /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
