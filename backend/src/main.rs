@@ -71,21 +71,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let ports = match port_configs(cli) {
+    let (ports, from_file) = match port_configs(cli) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vhost-relay: {e}");
             return ExitCode::from(2);
         }
     };
-    let from_file = ports.len() > 1 || matches!(ports.first(), Some((_, true)));
     if let Err(e) = signals::block() {
         eprintln!("vhost-relay: cannot set up signal handling: {e}");
         return ExitCode::FAILURE;
     }
 
     let mut opened: Vec<(PortConfig, Option<Arc<Port>>)> = Vec::new();
-    for (cfg, _) in ports {
+    for cfg in ports {
         match open_port(&cfg) {
             Ok(port) => opened.push((cfg, Some(port))),
             // One port given on the command line: its problem is the program's problem.
@@ -167,13 +166,11 @@ fn serve(
     run_port(&cfg, port)
 }
 
-/// The ports to serve, each with whether it came from a config file.
-fn port_configs(cli: Cli) -> Result<Vec<(PortConfig, bool)>, config::ConfigError> {
+/// The ports to serve, and whether they came from a config file (then one port's trouble is
+/// not the program's).
+fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError> {
     if let Some(path) = &cli.config {
-        return Ok(config::load_file(path)?
-            .into_iter()
-            .map(|p| (p, true))
-            .collect());
+        return Ok((config::load_file(path)?, true));
     }
     let origin = if cli.fd.is_some() {
         "--fd"
@@ -201,7 +198,7 @@ fn port_configs(cli: Cli) -> Result<Vec<(PortConfig, bool)>, config::ConfigError
             }
         }
     }
-    Ok(vec![(port, false)])
+    Ok((vec![port], false))
 }
 
 /// The JSON the vhost-user spec asks `--print-capabilities` to print.

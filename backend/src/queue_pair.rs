@@ -195,12 +195,8 @@ impl QueuePair {
                         guest_to_vf(tx_queue, mem, neg.hdr_len, vf, &mut self.batch, &stats.tx)
                     }
                     Link::Loopback if rx_on && !self.rx_broken => {
-                        let mut ring = RxRing::with_header(
-                            rx_state.get_queue_mut(),
-                            mem,
-                            neg.mergeable,
-                            neg.hdr_len,
-                        );
+                        let mut ring =
+                            RxRing::new(rx_state.get_queue_mut(), mem, neg.mergeable, neg.hdr_len);
                         let r = guest_to_guest(
                             tx_queue,
                             &mut ring,
@@ -218,7 +214,7 @@ impl QueuePair {
                         // receiver off, but the guest still gets its TX buffers back.
                         let batch = &mut self.batch;
                         batch
-                            .gather_with_header(tx_queue, mem, neg.hdr_len, &stats.tx)
+                            .gather(tx_queue, mem, neg.hdr_len, &stats.tx)
                             .and_then(|n| {
                                 stats.rx.add_drops(batch.len() as u64);
                                 batch.complete(tx_queue, mem).map(|()| n)
@@ -242,12 +238,8 @@ impl QueuePair {
 
             if rx_on && !self.rx_broken {
                 if let Link::Vf(vf) = &mut self.link {
-                    let mut ring = RxRing::with_header(
-                        rx_state.get_queue_mut(),
-                        mem,
-                        neg.mergeable,
-                        neg.hdr_len,
-                    );
+                    let mut ring =
+                        RxRing::new(rx_state.get_queue_mut(), mem, neg.mergeable, neg.hdr_len);
                     let (n, stop) = vf_to_guest(
                         vf,
                         &mut ring,

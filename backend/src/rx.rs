@@ -66,13 +66,8 @@ pub struct RxRing<'a, M: GuestMemoryBackend> {
 }
 
 impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
-    /// A ring for a guest that negotiated VERSION_1 (12-byte header).
-    pub fn new(queue: &'a mut Queue, mem: &'a M, mergeable: bool) -> Self {
-        Self::with_header(queue, mem, mergeable, VIRTIO_NET_HDR_LEN)
-    }
-
-    /// A ring with an explicit guest header length (see [`crate::net_hdr::guest_header_len`]).
-    pub fn with_header(queue: &'a mut Queue, mem: &'a M, mergeable: bool, hdr_len: usize) -> Self {
+    /// `hdr_len` is the guest's header length (see [`crate::net_hdr::guest_header_len`]).
+    pub fn new(queue: &'a mut Queue, mem: &'a M, mergeable: bool, hdr_len: usize) -> Self {
         RxRing {
             queue,
             mem,
@@ -393,7 +388,7 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 2048)]);
         let mut q = gq.queue();
         let pkt = pattern(100, 1);
-        let mut ring = RxRing::new(&mut q, &mem, false);
+        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN);
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -412,7 +407,7 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 2048)]);
         let mut q = gq.queue();
         let pkt = pattern(64, 4);
-        let mut ring = RxRing::with_header(&mut q, &mem, false, 10);
+        let mut ring = RxRing::new(&mut q, &mem, false, 10);
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -436,7 +431,7 @@ mod tests {
         ]);
         let mut q = gq.queue();
         let pkt = pattern(300, 2);
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -461,7 +456,7 @@ mod tests {
         }
         let mut q = gq.queue();
         let pkt = pattern(2500, 3);
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pkt).unwrap(),
             Delivery::Delivered(3)
@@ -492,7 +487,7 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 11), wbuf(BUFFERS + 0x100, 50)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(100, 0)).unwrap(),
             Delivery::Delivered(2)
@@ -508,7 +503,7 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 100)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(500, 0)).unwrap(),
             Delivery::NoBuffers
@@ -517,7 +512,7 @@ mod tests {
         assert_eq!(q.next_avail(), 0);
         assert_eq!(gq.used_idx(), 0);
         // A packet that fits still goes through afterwards.
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(50, 0)).unwrap(),
             Delivery::Delivered(1)
@@ -529,7 +524,7 @@ mod tests {
         let mem = memory();
         let gq = GuestQueue::new(&mem, 0, 16);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &[1, 2, 3]).unwrap(),
             Delivery::NoBuffers
@@ -542,7 +537,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add(&[wbuf(BUFFERS, 1526)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, false);
+        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN);
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(4000, 0))
             .unwrap_err();
@@ -567,7 +562,7 @@ mod tests {
         gq.add(&[rbuf(BUFFERS, 2048)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 2048)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(60, 0))
             .unwrap_err();
@@ -590,7 +585,7 @@ mod tests {
         gq.add(&[wbuf((16 << 20) - 8, 2048)]);
         gq.add(&[wbuf(u64::MAX - 16, 2048)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         for head in 0..2u16 {
             let err = ring
                 .deliver(&VnetHdr::default(), &pattern(60, 0))
@@ -610,7 +605,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add(&[wbuf(BUFFERS, 0)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(60, 0))
             .unwrap_err();
@@ -624,7 +619,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add_loop(wbuf(BUFFERS, 64));
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, false);
+        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN);
         // The chain is cut after a ring's worth of descriptors: 16 * 64 bytes of room.
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(9000, 0))
@@ -638,7 +633,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add_indirect(&[wbuf(BUFFERS, 12), wbuf(BUFFERS + 0x100, 100)], 0x30_0000);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
         let pkt = pattern(80, 9);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pkt).unwrap(),

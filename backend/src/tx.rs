@@ -95,17 +95,8 @@ impl TxBatch {
 
     /// Pops up to [`TX_BATCH`] chains. Good ones become packets; bad ones are counted and
     /// returned to the guest at once. Returns the number of chains popped.
+    /// `hdr_len` is the guest's header length (12, or 10 for a legacy guest).
     pub fn gather<M: GuestMemoryBackend>(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        stats: &QueueStats,
-    ) -> Result<usize, TxError> {
-        self.gather_with_header(queue, mem, VIRTIO_NET_HDR_LEN, stats)
-    }
-
-    /// [`TxBatch::gather`] for a guest header of `hdr_len` bytes (12, or 10 for a legacy guest).
-    pub fn gather_with_header<M: GuestMemoryBackend>(
         &mut self,
         queue: &mut Queue,
         mem: &M,
@@ -263,7 +254,7 @@ pub fn guest_to_vf<M: GuestMemoryBackend>(
     batch: &mut TxBatch,
     stats: &QueueStats,
 ) -> Result<usize, TxError> {
-    let popped = batch.gather_with_header(queue, mem, hdr_len, stats)?;
+    let popped = batch.gather(queue, mem, hdr_len, stats)?;
     if !batch.is_empty() {
         match vf.tx_batch(&batch.iovs, &batch.pkts) {
             Ok(sent) => {
@@ -311,7 +302,7 @@ pub fn guest_to_guest<M: GuestMemoryBackend>(
 ) -> Result<usize, TxError> {
     let PacketBufs { copy, scratch } = bufs;
     let (tx_stats, rx_stats) = stats;
-    let popped = batch.gather_with_header(tx_queue, mem, rx.header_len(), tx_stats)?;
+    let popped = batch.gather(tx_queue, mem, rx.header_len(), tx_stats)?;
     for (i, range) in batch.pkts.iter().enumerate() {
         copy.clear();
         // Skip the header iovec; it is `batch.hdrs[i]`.
@@ -398,7 +389,12 @@ mod tests {
         let mut q = gq.queue();
         let stats = QueueStats::default();
         let mut batch = TxBatch::default();
-        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 2);
+        assert_eq!(
+            batch
+                .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+                .unwrap(),
+            2
+        );
         assert_eq!(batch.len(), 2);
         assert_eq!(batch.hdrs[0], tso_hdr());
         assert_eq!(batch.iovs[batch.pkts[0].start].iov_len, VNET_HDR_LEN);
@@ -432,7 +428,9 @@ mod tests {
         gq.add(&[rbuf(BUFFERS + 0x100, 7), rbuf(BUFFERS + 0x200, 45)]);
         let mut q = gq.queue();
         let mut batch = TxBatch::default();
-        batch.gather(&mut q, &mem, &QueueStats::default()).unwrap();
+        batch
+            .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &QueueStats::default())
+            .unwrap();
         assert_eq!(batch.hdrs[0], tso_hdr());
         assert_eq!(packet_bytes(&batch, 0), pattern(40, 3));
     }
@@ -455,7 +453,12 @@ mod tests {
         let mut q = gq.queue();
         let stats = QueueStats::default();
         let mut batch = TxBatch::default();
-        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 8);
+        assert_eq!(
+            batch
+                .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+                .unwrap(),
+            8
+        );
         assert_eq!(batch.len(), 1);
         assert_eq!(batch.lens, vec![60]);
         assert_eq!(stats.snapshot().errors, 7);
@@ -471,7 +474,12 @@ mod tests {
         let mut q = gq.queue();
         let stats = QueueStats::default();
         let mut batch = TxBatch::default();
-        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 1);
+        assert_eq!(
+            batch
+                .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+                .unwrap(),
+            1
+        );
         assert_eq!(batch.len(), 0);
         assert_eq!(stats.snapshot().errors, 1);
     }
@@ -489,7 +497,12 @@ mod tests {
         let mut q = gq.queue();
         let stats = QueueStats::default();
         let mut batch = TxBatch::default();
-        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 20);
+        assert_eq!(
+            batch
+                .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+                .unwrap(),
+            20
+        );
         assert_eq!(batch.len(), 20);
         assert_eq!(stats.snapshot().errors, 0);
     }
@@ -504,9 +517,19 @@ mod tests {
         let mut q = gq.queue();
         let mut batch = TxBatch::default();
         let stats = QueueStats::default();
-        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), TX_BATCH);
+        assert_eq!(
+            batch
+                .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+                .unwrap(),
+            TX_BATCH
+        );
         batch.complete(&mut q, &mem).unwrap();
-        assert_eq!(batch.gather(&mut q, &mem, &stats).unwrap(), 10);
+        assert_eq!(
+            batch
+                .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+                .unwrap(),
+            10
+        );
     }
 
     #[test]
@@ -527,7 +550,7 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true);
+        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN);
         let offloads = RxOffloads::from_features(u64::MAX);
         let n = guest_to_guest(
             &mut tx,
@@ -561,7 +584,7 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true);
+        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN);
         guest_to_guest(
             &mut tx,
             &mut ring,

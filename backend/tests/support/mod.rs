@@ -181,21 +181,7 @@ impl TestFrontend {
 
     fn setup_queue(&mut self, index: usize) {
         let base = RING_BASE + index as u64 * RING_STRIDE;
-        let layout = RingLayout::at(base);
-        // Ring addresses travel as the frontend's own virtual addresses, as QEMU sends them.
-        let hva = self
-            .mem
-            .get_host_address(GuestAddress(0))
-            .expect("host addr") as u64;
-        let cfg = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: 0,
-            desc_table_addr: hva + layout.desc,
-            used_ring_addr: hva + layout.used,
-            avail_ring_addr: hva + layout.avail,
-            log_addr: None,
-        };
+        let cfg = self.ring_config(RingLayout::at(base), false);
         let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         self.fe
@@ -220,6 +206,25 @@ impl TestFrontend {
             next_desc: 0,
             used_seen: 0,
         });
+    }
+
+    /// SET_VRING_ADDR's payload for a ring at `l`: addresses as the frontend's own virtual
+    /// addresses, as QEMU sends them; with `log`, the LOG flag and the used ring's guest
+    /// address as log address (what QEMU sends when it turns logging on).
+    fn ring_config(&self, l: RingLayout, log: bool) -> VringConfigData {
+        let hva = self
+            .mem
+            .get_host_address(GuestAddress(0))
+            .expect("host addr") as u64;
+        VringConfigData {
+            queue_max_size: QUEUE_SIZE,
+            queue_size: QUEUE_SIZE,
+            flags: u32::from(log), // VHOST_VRING_F_LOG
+            desc_table_addr: hva + l.desc,
+            used_ring_addr: hva + l.used,
+            avail_ring_addr: hva + l.avail,
+            log_addr: log.then_some(l.used),
+        }
     }
 
     fn layout(&self, q: usize) -> RingLayout {
@@ -665,20 +670,7 @@ impl TestFrontend {
     /// address as log address when `log`: what QEMU does to every ring when it turns
     /// logging on or off.
     pub fn resend_vring_addr(&self, q: usize, log: bool) {
-        let l = self.layout(q);
-        let hva = self
-            .mem
-            .get_host_address(GuestAddress(0))
-            .expect("host addr") as u64;
-        let cfg = VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: u32::from(log), // VHOST_VRING_F_LOG
-            desc_table_addr: hva + l.desc,
-            used_ring_addr: hva + l.used,
-            avail_ring_addr: hva + l.avail,
-            log_addr: log.then_some(l.used),
-        };
+        let cfg = self.ring_config(self.layout(q), log);
         self.fe
             .set_vring_addr(self.queues[q].index, &cfg)
             .expect("SET_VRING_ADDR");
