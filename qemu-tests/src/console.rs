@@ -54,6 +54,33 @@ impl std::fmt::Debug for Console {
 const TAIL_BYTES: usize = 3000;
 
 impl Console {
+    /// Starts `cmd` with its stdin and stdout as a console (stderr as the caller set it);
+    /// `what` names it in errors.
+    pub fn spawn(
+        what: &str,
+        cmd: &mut std::process::Command,
+        log: Option<&Path>,
+    ) -> Result<(std::process::Child, Console)> {
+        use std::process::Stdio;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::io(format!("starting `{}`", crate::util::describe(cmd)), e))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Check(format!("{what} started without stdio pipes")));
+        };
+        match Console::new(stdout, stdin, log) {
+            Ok(console) => Ok((child, console)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
     /// Starts reading `reader` in a thread; everything read is also appended to `log`.
     pub fn new(
         reader: impl Read + Send + 'static,

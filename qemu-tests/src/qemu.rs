@@ -4,7 +4,7 @@
 //! memfd backend with `share=on`. The serial console is QEMU's stdio, driven by [`Console`].
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::console::Console;
@@ -158,21 +158,10 @@ impl Qemu {
         let stderr = std::fs::File::create(&stderr_log)
             .map_err(|e| Error::io(format!("creating {}", stderr_log.display()), e))?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(cfg.args())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::io(format!("starting `{}`", util::describe(&cmd)), e))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(Error::Check("QEMU started without stdio pipes".into()));
-        };
-        let console = Console::new(
-            stdout,
-            stdin,
+        cmd.args(cfg.args()).stderr(stderr);
+        let (child, console) = Console::spawn(
+            "QEMU",
+            &mut cmd,
             Some(&cfg.workdir.join(format!("{tag}.console"))),
         )?;
         Ok(Qemu {

@@ -4,7 +4,7 @@
 //! vhost-user messages would hide, and pushes packets far faster than a TCG guest can.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::console::Console;
@@ -86,18 +86,12 @@ impl TestpmdFrontend {
         .args(["--", "-i", "--total-num-mbufs=16384", "--nb-cores=1"])
         .arg(format!("--rxq={q}"))
         .arg(format!("--txq={q}"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
         .stderr(stderr);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Error::io(format!("starting `{}`", util::describe(&cmd)), e))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(Error::Check("testpmd started without stdio pipes".into()));
-        };
-        let console = Console::new(stdout, stdin, Some(&workdir.join(format!("{prefix}.log"))))?;
+        let (child, console) = Console::spawn(
+            "testpmd",
+            &mut cmd,
+            Some(&workdir.join(format!("{prefix}.log"))),
+        )?;
         let mut t = TestpmdFrontend {
             child,
             console,
