@@ -16,14 +16,15 @@
 
 use std::ops::Range;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryBackend};
+use virtio_queue::Queue;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_LEN, VNET_HDR_LEN};
 use crate::offload::RxOffloads;
-use crate::rx::{deliver_adapted, Delivery, RxRing};
+use crate::rx::{deliver_adapted, deliver_counted, Delivery, RxRing};
 use crate::stats::QueueStats;
 use crate::vf::VfSocket;
+use crate::vring::Vring;
 
 /// Chains handled per batch: one `sendmmsg`, one notification.
 pub const TX_BATCH: usize = 64;
@@ -50,8 +51,13 @@ pub enum TxError {
         len: usize,
         source: vm_memory::GuestMemoryError,
     },
+    #[error("tx queue: chain at head {head}: {source}")]
+    Chain {
+        head: u16,
+        source: crate::vring::RingError,
+    },
     #[error("tx queue: {0}")]
-    Ring(#[from] virtio_queue::Error),
+    Ring(#[from] crate::vring::RingError),
 }
 
 /// Reusable storage for one batch: no allocation per packet once it has grown.
@@ -105,16 +111,16 @@ impl TxBatch {
     ) -> Result<usize, TxError> {
         let hdr_len = hdr_len.clamp(VNET_HDR_LEN, VIRTIO_NET_HDR_LEN);
         self.clear();
+        let mut ring = Vring::new(queue, mem)?;
         let mut popped = 0;
         while popped < TX_BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(head) = ring.pop()? else {
                 break;
             };
             popped += 1;
-            let head = chain.head_index();
             let slot = self.pkts.len();
             let first_iov = self.iovs.len();
-            match gather_chain(chain, mem, hdr_len, &mut self.hdrs[slot], &mut self.iovs) {
+            match gather_chain(&ring, head, hdr_len, &mut self.hdrs[slot], &mut self.iovs) {
                 Ok(len) => {
                     self.pkts.push(first_iov..self.iovs.len());
                     self.heads.push(head);
@@ -124,21 +130,22 @@ impl TxBatch {
                     self.iovs.truncate(first_iov);
                     stats.add_errors(1);
                     crate::warn_limited!("{e}");
-                    queue.add_used(mem, head, 0)?;
+                    ring.add_used(head, 0);
                 }
             }
         }
         Ok(popped)
     }
 
-    /// Returns every gathered chain to the guest.
+    /// Returns every gathered chain to the guest: one used-index update for the batch.
     pub fn complete<M: GuestMemoryBackend>(
         &self,
         queue: &mut Queue,
         mem: &M,
     ) -> Result<(), TxError> {
+        let mut ring = Vring::new(queue, mem)?;
         for &head in &self.heads {
-            queue.add_used(mem, head, 0)?;
+            ring.add_used(head, 0);
         }
         Ok(())
     }
@@ -156,19 +163,13 @@ impl TxBatch {
 /// Turns one chain into iovecs: first the 10-byte offload header (copied into `hdr`, since the
 /// guest's is 12 bytes and may be split across buffers), then the packet in guest memory.
 /// Returns the packet length without header.
-fn gather_chain<D, M>(
-    chain: DescriptorChain<D>,
-    mem: &M,
+fn gather_chain<M: GuestMemoryBackend>(
+    ring: &Vring<'_, M>,
+    head: u16,
     guest_hdr_len: usize,
     hdr: &mut VnetHdr,
     iovs: &mut Vec<libc::iovec>,
-) -> Result<usize, TxError>
-where
-    D: std::ops::Deref,
-    D::Target: vm_memory::GuestMemory,
-    M: GuestMemoryBackend,
-{
-    let head = chain.head_index();
+) -> Result<usize, TxError> {
     let first_iov = iovs.len();
     let mut raw_hdr = [0u8; VIRTIO_NET_HDR_LEN];
     let mut hdr_len = 0usize;
@@ -183,18 +184,23 @@ where
         len,
         source,
     };
-    for desc in chain {
+    let mut chain = ring.chain(head);
+    while let Some(desc) = ring
+        .next_desc(&mut chain)
+        .map_err(|source| TxError::Chain { head, source })?
+    {
         if desc.is_write_only() {
             return Err(TxError::WritableDescriptor { head });
         }
-        let mut addr = desc.addr();
-        let mut len = desc.len() as usize;
+        let mut addr = desc.addr;
+        let mut len = desc.len as usize;
         if hdr_len < guest_hdr_len {
             let n = len.min(guest_hdr_len - hdr_len);
-            mem.read_slice(&mut raw_hdr[hdr_len..hdr_len + n], addr)
-                .map_err(|e| bad(addr.raw_value(), n, e))?;
+            ring.map
+                .read(addr, &mut raw_hdr[hdr_len..hdr_len + n])
+                .map_err(|e| bad(addr, n, e))?;
             hdr_len += n;
-            addr = addr.unchecked_add(n as u64);
+            addr = addr.wrapping_add(n as u64);
             len -= n;
         }
         if len == 0 {
@@ -213,17 +219,18 @@ where
                 max: MAX_TX_SEGMENTS,
             });
         }
-        // Almost every buffer lies inside one memory region: one lookup, one iovec. Only a
-        // buffer straddling two regions takes the general path.
-        if let Ok(slice) = mem.get_slice(addr, len) {
+        // Almost every buffer lies inside one memory region: one cached lookup, one iovec.
+        // Only a buffer straddling two regions (or outside memory) takes vm-memory's path.
+        if let Some(p) = ring.map.host(addr, len) {
             iovs.push(libc::iovec {
-                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
-                iov_len: slice.len(),
+                iov_base: p.cast(),
+                iov_len: len,
             });
             continue;
         }
-        for slice in mem.get_slices(addr, len) {
-            let slice = slice.map_err(|e| bad(addr.raw_value(), len, e))?;
+        let mem = ring.map.mem();
+        for slice in mem.get_slices(GuestAddress(addr), len) {
+            let slice = slice.map_err(|e| bad(addr, len, e))?;
             if iovs.len() - first_iov > MAX_TX_SEGMENTS {
                 return Err(TxError::TooManySegments {
                     head,
@@ -272,6 +279,10 @@ pub fn guest_to_vf<M: GuestMemoryBackend>(
     Ok(popped)
 }
 
+/// Loopback packets in at most this many guest buffers are copied straight into the RX
+/// buffers; more scattered ones are first gathered into one buffer.
+const DIRECT_SEGMENTS: usize = 8;
+
 /// Per-pair packet buffers, reused so no packet allocates once they have grown.
 pub struct PacketBufs {
     /// A whole packet copied out of guest TX buffers (loopback).
@@ -304,19 +315,32 @@ pub fn guest_to_guest<M: GuestMemoryBackend>(
     let (tx_stats, rx_stats) = stats;
     let popped = batch.gather(tx_queue, mem, rx.header_len(), tx_stats)?;
     for (i, range) in batch.pkts.iter().enumerate() {
-        copy.clear();
+        let hdr = &batch.hdrs[i];
         // Skip the header iovec; it is `batch.hdrs[i]`.
-        for iov in &batch.iovs[range.start + 1..range.end] {
-            // SAFETY: gather_chain built these from guest memory slices that stay mapped while
-            // `mem` (the caller's guard) lives, and checked their bounds.
-            let bytes =
-                unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
-            copy.extend_from_slice(bytes);
-        }
-        tx_stats.add_packets(1, copy.len() as u64);
-        if deliver_adapted(rx, offloads, &batch.hdrs[i], copy, scratch, rx_stats)
-            == Delivery::NoBuffers
-        {
+        let iovs = &batch.iovs[range.start + 1..range.end];
+        // SAFETY: gather_chain built these from guest memory it checked to be mapped, and
+        // the mapping stays while `mem` (the caller's guard) lives.
+        let seg = |iov: &libc::iovec| unsafe {
+            std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+        };
+        let delivery = if offloads.accepts(hdr) && iovs.len() <= DIRECT_SEGMENTS {
+            // The usual case: straight from the TX buffers into the RX buffers, one copy.
+            let mut segs: [&[u8]; DIRECT_SEGMENTS] = [&[]; DIRECT_SEGMENTS];
+            for (s, iov) in segs.iter_mut().zip(iovs) {
+                *s = seg(iov);
+            }
+            tx_stats.add_packets(1, batch.lens[i] as u64);
+            deliver_counted(rx, hdr, &segs[..iovs.len()], rx_stats)
+        } else {
+            // Offloads to do in software need the packet in one piece.
+            copy.clear();
+            for iov in iovs {
+                copy.extend_from_slice(seg(iov));
+            }
+            tx_stats.add_packets(1, copy.len() as u64);
+            deliver_adapted(rx, offloads, hdr, copy, scratch, rx_stats)
+        };
+        if delivery == Delivery::NoBuffers {
             rx_stats.add_drops(1);
         }
     }
@@ -329,7 +353,7 @@ mod tests {
     use super::*;
     use crate::mock_guest::*;
     use crate::net_hdr::{VirtioNetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6};
-    use vm_memory::{ByteValued, GuestAddress};
+    use vm_memory::{ByteValued, Bytes, GuestAddress};
 
     /// Writes a guest TX header at `addr`.
     fn put_hdr(mem: &Mem, addr: u64, hdr: VnetHdr) {
@@ -550,7 +574,7 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         let offloads = RxOffloads::from_features(u64::MAX);
         let n = guest_to_guest(
             &mut tx,
@@ -564,6 +588,7 @@ mod tests {
         .unwrap();
         assert_eq!(n, 2);
         assert_eq!(txq.used_idx(), 2);
+        drop(ring);
         assert_eq!(rxq.used_idx(), 2);
         assert_eq!(read(&mem, 0x80_0000 + 12, 60), p1);
         assert_eq!(read(&mem, 0x80_1000 + 12, 1400), p2);
@@ -584,7 +609,7 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         guest_to_guest(
             &mut tx,
             &mut ring,
