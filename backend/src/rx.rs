@@ -242,6 +242,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             room += len;
             let n = len.min(total - written);
             let mut off = 0usize;
+            let mut unmarked = false;
             while off < n {
                 let pos = written + off;
                 let dst = desc.addr.wrapping_add(off as u64);
@@ -265,18 +266,21 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                     }
                     src
                 };
-                // `write` marks the pages dirty in the migration bitmap, like every
-                // vm-memory write; buffers outside memory get vm-memory's error.
-                self.ring
-                    .map
-                    .write(dst, src)
-                    .map_err(|source| RxError::BadAddress {
+                // Buffers outside memory get vm-memory's error.
+                unmarked |= self.ring.map.write_unmarked(dst, src).map_err(|source| {
+                    RxError::BadAddress {
                         head: head_index,
                         addr: desc.addr,
                         len,
                         source,
-                    })?;
+                    }
+                })?;
                 off += src.len();
+            }
+            if unmarked {
+                // What we wrote to this buffer, marked dirty for migration at once (vm-memory
+                // marks its own writes).
+                self.ring.map.mark_dirty(desc.addr, n);
             }
             written += n;
             if written == total {

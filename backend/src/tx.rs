@@ -623,4 +623,103 @@ mod tests {
         assert_eq!(txq.used_idx(), 1);
         assert_eq!(rx_stats.snapshot().drops, 1);
     }
+
+    /// The cost of dirty-page logging on the loopback data path: the same batches of 64
+    /// packets of 64 bytes with LOG_ALL off and on (a memfd log attached as SET_LOG_BASE does),
+    /// alternating, timing only the backend's work. The bar: logging on keeps at
+    /// least 80% of the throughput. `scripts/bench.sh` runs it in release and reports it.
+    #[test]
+    #[ignore = "a benchmark; scripts/bench.sh runs it in release"]
+    fn dirty_logging_cost() {
+        use migration::{DirtyBitmap, DirtyLog, LogMemory};
+        use std::os::fd::{AsFd, FromRawFd};
+        use std::time::{Duration, Instant};
+        use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use virtio_queue::QueueT;
+
+        const SIZE: u64 = 16 << 20;
+        const BATCH: u16 = 64;
+        let mem: vm_memory::GuestMemoryMmap<DirtyBitmap> =
+            vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
+        let log = DirtyLog::new("bench");
+        log.update_memory(&mem).unwrap();
+        // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"bench-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let log_len = SIZE / 4096 / 8;
+        file.set_len(log_len).unwrap();
+        log.set_log_base(&mem, LogMemory::map(file.as_fd(), 0, log_len).unwrap())
+            .unwrap();
+
+        let pkt = pattern(64, 1);
+        for i in 0..u64::from(BATCH) {
+            let mut b = vec![0u8; VIRTIO_NET_HDR_LEN];
+            b.extend_from_slice(&pkt);
+            mem.write_slice(&b, GuestAddress(BUFFERS + i * 0x800))
+                .unwrap();
+        }
+        let tx_descs: Vec<RawDescriptor> = (0..u64::from(BATCH))
+            .map(|i| RawDescriptor::from(Descriptor::new(BUFFERS + i * 0x800, 76, 0, 0)))
+            .collect();
+        let rx_descs: Vec<RawDescriptor> = (0..u64::from(BATCH))
+            .map(|i| {
+                RawDescriptor::from(Descriptor::new(
+                    0x80_0000 + i * 0x800,
+                    2048,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        let offloads = RxOffloads::from_features(u64::MAX);
+        let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
+        let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
+        // Per-batch times: the median is immune to the worker being preempted mid-batch.
+        let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..40 {
+            let on = round % 2 == 1;
+            log.set_log_all(on).unwrap();
+            for _ in 0..200 {
+                // The guest's side, untimed: fresh rings full of work.
+                let txq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
+                let rxq = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 256);
+                txq.add_desc_chains(&tx_descs, 0).unwrap();
+                rxq.add_desc_chains(&rx_descs, 0).unwrap();
+                let mut tx: Queue = txq.create_queue().unwrap();
+                let mut rx: Queue = rxq.create_queue().unwrap();
+                let t = Instant::now();
+                let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+                let n = guest_to_guest(
+                    &mut tx,
+                    &mut ring,
+                    &mem,
+                    offloads,
+                    &mut batch,
+                    &mut bufs,
+                    (&tx_stats, &rx_stats),
+                )
+                .unwrap();
+                drop(ring);
+                times[usize::from(on)].push(t.elapsed());
+                assert_eq!(n, usize::from(BATCH));
+                assert_eq!(rx.next_used(), BATCH);
+            }
+        }
+        log.set_log_all(false).unwrap();
+        let ns = |i: usize| {
+            let v = &mut times[i].clone();
+            v.sort();
+            v[v.len() / 2].as_nanos() as f64 / f64::from(BATCH)
+        };
+        let (off, on) = (ns(0), ns(1));
+        println!(
+            "dirty-log-bench: batches={} off_ns_per_packet={off:.1} on_ns_per_packet={on:.1} throughput_ratio={:.3}",
+            times[0].len() + times[1].len(),
+            off / on
+        );
+    }
 }
