@@ -10,6 +10,7 @@
 //! queues = 2                            # queue pairs; QEMU's -netdev vhost-user,queues=N
 //! client = false                        # true: QEMU listens, we connect and reconnect
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
+//! busy_poll_us = 50                      # optional: longest busy-poll of an idle pair (0: off)
 //! ```
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
@@ -65,7 +66,13 @@ pub struct PortConfig {
     pub queues: usize,
     /// CPU for each queue pair's worker, if pinned.
     pub cpus: Vec<usize>,
+    /// Longest busy-poll of an idle queue pair before it sleeps on its eventfds.
+    pub busy_poll: std::time::Duration,
 }
+
+/// Upper bound of `busy_poll_us`: beyond this a pair is better off pinned and polling
+/// for good, which is not what this knob is for.
+pub const MAX_BUSY_POLL_US: u64 = 100_000;
 
 /// One `[[port]]` table as written; unknown keys are errors, so a typo cannot pass silently.
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +88,7 @@ pub struct PortSpec {
     #[serde(default)]
     pub client: bool,
     pub cpus: Option<String>,
+    pub busy_poll_us: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +150,14 @@ impl PortSpec {
             Some(list) => parse_cpu_list(&list)?,
             None => Vec::new(),
         };
+        let busy_poll_us = self
+            .busy_poll_us
+            .unwrap_or(crate::queue_pair::DEFAULT_BUSY_POLL.as_micros() as u64);
+        if busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(bad(format!(
+                "busy-poll time must be at most {MAX_BUSY_POLL_US} us, not {busy_poll_us}"
+            )));
+        }
         let name = match (self.name, &socket) {
             (Some(n), _) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
             (Some(n), _) => return Err(bad(format!("'{n}' is not a valid port name"))),
@@ -157,6 +173,7 @@ impl PortSpec {
             link,
             queues,
             cpus,
+            busy_poll: std::time::Duration::from_micros(busy_poll_us),
         })
     }
 }
@@ -253,6 +270,7 @@ mod tests {
             vf = "veth1"
             queues = 2
             cpus = "0-1"
+            busy_poll_us = 0
             [[port]]
             name = "lb"
             socket = "/run/vr/lb.sock"
@@ -270,6 +288,8 @@ mod tests {
         assert_eq!(ports[0].link, LinkConfig::Vf("veth1".into()));
         assert_eq!(ports[0].queues, 2);
         assert_eq!(ports[0].cpus, vec![0, 1]);
+        assert_eq!(ports[0].busy_poll, std::time::Duration::ZERO);
+        assert_eq!(ports[1].busy_poll, crate::queue_pair::DEFAULT_BUSY_POLL);
         assert_eq!(
             ports[1].socket,
             SocketMode::Connect("/run/vr/lb.sock".into())
@@ -310,6 +330,10 @@ mod tests {
             (
                 "[[port]]\nsocket='/a'\nvf='x'\ncpus='3-1'\n",
                 "goes backwards",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nbusy_poll_us=100001\n",
+                "busy-poll time must be at most 100000 us",
             ),
             ("[[port]\n", "test.toml"),
             ("", "no [[port]] table"),

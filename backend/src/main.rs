@@ -51,8 +51,13 @@ struct Cli {
     /// CPUs for the queue-pair workers, one per pair in order, e.g. "2-3".
     #[arg(long, value_name = "LIST")]
     cpu_list: Option<String>,
+    /// Longest time an idle queue pair keeps polling before it sleeps (microseconds, default
+    /// 50; 0 turns busy-polling off). The actual spin adapts below it to how often polling
+    /// finds work.
+    #[arg(long, value_name = "US")]
+    busy_poll_us: Option<u64>,
     /// Serve every [[port]] of a TOML file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "queues", "client", "cpu_list"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "queues", "client", "cpu_list", "busy_poll_us"])]
     config: Option<PathBuf>,
     /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
     #[arg(long)]
@@ -186,6 +191,7 @@ fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError
         queues: cli.queues,
         client: cli.client,
         cpus: cli.cpu_list,
+        busy_poll_us: cli.busy_poll_us,
     };
     let port = spec.validate(origin)?;
     if let SocketMode::Listen(path) = &port.socket {

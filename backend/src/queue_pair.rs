@@ -66,8 +66,43 @@ pub struct QueuePair {
     pub cpu: Option<usize>,
     /// Whether the current worker thread is pinned already (workers are per connection).
     pinned: bool,
-    /// How long to keep polling an idle pair before sleeping (`--busy-poll-us`; 0: never).
-    pub busy_poll: Duration,
+    /// Adaptive busy-polling of an idle pair (`--busy-poll-us`).
+    spin: Spin,
+}
+
+/// How long an idle worker spins before it sleeps, adapted to the traffic: a spin that
+/// finds work doubles the next one (up to `max`), a spin that runs out halves it (down to
+/// [`MIN_SPIN`]). Steady traffic with short gaps keeps the worker polling and the frontend
+/// free of kicks; sparse traffic (a ping a second) costs only a few microseconds of spinning
+/// per packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Spin {
+    max: Duration,
+    current: Duration,
+}
+
+/// The shortest adaptive spin (when any).
+const MIN_SPIN: Duration = Duration::from_micros(2);
+
+impl Spin {
+    pub fn new(max: Duration) -> Self {
+        Spin { max, current: max }
+    }
+
+    /// The spin to do now.
+    pub fn budget(&self) -> Duration {
+        self.current
+    }
+
+    /// Work arrived while spinning.
+    pub fn hit(&mut self) {
+        self.current = (self.current * 2).max(MIN_SPIN).min(self.max);
+    }
+
+    /// The spin ran out: the worker goes to sleep.
+    pub fn miss(&mut self) {
+        self.current = (self.current / 2).max(MIN_SPIN).min(self.max);
+    }
 }
 
 impl QueuePair {
@@ -84,8 +119,13 @@ impl QueuePair {
             resched: EventFd::new(EFD_NONBLOCK)?,
             cpu: None,
             pinned: false,
-            busy_poll: DEFAULT_BUSY_POLL,
+            spin: Spin::new(DEFAULT_BUSY_POLL),
         })
+    }
+
+    /// Sets the longest busy-poll (zero: sleep as soon as idle).
+    pub fn set_busy_poll(&mut self, max: Duration) {
+        self.spin = Spin::new(max);
     }
 
     /// Forgets what a previous connection marked broken.
@@ -297,7 +337,9 @@ impl QueuePair {
             }
 
             if progress > 0 {
-                idle_since = None;
+                if idle_since.take().is_some() {
+                    self.spin.hit();
+                }
                 rounds += 1;
                 if rounds >= ROUNDS_PER_RUN {
                     break;
@@ -307,13 +349,15 @@ impl QueuePair {
             // Idle. Busy-poll a bounded while first: under load the next packets are
             // microseconds away, and sleeping costs a kick, an epoll wake-up and a context
             // switch each time (and makes the frontend kick at all).
-            if self.busy_poll > Duration::ZERO {
+            let budget = self.spin.budget();
+            if budget > Duration::ZERO {
                 let now = Instant::now();
                 let since = *idle_since.get_or_insert(now);
-                if now.duration_since(since) < self.busy_poll {
+                if now.duration_since(since) < budget {
                     std::hint::spin_loop();
                     continue;
                 }
+                self.spin.miss();
             }
             // Ask to be woken, then look once more to close the race with a guest that added
             // work just before notifications were turned on.
@@ -370,5 +414,32 @@ fn arm(
             *broken = true;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spin_adapts_between_its_bounds() {
+        let us = Duration::from_micros;
+        let mut s = Spin::new(us(50));
+        assert_eq!(s.budget(), us(50));
+        for _ in 0..20 {
+            s.miss();
+        }
+        assert_eq!(s.budget(), MIN_SPIN);
+        s.hit();
+        assert_eq!(s.budget(), us(4));
+        for _ in 0..20 {
+            s.hit();
+        }
+        assert_eq!(s.budget(), us(50));
+        // Off stays off.
+        let mut off = Spin::new(Duration::ZERO);
+        off.hit();
+        off.miss();
+        assert_eq!(off.budget(), Duration::ZERO);
     }
 }
