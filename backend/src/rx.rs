@@ -69,7 +69,12 @@ pub struct RxRing<'a, M: GuestMemoryBackend> {
     used: Vec<(u16, u32)>,
     /// Used entries added since the last [`RxRing::take_added`].
     added: usize,
+    /// Packets left before the next descriptor prefetch.
+    prefetched: u16,
 }
+
+/// RX descriptors prefetched at a time.
+const PREFETCH_AHEAD: u16 = 8;
 
 impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
     /// `hdr_len` is the guest's header length (see [`crate::net_hdr::guest_header_len`]).
@@ -86,6 +91,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             hdr_len: hdr_len.clamp(crate::net_hdr::VNET_HDR_LEN, VIRTIO_NET_HDR_LEN),
             used: Vec::with_capacity(64),
             added: 0,
+            prefetched: 0,
         })
     }
 
@@ -135,6 +141,12 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         let data_len: usize = segs.iter().map(|s| s.len()).sum();
         let total = self.hdr_len + data_len;
         let start = self.ring.next_avail();
+        if self.prefetched == 0 {
+            // Descriptors of the next few buffers, fetched while this packet is copied.
+            self.ring.prefetch_ahead(PREFETCH_AHEAD);
+            self.prefetched = PREFETCH_AHEAD;
+        }
+        self.prefetched -= 1;
         self.used.clear();
         let mut written = 0usize;
         // Guest addresses of the two bytes of `num_buffers`, known once the header is placed.

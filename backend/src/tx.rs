@@ -24,7 +24,7 @@ use crate::offload::RxOffloads;
 use crate::rx::{deliver_adapted, deliver_counted, Delivery, RxRing};
 use crate::stats::QueueStats;
 use crate::vf::VfSocket;
-use crate::vring::Vring;
+use crate::vring::{prefetch, Vring};
 
 /// Chains handled per batch: one `sendmmsg`, one notification.
 pub const TX_BATCH: usize = 64;
@@ -222,6 +222,9 @@ fn gather_chain<M: GuestMemoryBackend>(
         // Almost every buffer lies inside one memory region: one cached lookup, one iovec.
         // Only a buffer straddling two regions (or outside memory) takes vm-memory's path.
         if let Some(p) = ring.map.host(addr, len) {
+            // The copy (loopback) or the kernel (VF) reads it after the whole batch is
+            // gathered: start fetching the guest's bytes now.
+            prefetch(p);
             iovs.push(libc::iovec {
                 iov_base: p.cast(),
                 iov_len: len,

@@ -306,6 +306,25 @@ impl<'a, M: GuestMemoryBackend> Vring<'a, M> {
         Ok(Some(head))
     }
 
+    /// Asks the CPU to fetch the descriptors of the next `n` available chains (and the avail
+    /// entries naming them): the guest wrote them on another core, so each is a cache miss
+    /// that would otherwise stall the copy loop one packet at a time.
+    #[inline]
+    pub fn prefetch_ahead(&self, n: u16) {
+        let ready = self.avail_idx.wrapping_sub(self.next_avail).min(n);
+        for k in 0..ready {
+            let slot = usize::from(self.next_avail.wrapping_add(k) % self.size);
+            // SAFETY: slot < size, inside the mapped, 2-aligned avail ring.
+            let head = u16::from_le(unsafe {
+                std::ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16)
+            });
+            if head < self.size {
+                // SAFETY: head < size: inside the mapped descriptor table.
+                prefetch(unsafe { self.desc.add(16 * usize::from(head)) });
+            }
+        }
+    }
+
     /// Starts walking the chain at `head`.
     pub fn chain(&self, head: u16) -> Chain {
         Chain {
@@ -421,6 +440,18 @@ impl<M: GuestMemoryBackend> Drop for Vring<'_, M> {
     fn drop(&mut self) {
         self.sync();
     }
+}
+
+/// A hint to bring the cache line at `p` in; never faults, whatever `p` is.
+#[inline(always)]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch is a hint; it does not fault on any address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Whether the guest wants an interrupt for the used entries added since the used index was
