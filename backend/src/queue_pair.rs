@@ -68,13 +68,17 @@ pub struct QueuePair {
     pinned: bool,
     /// Adaptive busy-polling of an idle pair (`--busy-poll-us`).
     spin: Spin,
+    /// When the worker last went to sleep, for the spin's adaptation.
+    slept_at: Option<Instant>,
 }
 
-/// How long an idle worker spins before it sleeps, adapted to the traffic: a spin that
-/// finds work doubles the next one (up to `max`), a spin that runs out halves it (down to
-/// [`MIN_SPIN`]). Steady traffic with short gaps keeps the worker polling and the frontend
-/// free of kicks; sparse traffic (a ping a second) costs only a few microseconds of spinning
-/// per packet.
+/// How long an idle worker spins before it sleeps, adapted to the traffic. What decides is
+/// how long the worker then slept: woken again within the longest spin, it would have done
+/// better to keep polling (a kick and a wake-up cost more than the spin), so the next spin
+/// doubles; asleep for longer, the spin was wasted and halves (down to [`MIN_SPIN`]). Work
+/// found while spinning also doubles it. Steady traffic with short gaps so keeps the worker
+/// polling and the frontend free of kicks; sparse traffic (pings) costs a few microseconds
+/// of spinning per packet.
 #[derive(Clone, Copy, Debug)]
 pub struct Spin {
     max: Duration,
@@ -99,7 +103,16 @@ impl Spin {
         self.current = (self.current * 2).max(MIN_SPIN).min(self.max);
     }
 
-    /// The spin ran out: the worker goes to sleep.
+    /// The worker slept `slept` after its spin ran out.
+    pub fn woke_after(&mut self, slept: Duration) {
+        if slept < self.max {
+            self.hit();
+        } else {
+            self.miss();
+        }
+    }
+
+    /// The spin was wasted.
     pub fn miss(&mut self) {
         self.current = (self.current / 2).max(MIN_SPIN).min(self.max);
     }
@@ -120,6 +133,7 @@ impl QueuePair {
             cpu: None,
             pinned: false,
             spin: Spin::new(DEFAULT_BUSY_POLL),
+            slept_at: None,
         })
     }
 
@@ -134,6 +148,7 @@ impl QueuePair {
         self.rx_broken = false;
         self.tx_broken = false;
         self.pinned = false;
+        self.slept_at = None;
         let _ = self.resched.read();
     }
 
@@ -210,6 +225,9 @@ impl QueuePair {
             self.pin();
         }
         let _ = self.resched.read();
+        if let Some(t) = self.slept_at.take() {
+            self.spin.woke_after(t.elapsed());
+        }
         let mut rx_state = rx_vring.get_mut();
         let mut tx_state = tx_vring.get_mut();
         let rx_on = !self.rx_broken && rx_state.get_queue().ready() && rx_state.is_enabled();
@@ -357,7 +375,6 @@ impl QueuePair {
                     std::hint::spin_loop();
                     continue;
                 }
-                self.spin.miss();
             }
             // Ask to be woken, then look once more to close the race with a guest that added
             // work just before notifications were turned on.
@@ -369,6 +386,7 @@ impl QueuePair {
                 && self.rx_waiting
                 && arm(&mut rx_state, mem, &self.rx_label(), &mut self.rx_broken);
             if !more_tx && !more_rx {
+                self.slept_at = Some(Instant::now());
                 return;
             }
             idle_since = None;
@@ -436,9 +454,16 @@ mod tests {
             s.hit();
         }
         assert_eq!(s.budget(), us(50));
+        // Woken soon after sleeping: the spin should have covered it.
+        s.miss();
+        s.woke_after(us(30));
+        assert_eq!(s.budget(), us(50));
+        s.woke_after(us(500));
+        assert_eq!(s.budget(), us(25));
         // Off stays off.
         let mut off = Spin::new(Duration::ZERO);
         off.hit();
+        off.woke_after(Duration::ZERO);
         off.miss();
         assert_eq!(off.budget(), Duration::ZERO);
     }
