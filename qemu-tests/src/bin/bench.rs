@@ -185,6 +185,8 @@ fn bench(opts: &Opts) -> Result<()> {
     let dir = ScratchDir::new("vrt-bench")?;
     let started = now_utc();
     let load_before = loadavg();
+    // Taken now: the binaries were built from this tree.
+    let machine = machine();
 
     let wanted = |name: &str| opts.only.as_deref().is_none_or(|p| name.starts_with(p));
     let mut rows = Vec::new();
@@ -278,6 +280,7 @@ fn bench(opts: &Opts) -> Result<()> {
     );
     let report = render(
         opts,
+        &machine,
         &command,
         &started,
         (&load_before, &loadavg()),
@@ -632,7 +635,7 @@ fn machine() -> String {
         Command::new("git")
             .arg("-C")
             .arg(util::workspace_root())
-            .args(["rev-parse", "--short", "HEAD"]),
+            .args(["describe", "--always", "--dirty"]),
     )
     .map(|s| s.trim().to_string())
     .unwrap_or_default();
@@ -649,7 +652,14 @@ struct Results<'a> {
     memory: Option<&'a Memory>,
 }
 
-fn render(opts: &Opts, command: &str, started: &str, load: (&str, &str), r: Results) -> String {
+fn render(
+    opts: &Opts,
+    machine: &str,
+    command: &str,
+    started: &str,
+    load: (&str, &str),
+    r: Results,
+) -> String {
     let Results {
         rows,
         latency,
@@ -658,7 +668,7 @@ fn render(opts: &Opts, command: &str, started: &str, load: (&str, &str), r: Resu
     } = r;
     let mut o = String::new();
     let _ = writeln!(o, "Command: `{command}` (started {started})  ");
-    let _ = writeln!(o, "Machine: {}  ", machine());
+    let _ = writeln!(o, "Machine: {machine}  ");
     let _ = writeln!(o, "Load average before / after: {} / {}  ", load.0, load.1);
     let _ = writeln!(
         o,
