@@ -253,6 +253,29 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             let len = desc.len as usize;
             room += len;
             let n = len.min(total - written);
+            if written == 0 && n == total {
+                // The usual case: the whole packet fits the first buffer, which lies in one
+                // memory region. Header and data go straight in, marked dirty once.
+                if let Some(p) = self.ring.map.host(desc.addr, total) {
+                    // SAFETY: `host` checked that `total` bytes from `p` are inside a live
+                    // mapping; sources are our header and the caller's slices, whose lengths
+                    // add up to `total`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(hdr_bytes.as_ptr(), p, hdr_len);
+                        let mut at = p.add(hdr_len);
+                        for s in segs {
+                            std::ptr::copy_nonoverlapping(s.as_ptr(), at, s.len());
+                            at = at.add(s.len());
+                        }
+                    }
+                    self.ring.map.mark_dirty(desc.addr, total);
+                    if hdr_len == VIRTIO_NET_HDR_LEN {
+                        let at = desc.addr.wrapping_add(VIRTIO_NET_HDR_LEN as u64 - 2);
+                        *num_buffers_at = [Some(at), Some(at.wrapping_add(1))];
+                    }
+                    return Ok(total);
+                }
+            }
             let mut off = 0usize;
             let mut unmarked = false;
             while off < n {
