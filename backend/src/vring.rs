@@ -442,6 +442,13 @@ impl<M: GuestMemoryBackend> Drop for Vring<'_, M> {
     }
 }
 
+/// A little-endian u16 of guest memory (a ring field), through the cached translation.
+fn read_u16<M: GuestMemoryBackend>(mem: &M, addr: u64) -> Option<u16> {
+    let mut b = [0u8; 2];
+    GuestMap::new(mem).read(addr, &mut b).ok()?;
+    Some(u16::from_le_bytes(b))
+}
+
 /// A hint to bring the cache line at `p` in; never faults, whatever `p` is.
 #[inline(always)]
 pub fn prefetch(p: *const u8) {
@@ -468,17 +475,14 @@ pub fn needs_notification<M: GuestMemoryBackend>(queue: &Queue, mem: &M, old_use
     let avail = queue.avail_ring();
     if queue.event_idx_enabled() {
         let at = avail.wrapping_add(4 + 2 * u64::from(queue.size()));
-        match mem.read_obj::<u16>(GuestAddress(at)) {
-            Ok(ev) => {
-                let ev = u16::from_le(ev);
-                new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old_used)
-            }
-            Err(_) => true,
+        match read_u16(mem, at) {
+            Some(ev) => new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old_used),
+            None => true,
         }
     } else {
-        match mem.read_obj::<u16>(GuestAddress(avail)) {
-            Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
-            Err(_) => true,
+        match read_u16(mem, avail) {
+            Some(flags) => flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+            None => true,
         }
     }
 }
