@@ -9,12 +9,14 @@
 pub mod backend;
 pub mod console;
 pub mod cpio;
+pub mod driver;
 pub mod error;
 pub mod guest_image;
 pub mod netns;
 pub mod qemu;
 pub mod testpmd;
 pub mod util;
+pub mod vduse;
 
 use std::time::{Duration, Instant};
 
