@@ -298,6 +298,14 @@ impl<D: VdpaDevice> Session<D> {
         }
     }
 
+    /// The mode of the running device if ring `index` is one of its started rings.
+    fn running_ring(&self, index: u8) -> Option<Mode> {
+        self.running
+            .as_ref()
+            .filter(|r| r.rings.contains(&usize::from(index)))
+            .map(|r| r.mode)
+    }
+
     fn wanted_mode(&self) -> Mode {
         if self.acked.unwrap_or(0) & LOG_ALL != 0 {
             Mode::Shadow
@@ -862,8 +870,16 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
                 "queue {index}: polling mode (no kick fd) is not supported"
             ))));
         };
-        self.vring(index.into()).map_err(to_vu)?.kick = Some(Arc::new(file_to_eventfd(fd)));
+        let kick = Arc::new(file_to_eventfd(fd));
+        self.vring(index.into()).map_err(to_vu)?.kick = Some(kick.clone());
         self.stopped = false;
+        if self.running_ring(index) == Some(Mode::Direct) {
+            // A running device takes a new kick fd as it is (vhost polls the new one).
+            return self
+                .dev
+                .set_vring_kick(index.into(), &kick)
+                .map_err(|e| to_vu(self.derr(format!("queue {index}: VHOST_SET_VRING_KICK"), e)));
+        }
         if self.running.is_some() {
             return self.restart().map_err(to_vu);
         }
@@ -872,15 +888,18 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let call = fd.map(|f| Arc::new(file_to_eventfd(f)));
-        self.vring(index.into()).map_err(to_vu)?.call = call;
-        if self
-            .running
-            .as_ref()
-            .is_some_and(|r| r.rings.contains(&usize::from(index)))
-        {
-            return self.restart().map_err(to_vu);
+        self.vring(index.into()).map_err(to_vu)?.call = call.clone();
+        match (self.running_ring(index), &call) {
+            // QEMU swaps call fds on a running device whenever the guest masks or unmasks
+            // the queue's interrupt vector: vhost-vdpa rewires its interrupt in place, so no
+            // restart (which would reset the device each time).
+            (Some(Mode::Direct), Some(call)) => self
+                .dev
+                .set_vring_call(index.into(), call)
+                .map_err(|e| to_vu(self.derr(format!("queue {index}: VHOST_SET_VRING_CALL"), e))),
+            (Some(_), _) => self.restart().map_err(to_vu),
+            (None, _) => self.maybe_start().map_err(to_vu),
         }
-        self.maybe_start().map_err(to_vu)
     }
 
     fn set_vring_err(&mut self, _index: u8, _fd: Option<File>) -> VuResult<()> {
