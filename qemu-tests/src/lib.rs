@@ -11,6 +11,7 @@ pub mod console;
 pub mod cpio;
 pub mod driver;
 pub mod error;
+pub mod frontend;
 pub mod guest_image;
 pub mod netns;
 pub mod qemu;

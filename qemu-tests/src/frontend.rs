@@ -1,0 +1,200 @@
+//! A vhost-user frontend session for test programs: what QEMU does to a backend, minus the
+//! guest. Built on the vhost crate's `Frontend`; the rings and buffers are the
+//! [`driver`](crate::driver) module's, so the same guest-side code serves vhost-user
+//! (`vu-frontend`) and vhost-vdpa (`vdpa-probe`).
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+
+use crate::driver::{DriverError, DriverMemory, DriverQueue};
+
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Errors of a frontend session: the vhost-user request that failed, or the driver side.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("vhost-user {what}: {source}")]
+    Request {
+        what: String,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("connecting to {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("backend: {0}")]
+    Backend(String),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+}
+
+fn req(what: impl Into<String>) -> impl FnOnce(vhost::Error) -> FrontendError {
+    let what = what.into();
+    move |source| FrontendError::Request { what, source }
+}
+
+/// A negotiated vhost-user session with its queues.
+pub struct VuSession {
+    pub fe: Frontend,
+    pub features: u64,
+    pub protocol: VhostUserProtocolFeatures,
+    pub queues: Vec<DriverQueue>,
+    pairs: usize,
+}
+
+impl VuSession {
+    /// Connects to `socket` and negotiates `want` (masked with what the backend offers;
+    /// VERSION_1 is required) for `pairs` queue pairs.
+    pub fn connect(socket: &Path, pairs: usize, want: u64) -> Result<Self, FrontendError> {
+        let fe = Frontend::connect(socket, (2 * pairs) as u64).map_err(|source| {
+            FrontendError::Connect {
+                path: socket.display().to_string(),
+                source,
+            }
+        })?;
+        Self::negotiate(fe, pairs, want)
+    }
+
+    /// Negotiation on an already connected frontend.
+    pub fn negotiate(mut fe: Frontend, pairs: usize, want: u64) -> Result<Self, FrontendError> {
+        fe.set_owner().map_err(req("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(req("GET_FEATURES"))?;
+        if offered & VIRTIO_F_VERSION_1 == 0 {
+            return Err(FrontendError::Backend(format!(
+                "offers no VERSION_1 (features {offered:#x})"
+            )));
+        }
+        let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = offered & (want | proto | VIRTIO_F_VERSION_1);
+        fe.set_features(features).map_err(req("SET_FEATURES"))?;
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if offered & proto != 0 {
+            let pf = fe
+                .get_protocol_features()
+                .map_err(req("GET_PROTOCOL_FEATURES"))?;
+            protocol = pf
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::RESET_DEVICE);
+            fe.set_protocol_features(protocol)
+                .map_err(req("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::MQ) {
+                let n = fe.get_queue_num().map_err(req("GET_QUEUE_NUM"))?;
+                if n < (2 * pairs) as u64 {
+                    return Err(FrontendError::Backend(format!(
+                        "has {n} queues, {pairs} pairs wanted"
+                    )));
+                }
+            }
+        }
+        Ok(VuSession {
+            fe,
+            features,
+            protocol,
+            queues: Vec::new(),
+            pairs,
+        })
+    }
+
+    /// SET_MEM_TABLE with `mem` as the only region (guest address 0).
+    pub fn set_mem_table(&self, mem: &DriverMemory) -> Result<(), FrontendError> {
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: mem.size,
+            userspace_addr: mem.host_base()?,
+            mmap_offset: 0,
+            mmap_handle: mem.memfd.as_raw_fd(),
+        };
+        self.fe
+            .set_mem_table(&[region])
+            .map_err(req("SET_MEM_TABLE"))?;
+        Ok(())
+    }
+
+    /// Sets up and enables every queue with fresh zeroed rings of `size` entries, queue `i`
+    /// at `ring_base + i * 64 KiB`, starting at index 0. Ring addresses are sent as this
+    /// process's virtual addresses, as QEMU sends them.
+    pub fn start_queues(
+        &mut self,
+        mem: &DriverMemory,
+        ring_base: u64,
+        size: u16,
+    ) -> Result<(), FrontendError> {
+        self.queues.clear();
+        let hva = mem.host_base()?;
+        for i in 0..2 * self.pairs {
+            let q = DriverQueue::new(mem, i, ring_base + i as u64 * 0x1_0000, size)?;
+            let l = q.layout;
+            let cfg = VringConfigData {
+                queue_max_size: size,
+                queue_size: size,
+                flags: 0,
+                desc_table_addr: hva + l.desc,
+                used_ring_addr: hva + l.used,
+                avail_ring_addr: hva + l.avail,
+                log_addr: None,
+            };
+            let fe = &mut self.fe;
+            fe.set_vring_num(i, size)
+                .map_err(req(format!("SET_VRING_NUM {i}")))?;
+            fe.set_vring_addr(i, &cfg)
+                .map_err(req(format!("SET_VRING_ADDR {i}")))?;
+            fe.set_vring_base(i, 0)
+                .map_err(req(format!("SET_VRING_BASE {i}")))?;
+            fe.set_vring_call(i, &q.call)
+                .map_err(req(format!("SET_VRING_CALL {i}")))?;
+            fe.set_vring_kick(i, &q.kick)
+                .map_err(req(format!("SET_VRING_KICK {i}")))?;
+            fe.set_vring_enable(i, true)
+                .map_err(req(format!("SET_VRING_ENABLE {i}")))?;
+            self.queues.push(q);
+        }
+        Ok(())
+    }
+
+    /// Stops every queue as QEMU does when the guest resets the NIC (GET_VRING_BASE), then
+    /// RESET_DEVICE if the backend has it; returns the bases the backend reported.
+    pub fn stop_queues(&mut self) -> Result<Vec<u32>, FrontendError> {
+        let mut bases = Vec::new();
+        for i in 0..self.queues.len() {
+            bases.push(
+                self.fe
+                    .get_vring_base(i)
+                    .map_err(req(format!("GET_VRING_BASE {i}")))?,
+            );
+        }
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::RESET_DEVICE)
+        {
+            self.fe.reset_device().map_err(req("RESET_DEVICE"))?;
+        }
+        Ok(bases)
+    }
+
+    /// The first `len` bytes of the device config space, if the backend offers CONFIG.
+    pub fn config(&mut self, len: u32) -> Result<Option<Vec<u8>>, FrontendError> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Ok(None);
+        }
+        let buf = vec![0u8; len as usize];
+        let (_, data) = self
+            .fe
+            .get_config(0, len, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(req("GET_CONFIG"))?;
+        Ok(Some(data))
+    }
+}
