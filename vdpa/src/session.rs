@@ -915,8 +915,9 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Ok(())
     }
 
+    /// Virtqueues, not pairs (QEMU compares it with the queues of its vhost device).
     fn get_queue_num(&mut self) -> VuResult<u64> {
-        Ok((NUM_QUEUES / 2) as u64)
+        Ok(NUM_QUEUES as u64)
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {

@@ -271,6 +271,7 @@ fn features_hide_what_cannot_be_carried_and_refuse_what_the_device_lacks() {
         err.contains("does not offer") && err.contains("0x1"),
         "{err}"
     );
+    assert_eq!(s.get_queue_num().unwrap(), 2, "virtqueues of the one pair");
 }
 
 #[test]
