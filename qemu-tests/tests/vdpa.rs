@@ -203,7 +203,6 @@ fn vdpa_environment() {
 /// loop through the fixture while vhost-relay's own counters stay at zero; then the same port
 /// survives a ring reset and a reconnection.
 #[test]
-#[ignore = "needs vhost-relay --vdpa (branch vdpa-core)"]
 fn vdpa_direct_mode() {
     e2e_test_with(
         "vdpa_direct_mode",
