@@ -44,6 +44,35 @@ fn os(what: impl Into<String>, source: std::io::Error) -> DriverError {
     }
 }
 
+/// The driver's view of guest memory.
+pub type Mem = GuestMemoryMmap<()>;
+
+pub fn write(mem: &Mem, addr: u64, bytes: &[u8]) -> Result<(), DriverError> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|e| DriverError::Memory(format!("write of {} at {addr:#x}: {e}", bytes.len())))
+}
+
+pub fn read(mem: &Mem, addr: u64, len: usize) -> Result<Vec<u8>, DriverError> {
+    let mut v = vec![0u8; len];
+    mem.read_slice(&mut v, GuestAddress(addr))
+        .map_err(|e| DriverError::Memory(format!("read of {len} at {addr:#x}: {e}")))?;
+    Ok(v)
+}
+
+pub fn r16(mem: &Mem, addr: u64) -> Result<u16, DriverError> {
+    let b = read(mem, addr, 2)?;
+    Ok(u16::from_le_bytes([b[0], b[1]]))
+}
+
+pub fn w16(mem: &Mem, addr: u64, v: u16) -> Result<(), DriverError> {
+    write(mem, addr, &v.to_le_bytes())
+}
+
+pub fn r32(mem: &Mem, addr: u64) -> Result<u32, DriverError> {
+    let b = read(mem, addr, 4)?;
+    Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
 /// "Guest RAM": a memfd mapped shared at guest address 0.
 #[derive(Debug)]
 pub struct DriverMemory {
@@ -87,31 +116,19 @@ impl DriverMemory {
     }
 
     pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), DriverError> {
-        self.mem
-            .write_slice(bytes, GuestAddress(addr))
-            .map_err(|e| DriverError::Memory(format!("write of {} at {addr:#x}: {e}", bytes.len())))
+        write(&self.mem, addr, bytes)
     }
 
     pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>, DriverError> {
-        let mut v = vec![0u8; len];
-        self.mem
-            .read_slice(&mut v, GuestAddress(addr))
-            .map_err(|e| DriverError::Memory(format!("read of {len} at {addr:#x}: {e}")))?;
-        Ok(v)
+        read(&self.mem, addr, len)
     }
 
     pub fn r16(&self, addr: u64) -> Result<u16, DriverError> {
-        let b = self.read(addr, 2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+        r16(&self.mem, addr)
     }
 
     pub fn w16(&self, addr: u64, v: u16) -> Result<(), DriverError> {
-        self.write(addr, &v.to_le_bytes())
-    }
-
-    pub fn r32(&self, addr: u64) -> Result<u32, DriverError> {
-        let b = self.read(addr, 4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        w16(&self.mem, addr, v)
     }
 }
 
@@ -156,18 +173,21 @@ pub struct DriverQueue {
     pub used_seen: u16,
     /// Descriptors posted and not yet returned.
     pub in_flight: u16,
+    /// Length of the chain posted at each head, to free the right number when it returns.
+    chain_len: Vec<u16>,
 }
 
 impl DriverQueue {
     /// A zeroed ring of `size` entries at `base` in `mem`.
-    pub fn new(
-        mem: &DriverMemory,
-        index: usize,
-        base: u64,
-        size: u16,
-    ) -> Result<Self, DriverError> {
+    pub fn new(mem: &Mem, index: usize, base: u64, size: u16) -> Result<Self, DriverError> {
+        if size == 0 || !size.is_power_of_two() {
+            return Err(DriverError::Queue {
+                queue: index,
+                what: format!("size {size} is not a power of two"),
+            });
+        }
         let layout = RingLayout::at(base, size);
-        mem.write(base, &vec![0u8; layout.span(size) as usize])?;
+        write(mem, base, &vec![0u8; layout.span(size) as usize])?;
         let ev = || EventFd::new(EFD_NONBLOCK).map_err(|e| os("eventfd", e));
         Ok(DriverQueue {
             index,
@@ -178,6 +198,7 @@ impl DriverQueue {
             next_desc: 0,
             used_seen: 0,
             in_flight: 0,
+            chain_len: vec![0; usize::from(size)],
         })
     }
 
@@ -187,11 +208,7 @@ impl DriverQueue {
     }
 
     /// Posts a chain of (addr, len, device-writable) buffers; returns its head.
-    pub fn post(
-        &mut self,
-        mem: &DriverMemory,
-        bufs: &[(u64, u32, bool)],
-    ) -> Result<u16, DriverError> {
+    pub fn post(&mut self, mem: &Mem, bufs: &[(u64, u32, bool)]) -> Result<u16, DriverError> {
         let n = u16::try_from(bufs.len()).unwrap_or(u16::MAX);
         if n == 0 || n > self.room() {
             return Err(DriverError::Queue {
@@ -209,17 +226,17 @@ impl DriverQueue {
             let slot = (head + i as u16) % self.size;
             let next = if last { 0 } else { (slot + 1) % self.size };
             let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-            mem.mem
-                .write_obj(d, GuestAddress(self.layout.desc + 16 * u64::from(slot)))
+            mem.write_obj(d, GuestAddress(self.layout.desc + 16 * u64::from(slot)))
                 .map_err(|e| DriverError::Memory(format!("descriptor {slot}: {e}")))?;
         }
         let l = self.layout;
-        let idx = mem.r16(l.avail + 2)?;
-        mem.w16(l.avail + 4 + 2 * u64::from(idx % self.size), head)?;
+        let idx = r16(mem, l.avail + 2)?;
+        w16(mem, l.avail + 4 + 2 * u64::from(idx % self.size), head)?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        mem.w16(l.avail + 2, idx.wrapping_add(1))?;
+        w16(mem, l.avail + 2, idx.wrapping_add(1))?;
         self.next_desc = (head + n) % self.size;
         self.in_flight += n;
+        self.chain_len[usize::from(head)] = n;
         Ok(head)
     }
 
@@ -229,15 +246,10 @@ impl DriverQueue {
             .map_err(|e| os(format!("kick of queue {}", self.index), e))
     }
 
-    /// New used entries as (head, len), without waiting. `per_chain` is the number of
-    /// descriptors each chain of this queue has (to keep `room` right).
-    pub fn take_used(
-        &mut self,
-        mem: &DriverMemory,
-        per_chain: u16,
-    ) -> Result<Vec<(u32, u32)>, DriverError> {
+    /// New used entries as (head, len), without waiting.
+    pub fn take_used(&mut self, mem: &Mem) -> Result<Vec<(u32, u32)>, DriverError> {
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let idx = mem.r16(self.layout.used + 2)?;
+        let idx = r16(mem, self.layout.used + 2)?;
         let have = idx.wrapping_sub(self.used_seen);
         if have > self.size {
             return Err(DriverError::Queue {
@@ -249,9 +261,18 @@ impl DriverQueue {
         for _ in 0..have {
             let slot = self.used_seen % self.size;
             let at = self.layout.used + 4 + 8 * u64::from(slot);
-            out.push((mem.r32(at)?, mem.r32(at + 4)?));
+            let (id, len) = (r32(mem, at)?, r32(mem, at + 4)?);
+            let n = usize::try_from(id)
+                .ok()
+                .and_then(|i| self.chain_len.get_mut(i))
+                .map(std::mem::take)
+                .ok_or_else(|| DriverError::Queue {
+                    queue: self.index,
+                    what: format!("used entry {slot} names head {id}, beyond the ring"),
+                })?;
+            self.in_flight = self.in_flight.saturating_sub(n);
+            out.push((id, len));
             self.used_seen = self.used_seen.wrapping_add(1);
-            self.in_flight = self.in_flight.saturating_sub(per_chain);
         }
         Ok(out)
     }
@@ -259,15 +280,14 @@ impl DriverQueue {
     /// Like [`DriverQueue::take_used`], waiting up to `timeout` until at least `n` arrived.
     pub fn wait_used(
         &mut self,
-        mem: &DriverMemory,
-        per_chain: u16,
+        mem: &Mem,
         n: usize,
         timeout: Duration,
     ) -> Result<Vec<(u32, u32)>, DriverError> {
         let start = Instant::now();
         let mut out = Vec::new();
         loop {
-            out.extend(self.take_used(mem, per_chain)?);
+            out.extend(self.take_used(mem)?);
             if out.len() >= n || start.elapsed() > timeout {
                 return Ok(out);
             }
@@ -363,7 +383,7 @@ pub fn loopback_with(
         let mut rx_posted = false;
         while rx.room() > 0 {
             let slot = u64::from(rx.next_desc);
-            rx.post(mem, &[(rx_bufs + slot * SLOT, SLOT as u32, true)])?;
+            rx.post(&mem.mem, &[(rx_bufs + slot * SLOT, SLOT as u32, true)])?;
             rx_posted = true;
         }
         if rx_posted {
@@ -378,15 +398,15 @@ pub fn loopback_with(
             let mut bytes = hdr.to_vec();
             bytes.extend_from_slice(&test_frame(mac, r.sent, len));
             mem.write(addr, &bytes)?;
-            tx.post(mem, &[(addr, bytes.len() as u32, false)])?;
+            tx.post(&mem.mem, &[(addr, bytes.len() as u32, false)])?;
             r.sent += 1;
             tx_posted = true;
         }
         if tx_posted {
             tx.kick()?;
         }
-        tx.take_used(mem, 1)?;
-        for (head, used_len) in rx.take_used(mem, 1)? {
+        tx.take_used(&mem.mem)?;
+        for (head, used_len) in rx.take_used(&mem.mem)? {
             let addr = rx_bufs + u64::from(head) * SLOT;
             let got = mem.read(addr, (used_len as usize).min(SLOT as usize))?;
             let want = test_frame(mac, r.received, len);
@@ -432,9 +452,9 @@ mod tests {
     #[test]
     fn posting_and_reading_used_entries() {
         let mem = DriverMemory::new(1 << 20).unwrap();
-        let mut q = DriverQueue::new(&mem, 0, 0, 8).unwrap();
+        let mut q = DriverQueue::new(&mem.mem, 0, 0, 8).unwrap();
         let h = q
-            .post(&mem, &[(0x8000, 100, true), (0x9000, 100, true)])
+            .post(&mem.mem, &[(0x8000, 100, true), (0x9000, 100, true)])
             .unwrap();
         assert_eq!(h, 0);
         assert_eq!(q.room(), 6);
@@ -443,11 +463,17 @@ mod tests {
         mem.write(q.layout.used + 4, &[0, 0, 0, 0, 42, 0, 0, 0])
             .unwrap();
         mem.w16(q.layout.used + 2, 1).unwrap();
-        assert_eq!(q.take_used(&mem, 2).unwrap(), vec![(0, 42)]);
+        assert_eq!(q.take_used(&mem.mem).unwrap(), vec![(0, 42)]);
         assert_eq!(q.room(), 8);
-        assert!(q.post(&mem, &[(0, 1, false); 9]).is_err());
-        // A device claiming more used entries than the ring holds is an error, not a hang.
+        assert!(q.post(&mem.mem, &[(0, 1, false); 9]).is_err());
+        // A device naming a head outside the ring is an error, not a panic.
+        q.post(&mem.mem, &[(0x8000, 1, false)]).unwrap();
+        mem.write(q.layout.used + 12, &[99, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap();
+        mem.w16(q.layout.used + 2, 2).unwrap();
+        assert!(q.take_used(&mem.mem).is_err());
+        // So is one claiming more used entries than the ring holds.
         mem.w16(q.layout.used + 2, 100).unwrap();
-        assert!(q.take_used(&mem, 1).is_err());
+        assert!(q.take_used(&mem.mem).is_err());
     }
 }

@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 
-use crate::driver::{DriverError, DriverMemory, DriverQueue};
+use crate::driver::{DriverError, DriverMemory, DriverQueue, RingLayout};
 
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -96,6 +96,21 @@ fn req(what: impl Into<String>) -> impl FnOnce(vhost::Error) -> FrontendError {
     move |source| FrontendError::Request { what, source }
 }
 
+/// SET_VRING_ADDR's payload for a ring at `l` in memory mapped at `hva`: addresses as the
+/// frontend's own virtual addresses, as QEMU sends them; with `log`, the LOG flag and the
+/// used ring's guest address as log address (what QEMU sends when it turns logging on).
+pub fn vring_config(hva: u64, l: RingLayout, size: u16, log: bool) -> VringConfigData {
+    VringConfigData {
+        queue_max_size: size,
+        queue_size: size,
+        flags: u32::from(log), // VHOST_VRING_F_LOG
+        desc_table_addr: hva + l.desc,
+        used_ring_addr: hva + l.used,
+        avail_ring_addr: hva + l.avail,
+        log_addr: log.then_some(l.used),
+    }
+}
+
 /// A negotiated vhost-user session with its queues.
 pub struct VuSession {
     pub fe: Frontend,
@@ -118,8 +133,29 @@ impl VuSession {
         Self::negotiate(fe, pairs, want)
     }
 
-    /// Negotiation on an already connected frontend.
-    pub fn negotiate(mut fe: Frontend, pairs: usize, want: u64) -> Result<Self, FrontendError> {
+    /// Negotiation on an already connected frontend, with the protocol features this
+    /// module uses (MQ, REPLY_ACK, CONFIG, RESET_DEVICE, LOG_SHMFD for
+    /// [`start_logging`](Self::start_logging)) as far as the backend has them.
+    pub fn negotiate(fe: Frontend, pairs: usize, want: u64) -> Result<Self, FrontendError> {
+        Self::negotiate_with(
+            fe,
+            pairs,
+            want,
+            VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::RESET_DEVICE
+                | VhostUserProtocolFeatures::LOG_SHMFD,
+        )
+    }
+
+    /// Negotiation acking `protocol_want` of the protocol features the backend offers.
+    pub fn negotiate_with(
+        mut fe: Frontend,
+        pairs: usize,
+        want: u64,
+        protocol_want: VhostUserProtocolFeatures,
+    ) -> Result<Self, FrontendError> {
         fe.set_owner().map_err(req("SET_OWNER"))?;
         let offered = fe.get_features().map_err(req("GET_FEATURES"))?;
         if offered & VIRTIO_F_VERSION_1 == 0 {
@@ -135,12 +171,7 @@ impl VuSession {
             let pf = fe
                 .get_protocol_features()
                 .map_err(req("GET_PROTOCOL_FEATURES"))?;
-            protocol = pf
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::RESET_DEVICE
-                    | VhostUserProtocolFeatures::LOG_SHMFD);
+            protocol = pf & protocol_want;
             fe.set_protocol_features(protocol)
                 .map_err(req("SET_PROTOCOL_FEATURES"))?;
             if protocol.contains(VhostUserProtocolFeatures::MQ) {
@@ -188,17 +219,8 @@ impl VuSession {
         self.queues.clear();
         let hva = mem.host_base()?;
         for i in 0..2 * self.pairs {
-            let q = DriverQueue::new(mem, i, ring_base + i as u64 * 0x1_0000, size)?;
-            let l = q.layout;
-            let cfg = VringConfigData {
-                queue_max_size: size,
-                queue_size: size,
-                flags: 0,
-                desc_table_addr: hva + l.desc,
-                used_ring_addr: hva + l.used,
-                avail_ring_addr: hva + l.avail,
-                log_addr: None,
-            };
+            let q = DriverQueue::new(&mem.mem, i, ring_base + i as u64 * 0x1_0000, size)?;
+            let cfg = vring_config(hva, q.layout, size, false);
             let fe = &mut self.fe;
             fe.set_vring_num(i, size)
                 .map_err(req(format!("SET_VRING_NUM {i}")))?;

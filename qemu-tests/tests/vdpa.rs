@@ -35,7 +35,7 @@ fn boot_with_fixture(env: &qemu_tests::TestEnv, fixture_args: &str) -> Result<Qe
         BOOT_TIMEOUT,
     )?;
     env.step("guest ready");
-    start_fixture(&mut qemu, "vnet0", fixture_args)?;
+    start_fixture(&mut qemu, "vnet0", 0, fixture_args)?;
     env.step("fixture on the vDPA bus, /dev/vhost-vdpa-0 there");
     Ok(qemu)
 }
@@ -93,8 +93,9 @@ fn relay_stats(qemu: &mut Qemu) -> Result<Vec<QueueStat>> {
 }
 
 /// Starts the fixture as device `name` in the background and attaches it to the vDPA bus;
-/// returns once `/dev/vhost-vdpa-0` exists.
-fn start_fixture(qemu: &mut Qemu, name: &str, extra: &str) -> Result<()> {
+/// returns once `/dev/vhost-vdpa-{vhost_index}` exists.
+fn start_fixture(qemu: &mut Qemu, name: &str, vhost_index: u32, extra: &str) -> Result<()> {
+    let vdev = format!("/dev/vhost-vdpa-{vhost_index}");
     qemu.run_ok(
         &format!(
             "vduse-net --name {name} --stats /tmp/{name}.stats {extra} >/tmp/{name}.out 2>/tmp/{name}.err & \
@@ -107,8 +108,8 @@ fn start_fixture(qemu: &mut Qemu, name: &str, extra: &str) -> Result<()> {
     qemu.run_ok(
         &format!(
             "vdpa dev add name {name} mgmtdev vduse && \
-             n=0; while [ ! -e /dev/vhost-vdpa-0 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; \
-             vdpa dev show {name}; ls -l /dev/vhost-vdpa-0"
+             n=0; while [ ! -e {vdev} ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; \
+             vdpa dev show {name}; ls -l {vdev}"
         ),
         T,
     )?;
@@ -124,7 +125,10 @@ fn vdpa_environment() {
         &[],
         || GuestImage::ensure_vdpa(&test_binaries()?),
         |env| {
-            let mut qemu = boot_with_fixture(env, "--mac 52:54:00:00:00:0a --mtu 1400")?;
+            let mut qemu = boot_with_fixture(
+                env,
+                "--mac 52:54:00:00:00:0a --mtu 1400 --write-log /tmp/vnet0.writes",
+            )?;
             let out = qemu.run_ok("vdpa-probe --dev /dev/vhost-vdpa-0", T)?;
             env.step(out.trim());
             ensure(out.contains("device_id=1 "), || {
@@ -152,6 +156,44 @@ fn vdpa_environment() {
             ensure(c == (400, 400, 0, 0), || {
                 format!("fixture counters after the second session {c:?}, wanted 400/400/0/0")
             })?;
+            // The write log lists exactly what the device wrote for the 400 frames of both
+            // sessions: each RX buffer once (12-byte header + 200-byte frame, in vdpa-probe's
+            // RX area 0x100000..0x180000), and per frame one used entry and the used index of
+            // the RX ring (at 0x1208: rings of 256 at 0 and 64 KiB) and of the TX ring.
+            let count = |qemu: &mut Qemu, re: &str| -> Result<u64> {
+                let out = qemu.run_ok(&format!("grep -cE '{re}' /tmp/vnet0.writes || true"), T)?;
+                out.trim()
+                    .parse()
+                    .map_err(|_| Error::Check(format!("grep -c gave {out:?}")))
+            };
+            let rx_bufs = count(&mut qemu, "^0x1[0-7][0-9a-f]{4} 212$")?;
+            let rx_idx = count(&mut qemu, "^0x120a 2$")?;
+            let tx_idx = count(&mut qemu, "^0x1120a 2$")?;
+            let rx_used = count(&mut qemu, "^0x1[2-9a-f][0-9a-f][02468ace] 8$")?;
+            let all = count(&mut qemu, ".")?;
+            ensure(
+                rx_bufs == 400 && rx_idx == 400 && tx_idx == 400 && rx_used == 400,
+                || {
+                    format!(
+                        "write log: {rx_bufs} RX buffers, {rx_idx}+{tx_idx} used index and \
+                         {rx_used} RX used entry writes, wanted 400 each"
+                    )
+                },
+            )?;
+            // Nothing else: RX buffer + RX used entry + RX idx + TX used entry + TX idx.
+            ensure(all == 5 * 400, || {
+                format!("write log has {all} lines, wanted {}", 5 * 400)
+            })?;
+            env.step("write log matches the frames");
+
+            // A multiqueue device (2 pairs, no control queue) next to it.
+            start_fixture(&mut qemu, "vnet1", 1, "--mq --mac 52:54:00:00:00:0c")?;
+            let out = qemu.run_ok("vdpa-probe --dev /dev/vhost-vdpa-1 --traffic 50", T)?;
+            env.step(out.lines().next().unwrap_or(""));
+            ensure(
+                out.contains("max_pairs=2") && out.contains("vqs=4 ") && out.contains("PASS"),
+                || format!("multiqueue device:\n{out}"),
+            )?;
             Ok(())
         },
     );

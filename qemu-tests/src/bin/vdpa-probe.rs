@@ -132,7 +132,7 @@ fn run() -> Result<(), ProbeError> {
         .map_err(vh("IOTLB update (dma_map)"))?;
     let mut queues = Vec::new();
     for q in 0..2usize {
-        let dq = DriverQueue::new(&dm, q, q as u64 * 0x1_0000, QSIZE)?;
+        let dq = DriverQueue::new(&dm.mem, q, q as u64 * 0x1_0000, QSIZE)?;
         let l = dq.layout;
         v.set_vring_num(q, QSIZE)
             .map_err(vh("VHOST_SET_VRING_NUM"))?;
