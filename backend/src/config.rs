@@ -10,6 +10,7 @@
 //! queues = 2                            # queue pairs; QEMU's -netdev vhost-user,queues=N
 //! client = false                        # true: QEMU listens, we connect and reconnect
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
+//! vf_mode = "auto"                      # optional: af-packet (default), af-xdp or auto
 //! ```
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::device::MAX_QUEUE_PAIRS;
+use crate::vf::VfMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -65,6 +67,8 @@ pub struct PortConfig {
     pub queues: usize,
     /// CPU for each queue pair's worker, if pinned.
     pub cpus: Vec<usize>,
+    /// Socket kind on the VF (ignored for loopback ports).
+    pub vf_mode: VfMode,
 }
 
 /// One `[[port]]` table as written; unknown keys are errors, so a typo cannot pass silently.
@@ -81,6 +85,7 @@ pub struct PortSpec {
     #[serde(default)]
     pub client: bool,
     pub cpus: Option<String>,
+    pub vf_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +147,10 @@ impl PortSpec {
             Some(list) => parse_cpu_list(&list)?,
             None => Vec::new(),
         };
+        let vf_mode = match self.vf_mode.as_deref() {
+            None => VfMode::default(),
+            Some(m) => m.parse().map_err(bad)?,
+        };
         let name = match (self.name, &socket) {
             (Some(n), _) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
             (Some(n), _) => return Err(bad(format!("'{n}' is not a valid port name"))),
@@ -157,6 +166,7 @@ impl PortSpec {
             link,
             queues,
             cpus,
+            vf_mode,
         })
     }
 }
