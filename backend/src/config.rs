@@ -147,9 +147,12 @@ impl PortSpec {
             Some(list) => parse_cpu_list(&list)?,
             None => Vec::new(),
         };
-        let vf_mode = match self.vf_mode.as_deref() {
-            None => VfMode::default(),
-            Some(m) => m.parse().map_err(bad)?,
+        let vf_mode = match (self.vf_mode.as_deref(), &link) {
+            (None, _) => VfMode::default(),
+            (Some(_), LinkConfig::Loopback) => {
+                return Err(bad("vf_mode applies to a VF port, not to loopback".into()))
+            }
+            (Some(m), LinkConfig::Vf(_)) => m.parse().map_err(bad)?,
         };
         let name = match (self.name, &socket) {
             (Some(n), _) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
@@ -263,6 +266,7 @@ mod tests {
             vf = "veth1"
             queues = 2
             cpus = "0-1"
+            vf_mode = "auto"
             [[port]]
             name = "lb"
             socket = "/run/vr/lb.sock"
@@ -280,6 +284,8 @@ mod tests {
         assert_eq!(ports[0].link, LinkConfig::Vf("veth1".into()));
         assert_eq!(ports[0].queues, 2);
         assert_eq!(ports[0].cpus, vec![0, 1]);
+        assert_eq!(ports[0].vf_mode, VfMode::Auto);
+        assert_eq!(ports[1].vf_mode, VfMode::AfPacket, "the default");
         assert_eq!(
             ports[1].socket,
             SocketMode::Connect("/run/vr/lb.sock".into())
@@ -320,6 +326,14 @@ mod tests {
             (
                 "[[port]]\nsocket='/a'\nvf='x'\ncpus='3-1'\n",
                 "goes backwards",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nvf_mode='dpdk'\n",
+                "unknown VF mode 'dpdk'",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nloopback=true\nvf_mode='auto'\n",
+                "vf_mode applies to a VF port",
             ),
             ("[[port]\n", "test.toml"),
             ("", "no [[port]] table"),
