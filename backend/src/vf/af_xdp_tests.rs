@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::super::testnet::{ip, veth_pair, wait_readable, with_netns, RawSock};
+use super::super::testnet::{ip, set_tx_checksum, veth_pair, wait_readable, with_netns, RawSock};
 use super::super::{open_af_xdp, open_queues, RingConfig, VfError, VfMode, VfSocket};
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4};
 
@@ -395,5 +395,53 @@ fn one_socket_per_queue_on_a_multi_queue_interface() {
         let mut want = sent.clone();
         want.sort();
         assert_eq!(got, want);
+    });
+}
+
+/// Frames the peer's own stack sends: a TCP SYN reaches XDP with its checksum unfinished while
+/// the veth peer has tx checksum offload on (nothing in the frame says so: the documented
+/// caveat), and complete once the peer computes it in software (the documented remedy).
+#[test]
+fn peer_stack_tcp_checksums_with_and_without_peer_tx_offload() {
+    with_netns(|| {
+        veth_pair("vfa", "vfb");
+        ip(&["addr", "add", "10.9.0.2/24", "dev", "vfb"]);
+        ip(&[
+            "neigh",
+            "add",
+            "10.9.0.1",
+            "lladdr",
+            "02:00:00:00:00:0a",
+            "dev",
+            "vfb",
+        ]);
+        let mut socks = open_af_xdp("vfa", 1).expect("AF_XDP");
+        let sock = &mut socks[0];
+        let syn = |sock: &mut VfSocket| -> Option<Vec<u8>> {
+            let _ = std::net::TcpStream::connect_timeout(
+                &"10.9.0.1:5201".parse().expect("addr"),
+                Duration::from_millis(300),
+            );
+            let mut got = None;
+            sock.rx_batch(64, |_, d| {
+                if d.len() >= 54 && d[12..14] == [8, 0] && d[23] == 6 {
+                    got.get_or_insert_with(|| d.to_vec());
+                }
+                true
+            });
+            got
+        };
+        let with_offload = syn(sock).expect("a SYN");
+        // What the documentation warns about: the checksum is still to be filled in.
+        assert!(
+            !tcp4_checksum_ok(&with_offload),
+            "partial checksum with peer tx offload on"
+        );
+        set_tx_checksum("vfb", false);
+        let without = syn(sock).expect("a SYN");
+        assert!(
+            tcp4_checksum_ok(&without),
+            "complete checksum with peer tx offload off"
+        );
     });
 }
