@@ -200,6 +200,8 @@ pub struct XdpSocket {
     gather: Vec<u8>,
     /// Segment buffer of [`offload::segment`].
     scratch: Vec<u8>,
+    /// Frames (address, length) holding the segments of the super-frame being queued.
+    segs: Vec<(u64, u32)>,
     stats: VfStats,
 }
 
@@ -368,6 +370,7 @@ impl XdpSocket {
             tx_free,
             gather: Vec::with_capacity(MAX_GATHER),
             scratch: Vec::with_capacity(MAX_GATHER),
+            segs: Vec::with_capacity(64),
             stats: VfStats::default(),
         })
     }
@@ -660,6 +663,9 @@ impl XdpSocket {
         // reasoning about: ask for as many frames as MSS-sized segments need, plus one).
         let mss = usize::from(hdr.gso_size.max(1));
         let need = len.div_ceil(mss) + 1;
+        if need > TX_FRAMES as usize {
+            return Err(TxDrop::Invalid);
+        }
         if self.tx_free.len() < need {
             self.kick().map_err(|_| TxDrop::NoFrame)?;
             if self.tx_free.len() < need {
@@ -668,16 +674,20 @@ impl XdpSocket {
         }
         let base = self.umem.base;
         let umem_len = self.umem.len;
-        let mut queued: Vec<(u64, u32)> = Vec::new();
-        let mut too_big = false;
+        let mut queued = std::mem::take(&mut self.segs);
+        queued.clear();
+        let mut failed = None;
         let tx_free = &mut self.tx_free;
         let result = offload::segment(hdr, &self.gather, &mut self.scratch, |_h, seg| {
-            if too_big || seg.len() > FRAME_SIZE {
-                too_big = true;
+            if failed.is_some() {
+                return;
+            }
+            if seg.len() > FRAME_SIZE {
+                failed = Some(TxDrop::Invalid);
                 return;
             }
             let Some(addr) = tx_free.pop() else {
-                too_big = true;
+                failed = Some(TxDrop::NoFrame);
                 return;
             };
             debug_assert!(addr as usize + FRAME_SIZE <= umem_len);
@@ -692,14 +702,21 @@ impl XdpSocket {
             };
             queued.push((addr, seg.len() as u32));
         });
-        if result.is_err() || too_big {
+        let outcome = match (result, failed) {
+            (Ok(_), None) => Ok(()),
+            (_, Some(why)) => Err(why),
+            (Err(_), None) => Err(TxDrop::Invalid),
+        };
+        if outcome.is_ok() {
+            for &(addr, l) in &queued {
+                self.push_tx(addr, l);
+            }
+        } else {
+            // All or nothing: a partial super-frame would only make the peer ask again.
             self.tx_free.extend(queued.iter().map(|(a, _)| *a));
-            return Err(TxDrop::Invalid);
         }
-        for (addr, l) in queued {
-            self.push_tx(addr, l);
-        }
-        Ok(())
+        self.segs = queued;
+        outcome
     }
 
     /// Puts one frame on the TX ring (which always has room: it is as large as the transmit

@@ -445,3 +445,70 @@ fn peer_stack_tcp_checksums_with_and_without_peer_tx_offload() {
         );
     });
 }
+
+#[test]
+fn transmit_refuses_what_af_xdp_cannot_carry_and_bad_descriptions() {
+    with_netns(|| {
+        veth_pair("vfa", "vfb");
+        let mut socks = open_af_xdp("vfa", 1).expect("AF_XDP");
+        let sock = &mut socks[0];
+        let peer = RawSock::open("vfb");
+        let zero = hdr_bytes(&VnetHdr::default());
+        // Larger than a UMEM frame without GSO: counted invalid, the next packet still goes.
+        let huge = test_frame(1, 5000);
+        let ok = test_frame(2, 300);
+        let iovs = [iov(&zero), iov(&huge), iov(&zero), iov(&ok)];
+        assert_eq!(sock.tx_batch(&iovs, &[0..2, 2..4]).expect("tx"), 1);
+        assert_eq!(peer.recv_matching(1, WAIT, is_test), vec![ok.clone()]);
+        let st = sock.stats();
+        assert_eq!((st.tx_packets, st.tx_invalid), (1, 1));
+        // A GSO header whose segments would need more frames than exist: invalid too.
+        let tiny_mss = VnetHdr {
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            gso_size: 1,
+            hdr_len: 54,
+            ..VnetHdr::default()
+        };
+        let hb = hdr_bytes(&tiny_mss);
+        let pkt = tcp4(&[7u8; 3000]);
+        assert_eq!(
+            sock.tx_batch(&[iov(&hb), iov(&pkt)], &[0..2]).expect("tx"),
+            0
+        );
+        assert_eq!(sock.stats().tx_invalid, 2);
+        // Descriptions that cannot be right are errors, not drops.
+        assert!(matches!(
+            sock.tx_batch(&[iov(&ok)], &[0..1]),
+            Err(VfError::BadTxBatch { .. })
+        ));
+        assert!(matches!(
+            sock.tx_batch(&[iov(&zero)], &[0..2]),
+            Err(VfError::BadTxBatch { .. })
+        ));
+    });
+}
+
+#[test]
+fn a_full_burst_larger_than_the_frame_pool_is_sent_or_counted() {
+    with_netns(|| {
+        veth_pair("vfa", "vfb");
+        let mut socks = open_af_xdp("vfa", 1).expect("AF_XDP");
+        let sock = &mut socks[0];
+        let zero = hdr_bytes(&VnetHdr::default());
+        let f = test_frame(3, 1000);
+        // 3000 packets in one call: three times the transmit frames.
+        let mut iovs = Vec::new();
+        let mut pkts = Vec::new();
+        for _ in 0..3000 {
+            let s = iovs.len();
+            iovs.push(iov(&zero));
+            iovs.push(iov(&f));
+            pkts.push(s..iovs.len());
+        }
+        let sent = sock.tx_batch(&iovs, &pkts).expect("tx");
+        let st = sock.stats();
+        assert_eq!(sent as u64, st.tx_packets);
+        assert_eq!(st.tx_packets + st.tx_dropped, 3000, "{st:?}");
+        assert!(sent >= 1024, "frames are recycled within the call: {sent}");
+    });
+}
