@@ -191,6 +191,8 @@ pub struct XdpSocket {
     umem: Mapping,
     /// Keeps the program attached while any socket of the port is open.
     prog: Arc<XdpProgram>,
+    /// Keeps the interface promiscuous while any socket of the port is open.
+    promisc: Option<Arc<OwnedFd>>,
     ifname: String,
     queue: u32,
     zero_copy: bool,
@@ -364,6 +366,7 @@ impl XdpSocket {
             fd,
             umem,
             prog,
+            promisc: None,
             ifname: ifname.to_owned(),
             queue,
             zero_copy,
@@ -373,6 +376,12 @@ impl XdpSocket {
             segs: Vec::with_capacity(64),
             stats: VfStats::default(),
         })
+    }
+
+    /// Holds `guard` (the port's promiscuous-mode socket) as long as this socket lives.
+    pub fn keep_promiscuous(mut self, guard: Arc<OwnedFd>) -> Self {
+        self.promisc = Some(guard);
+        self
     }
 
     /// Name of the interface.

@@ -77,6 +77,16 @@ fn xdp_attached(ifname: &str) -> bool {
     String::from_utf8_lossy(&out.stdout).contains("xdp")
 }
 
+/// The interface's promiscuity count is non-zero (socket memberships do not show as the
+/// PROMISC flag, only in this count).
+fn promiscuous(ifname: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-d", "link", "show", ifname])
+        .output()
+        .expect("ip");
+    !String::from_utf8_lossy(&out.stdout).contains("promiscuity 0 ")
+}
+
 fn sum16(bytes: &[u8], mut sum: u32) -> u32 {
     for c in bytes.chunks(2) {
         let w = if c.len() == 2 {
@@ -144,6 +154,7 @@ fn frames_cross_both_ways_and_the_program_goes_with_the_sockets() {
         veth_pair("vfa", "vfb");
         let mut socks = open_af_xdp("vfa", 1).expect("AF_XDP on a veth");
         assert!(xdp_attached("vfa"), "XDP program attached while open");
+        assert!(promiscuous("vfa"), "the guest's MAC need not be the VF's");
         let sock = &mut socks[0];
         assert!(sock.is_af_xdp(), "{}", sock.describe());
         eprintln!("vfa: {}", sock.describe());

@@ -230,6 +230,59 @@ fn queue_counts(ifname: &str) -> Result<(u32, u32), VfError> {
     ))
 }
 
+/// Puts `ifname` in promiscuous mode for as long as the returned socket lives.
+///
+/// The guest's MAC address need not be the VF's, and a NIC filters unicast by MAC before XDP
+/// ever sees a frame. An `AF_PACKET` socket that is bound with protocol 0 receives nothing, but
+/// its `PACKET_MR_PROMISC` membership is reference counted by the kernel and undone when it
+/// closes, exactly as with the `AF_PACKET` data path (see [`super::af_packet`]).
+fn promiscuous(ifname: &str, ifindex: u32) -> Result<std::os::fd::OwnedFd, VfError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fail = |op| VfError::from_os(ifname, op, io::Error::last_os_error());
+    // SAFETY: plain socket(2) call; checked.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(fail("socket(AF_PACKET) for promiscuous mode"));
+    }
+    // SAFETY: fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain old data; zero is valid.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = 0;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: `sll` is a valid sockaddr_ll of the length passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(fail("bind(AF_PACKET) for promiscuous mode"));
+    }
+    let mreq = super::sys::PacketMreq {
+        mr_ifindex: ifindex as i32,
+        mr_type: super::sys::PACKET_MR_PROMISC,
+        ..Default::default()
+    };
+    // SAFETY: `mreq` is a live packet_mreq of the size passed, which the kernel only reads.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            super::sys::PACKET_ADD_MEMBERSHIP,
+            (&mreq as *const super::sys::PacketMreq).cast(),
+            std::mem::size_of::<super::sys::PacketMreq>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(fail("setsockopt(PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC)"));
+    }
+    Ok(fd)
+}
+
 /// Opens `queues` `AF_XDP` sockets, one per netdev queue, behind one XDP program.
 ///
 /// Refused (with the reason) when the MTU needs frames larger than a 4 KiB UMEM frame, or when
@@ -257,6 +310,7 @@ pub fn open_af_xdp(ifname: &str, queues: usize) -> Result<Vec<VfSocket>, VfError
              AF_XDP needs one RX queue per pair (ethtool -L, or queues = {rxq})"
         )));
     }
+    let promisc = Arc::new(promiscuous(ifname, info.index)?);
     let attempt = |native: bool| -> Result<Vec<VfSocket>, VfError> {
         let prog = Arc::new(
             XdpProgram::attach(info.index, want, native).map_err(|e| refuse(e.to_string()))?,
@@ -270,7 +324,8 @@ pub fn open_af_xdp(ifname: &str, queues: usize) -> Result<Vec<VfSocket>, VfError
                 })?
             } else {
                 XdpSocket::open(ifname, info.index, q, prog.clone(), false)?
-            };
+            }
+            .keep_promiscuous(promisc.clone());
             socks.push(VfSocket::from(sock));
         }
         Ok(socks)
