@@ -523,3 +523,66 @@ fn a_full_burst_larger_than_the_frame_pool_is_sent_or_counted() {
         assert!(sent >= 1024, "frames are recycled within the call: {sent}");
     });
 }
+
+/// Generic (skb) mode, which drivers without native XDP get: frames still cross both ways,
+/// and a UDP GSO burst from the peer's stack arrives as wire-sized datagrams.
+#[test]
+fn generic_mode_carries_frames_both_ways() {
+    with_netns(|| {
+        veth_pair("vfa", "vfb");
+        set_tx_checksum("vfb", false);
+        ip(&["addr", "add", "10.9.0.2/24", "dev", "vfb"]);
+        ip(&[
+            "neigh",
+            "add",
+            "10.9.0.1",
+            "lladdr",
+            "02:00:00:00:00:0a",
+            "dev",
+            "vfb",
+        ]);
+        let mut socks = super::super::socket::open_af_xdp_in("vfa", 1, false).expect("generic");
+        let sock = &mut socks[0];
+        assert!(
+            sock.describe().contains("generic XDP, copy mode"),
+            "{}",
+            sock.describe()
+        );
+
+        let u = std::net::UdpSocket::bind("10.9.0.2:0").expect("udp");
+        let seg: libc::c_int = 1400;
+        use std::os::fd::AsRawFd;
+        // SAFETY: UDP_SEGMENT (SOL_UDP 17, option 103) with a valid int.
+        let rc = unsafe {
+            libc::setsockopt(
+                u.as_raw_fd(),
+                17,
+                103,
+                (&seg as *const libc::c_int).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        u.send_to(&[1u8; 14000], "10.9.0.1:9").expect("send");
+        let deadline = Instant::now() + WAIT;
+        let mut sizes = Vec::new();
+        while sizes.len() < 10 && wait_readable(sock.as_raw_fd(), deadline) {
+            sock.rx_batch(64, |_, d| {
+                if d.len() > 34 && d[12..14] == [8, 0] && d[23] == 17 {
+                    sizes.push(d.len());
+                }
+                true
+            });
+        }
+        assert_eq!(sizes, vec![14 + 20 + 8 + 1400; 10]);
+
+        let peer = RawSock::open("vfb");
+        let zero = hdr_bytes(&VnetHdr::default());
+        let f = test_frame(5, 1000);
+        assert_eq!(
+            sock.tx_batch(&[iov(&zero), iov(&f)], &[0..2]).expect("tx"),
+            1
+        );
+        assert_eq!(peer.recv_matching(1, WAIT, is_test), vec![f]);
+    });
+}

@@ -290,6 +290,15 @@ fn promiscuous(ifname: &str, ifindex: u32) -> Result<std::os::fd::OwnedFd, VfErr
 /// socket, or the packets hashed to a queue without one would bypass the guest (they would go
 /// to the host stack), and a pair without a queue could not bind.
 pub fn open_af_xdp(ifname: &str, queues: usize) -> Result<Vec<VfSocket>, VfError> {
+    open_af_xdp_in(ifname, queues, true)
+}
+
+/// [`open_af_xdp`], trying native XDP first only if `native` (tests force generic mode).
+pub(crate) fn open_af_xdp_in(
+    ifname: &str,
+    queues: usize,
+    native: bool,
+) -> Result<Vec<VfSocket>, VfError> {
     let refuse = |reason: String| VfError::AfXdp {
         ifname: ifname.to_owned(),
         reason,
@@ -330,6 +339,9 @@ pub fn open_af_xdp(ifname: &str, queues: usize) -> Result<Vec<VfSocket>, VfError
         }
         Ok(socks)
     };
+    if !native {
+        return attempt(false);
+    }
     attempt(true).or_else(|e| {
         log::debug!("{ifname}: AF_XDP with a native program failed ({e}); trying generic XDP");
         attempt(false)
