@@ -668,8 +668,9 @@ impl XdpSocket {
             let s = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
             self.gather.extend_from_slice(s);
         }
-        // Room for the worst case (segments of at least 1 byte of payload are not worth
-        // reasoning about: ask for as many frames as MSS-sized segments need, plus one).
+        // Enough frames for every segment (the whole length over the MSS bounds the count, headers
+        // included), so a super-frame is never cut short half way; more than the pool holds can
+        // never be sent.
         let mss = usize::from(hdr.gso_size.max(1));
         let need = len.div_ceil(mss) + 1;
         if need > TX_FRAMES as usize {

@@ -200,7 +200,7 @@ pub enum XdpProgError {
 #[derive(Debug)]
 pub struct XdpProgram {
     map: OwnedFd,
-    // Declared before `_link`'s drop matters not: the link holds its own program reference.
+    // Drop order does not matter: the link holds its own reference to the program.
     _prog: OwnedFd,
     _link: OwnedFd,
     /// The attach flags in force ([`XDP_FLAGS_DRV_MODE`] or [`XDP_FLAGS_SKB_MODE`]).
