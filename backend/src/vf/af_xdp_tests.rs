@@ -586,3 +586,65 @@ fn generic_mode_carries_frames_both_ways() {
         assert_eq!(peer.recv_matching(1, WAIT, is_test), vec![f]);
     });
 }
+
+/// A link flap (the VF going down and up again) does not break the sockets: what is sent while
+/// the link is down is counted or sent later, and traffic flows both ways afterwards.
+#[test]
+fn traffic_resumes_after_a_link_flap() {
+    with_netns(|| {
+        veth_pair("vfa", "vfb");
+        let mut socks = open_af_xdp("vfa", 1).expect("AF_XDP");
+        let sock = &mut socks[0];
+        let zero = hdr_bytes(&VnetHdr::default());
+        ip(&["link", "set", "vfa", "down"]);
+        let lost = test_frame(0x40, 200);
+        let r = sock.tx_batch(&[iov(&zero), iov(&lost)], &[0..2]);
+        assert!(
+            r.is_ok(),
+            "a down link is not an error of the socket: {r:?}"
+        );
+        let _ = sock.take_error();
+        ip(&["link", "set", "vfa", "up"]);
+        let peer = RawSock::open("vfb");
+        let deadline = Instant::now() + WAIT;
+        // The carrier takes a moment to come back on both ends.
+        let f = test_frame(0x41, 300);
+        let mut got = Vec::new();
+        while got.is_empty() && Instant::now() < deadline {
+            peer.send(&f);
+            got = collect_for(sock, Duration::from_millis(200));
+        }
+        assert_eq!(got.first(), Some(&f), "wire -> relay after the flap");
+        let out = test_frame(0x42, 400);
+        assert_eq!(
+            sock.tx_batch(&[iov(&zero), iov(&out)], &[0..2])
+                .expect("tx"),
+            1
+        );
+        let seen = peer.recv_matching(2, WAIT, |d| is_test(d) && d[14] & 0xf0 == 0x40);
+        assert!(
+            seen.contains(&out),
+            "relay -> wire after the flap: {}",
+            seen.len()
+        );
+    });
+}
+
+/// Test frames received within `timeout`.
+fn collect_for(sock: &mut VfSocket, timeout: Duration) -> Vec<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while wait_readable(sock.as_raw_fd(), deadline) {
+        sock.rx_batch(64, |_, d| {
+            if is_test(d) {
+                got.push(d.to_vec());
+            }
+            true
+        });
+        if !got.is_empty() {
+            break;
+        }
+    }
+    got
+}
