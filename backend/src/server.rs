@@ -22,7 +22,7 @@ use crate::device::{NetDevice, Port};
 use crate::protocol_shim;
 use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
-use crate::vf::{interface_info, RingConfig, VfSocket};
+use crate::vf::{interface_info, open_queues, RingConfig};
 
 /// How long a client-mode port waits between attempts to reach its frontend.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -83,22 +83,29 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     }
     // A fanout group id that no other port of this process (or, likely, another process) uses.
     let group = fanout_group_id(&cfg.name);
-    for i in 0..cfg.queues {
-        let link = match &cfg.link {
-            LinkConfig::Vf(vf) => {
-                let fanout = (cfg.queues > 1).then_some(group);
-                let sock =
-                    VfSocket::open(vf, fanout, &RingConfig::default()).map_err(|source| {
-                        ServerError::Vf {
-                            port: cfg.name.clone(),
-                            vf: vf.clone(),
-                            source,
-                        }
-                    })?;
-                Link::Vf(Box::new(sock))
-            }
-            LinkConfig::Loopback => Link::Loopback,
-        };
+    let mut links: Vec<Link> = match &cfg.link {
+        LinkConfig::Vf(vf) => {
+            let fanout = (cfg.queues > 1).then_some(group);
+            open_queues(
+                &cfg.name,
+                vf,
+                cfg.queues,
+                cfg.vf_mode,
+                fanout,
+                &RingConfig::default(),
+            )
+            .map_err(|source| ServerError::Vf {
+                port: cfg.name.clone(),
+                vf: vf.clone(),
+                source,
+            })?
+            .into_iter()
+            .map(|s| Link::Vf(Box::new(s)))
+            .collect()
+        }
+        LinkConfig::Loopback => (0..cfg.queues).map(|_| Link::Loopback).collect(),
+    };
+    for (i, link) in links.drain(..).enumerate() {
         let mut pair = QueuePair::new(&cfg.name, i, link).map_err(|source| ServerError::Io {
             port: cfg.name.clone(),
             message: "cannot create an eventfd".into(),
