@@ -219,6 +219,10 @@ fn vdpa_direct_mode() {
             )?;
             env.step(out.lines().last().unwrap_or(""));
             ensure(out.contains("PASS"), || format!("direct scenario:\n{out}"))?;
+            // vhost-relay answers GET_CONFIG from the device's config space.
+            ensure(out.contains("config mac=52:54:00:00:00:0b "), || {
+                format!("the frontend should see the fixture's MAC:\n{out}")
+            })?;
             let (tx, rx, drops, errors) = fixture_counters(&mut qemu, "vnet0")?;
             ensure(tx == N && rx == N && drops == 0 && errors == 0, || {
                 format!("the device should have looped exactly {N} frames: tx={tx} rx={rx} drops={drops} errors={errors}")
