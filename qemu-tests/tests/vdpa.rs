@@ -252,6 +252,27 @@ fn vdpa_direct_mode() {
                 })?;
             }
             qemu.run_ok("kill -0 $(cat /tmp/vr.pid)", T)?;
+
+            // Errors a person can act on: the device is held by the first vhost-relay, and a
+            // device that does not exist. Both must stop the second process with the path.
+            for (dev, want) in [
+                ("/dev/vhost-vdpa-0", "is busy"),
+                ("/dev/vhost-vdpa-7", "/dev/vhost-vdpa-7"),
+            ] {
+                let out = qemu.console.run(
+                    &format!(
+                        "timeout 20 vhost-relay --socket-path /tmp/vr2.sock --vdpa {dev} 2>&1"
+                    ),
+                    T,
+                )?;
+                ensure(out.status != 0 && out.output.contains(want), || {
+                    format!(
+                        "vhost-relay --vdpa {dev} should fail saying `{want}`; status {}:\n{}",
+                        out.status, out.output
+                    )
+                })?;
+            }
+            env.step("busy and missing devices refused with their path");
             Ok(())
         },
     );
