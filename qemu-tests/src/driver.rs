@@ -32,6 +32,9 @@ pub enum DriverError {
     Memory(String),
     #[error("queue {queue}: {what}")]
     Queue { queue: usize, what: String },
+    /// What a [`loopback_with`] hook failed at.
+    #[error("{0}")]
+    Hook(String),
 }
 
 fn os(what: impl Into<String>, source: std::io::Error) -> DriverError {
@@ -343,6 +346,34 @@ pub fn loopback(
     len: usize,
     timeout: Duration,
 ) -> Result<LoopbackReport, DriverError> {
+    loopback_with(
+        mem,
+        rx,
+        tx,
+        (rx_bufs, tx_bufs),
+        mac,
+        count,
+        len,
+        timeout,
+        &mut |_| Ok(false),
+    )
+}
+
+/// [`loopback`] with a `hook` called on every round with the progress so far, for a test
+/// that changes the backend under traffic (e.g. starts dirty logging). While it returns
+/// true no new frame is sent, so the frames in flight drain.
+#[allow(clippy::too_many_arguments)]
+pub fn loopback_with(
+    mem: &DriverMemory,
+    rx: &mut DriverQueue,
+    tx: &mut DriverQueue,
+    (rx_bufs, tx_bufs): (u64, u64),
+    mac: [u8; 6],
+    count: u32,
+    len: usize,
+    timeout: Duration,
+    hook: &mut dyn FnMut(&LoopbackReport) -> Result<bool, DriverError>,
+) -> Result<LoopbackReport, DriverError> {
     let mut r = LoopbackReport::default();
     let mut last_progress = Instant::now();
     let mut prev = (0, 0);
@@ -359,8 +390,9 @@ pub fn loopback(
             rx.kick()?;
         }
         // Send what fits, but never more than RX can take back.
+        let hold = hook(&r)?;
         let mut tx_posted = false;
-        while r.sent < count && tx.room() > 0 && r.sent - r.received < u32::from(rx.size) {
+        while !hold && r.sent < count && tx.room() > 0 && r.sent - r.received < u32::from(rx.size) {
             let slot = u64::from(tx.next_desc);
             let addr = tx_bufs + slot * SLOT;
             let mut bytes = hdr.to_vec();

@@ -3,13 +3,16 @@
 //! [`driver`](crate::driver) module's, so the same guest-side code serves vhost-user
 //! (`vu-frontend`) and vhost-vdpa (`vdpa-probe`).
 
-use std::os::fd::AsRawFd;
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 
 use crate::driver::{DriverError, DriverMemory, DriverQueue, RingLayout};
 
@@ -18,6 +21,54 @@ pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
 pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// vhost's "log all writes" feature bit: what QEMU sets while it migrates a guest.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// Dirty log granularity (vhost-user: one bit per 4 KiB page of guest physical memory).
+pub const LOG_PAGE: u64 = 4096;
+
+/// A dirty-page log as QEMU shares it during migration: a memfd, one bit per guest page.
+pub struct MigrationLog {
+    pub memfd: File,
+    pub size: u64,
+}
+
+impl MigrationLog {
+    /// A zeroed log covering `mem_size` bytes of guest memory.
+    pub fn new(mem_size: u64) -> Result<Self, FrontendError> {
+        let size = (mem_size / LOG_PAGE).div_ceil(8).div_ceil(LOG_PAGE) * LOG_PAGE;
+        // SAFETY: a static name and flags; the fd is checked and owned below.
+        let fd = unsafe { libc::memfd_create(c"vu-frontend-log".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(FrontendError::Backend(format!(
+                "memfd_create: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: fd is fresh and ours.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd
+            .set_len(size)
+            .map_err(|e| FrontendError::Backend(format!("log memfd: {e}")))?;
+        Ok(MigrationLog { memfd, size })
+    }
+
+    /// The guest pages marked dirty so far.
+    pub fn pages(&self) -> Result<BTreeSet<u64>, FrontendError> {
+        let mut bytes = vec![0u8; self.size as usize];
+        self.memfd
+            .read_exact_at(&mut bytes, 0)
+            .map_err(|e| FrontendError::Backend(format!("reading the log: {e}")))?;
+        let mut pages = BTreeSet::new();
+        for (i, b) in bytes.iter().enumerate() {
+            for bit in 0..8 {
+                if b & (1 << bit) != 0 {
+                    pages.insert(i as u64 * 8 + bit);
+                }
+            }
+        }
+        Ok(pages)
+    }
+}
 
 /// Errors of a frontend session: the vhost-user request that failed, or the driver side.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +134,8 @@ impl VuSession {
     }
 
     /// Negotiation on an already connected frontend, with the protocol features this
-    /// module uses (MQ, REPLY_ACK, CONFIG, RESET_DEVICE) as far as the backend has them.
+    /// module uses (MQ, REPLY_ACK, CONFIG, RESET_DEVICE, LOG_SHMFD) as far as the backend has
+    /// them.
     pub fn negotiate(fe: Frontend, pairs: usize, want: u64) -> Result<Self, FrontendError> {
         Self::negotiate_with(
             fe,
@@ -92,7 +144,8 @@ impl VuSession {
             VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::RESET_DEVICE,
+                | VhostUserProtocolFeatures::RESET_DEVICE
+                | VhostUserProtocolFeatures::LOG_SHMFD,
         )
     }
 
@@ -204,6 +257,32 @@ impl VuSession {
             self.fe.reset_device().map_err(req("RESET_DEVICE"))?;
         }
         Ok(bases)
+    }
+
+    /// What QEMU does when a migration starts: SET_LOG_BASE with the log, then SET_FEATURES
+    /// with LOG_ALL.
+    pub fn start_logging(&mut self, log: &MigrationLog) -> Result<(), FrontendError> {
+        if !self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
+            return Err(FrontendError::Backend("offers no LOG_SHMFD".into()));
+        }
+        let region = VhostUserDirtyLogRegion {
+            mmap_size: log.size,
+            mmap_offset: 0,
+            mmap_handle: log.memfd.as_raw_fd(),
+        };
+        self.fe
+            .set_log_base(0, Some(region))
+            .map_err(req("SET_LOG_BASE"))?;
+        self.fe
+            .set_features(self.features | VHOST_F_LOG_ALL)
+            .map_err(req("SET_FEATURES with LOG_ALL"))
+    }
+
+    /// A migration cancelled (or done without the guest moving): LOG_ALL off again.
+    pub fn stop_logging(&mut self) -> Result<(), FrontendError> {
+        self.fe
+            .set_features(self.features)
+            .map_err(req("SET_FEATURES without LOG_ALL"))
     }
 
     /// The first `len` bytes of the device config space, if the backend offers CONFIG.

@@ -277,3 +277,61 @@ fn vdpa_direct_mode() {
         },
     );
 }
+
+/// Migration support in vDPA mode: LOG_ALL switches the port to shadow rings under traffic
+/// and back. Every frame comes back once and in order across both switches, vhost-relay
+/// relays (and counts) only the frames of the logging phase, and every guest page the
+/// fixture wrote while logging (its own record, `--write-log`) is marked in the dirty log.
+#[test]
+fn vdpa_shadow_mode() {
+    e2e_test_with(
+        "vdpa_shadow_mode",
+        &[],
+        || GuestImage::ensure_vdpa(&test_binaries()?),
+        |env| {
+            let mut qemu = boot_with_fixture(env, "--mac 52:54:00:00:00:0c --write-log /tmp/wlog")?;
+            start_relay(&mut qemu, "/tmp/vr.sock", "--vdpa /dev/vhost-vdpa-0")?;
+            env.step("vhost-relay --vdpa listening");
+            const N: u64 = 3000;
+            let out = qemu.run_ok(
+                &format!(
+                    "vu-frontend --socket /tmp/vr.sock --scenario shadow --packets {N} --write-log /tmp/wlog"
+                ),
+                Duration::from_secs(180),
+            )?;
+            for l in out.lines().filter(|l| l.starts_with("vu-frontend")) {
+                env.step(l);
+            }
+            ensure(out.contains("PASS"), || format!("shadow scenario:\n{out}"))?;
+            let (tx, rx, drops, errors) = fixture_counters(&mut qemu, "vnet0")?;
+            ensure(tx == N && rx == N && drops == 0 && errors == 0, || {
+                format!("the device should have looped exactly {N} frames: tx={tx} rx={rx} drops={drops} errors={errors}")
+            })?;
+            let stats = relay_stats(&mut qemu)?;
+            for s in &stats {
+                // A third of the frames (and those in flight at the switch) went through
+                // the shadow rings, the rest straight from the guest's rings.
+                ensure(s.packets > N / 6 && s.packets < N / 2, || {
+                    format!(
+                        "queue {} should count the logging phase's frames only: {s}",
+                        s.queue
+                    )
+                })?;
+            }
+            let log = qemu.run_ok("cat /tmp/vr.log", T)?;
+            let states: Vec<&str> = log
+                .lines()
+                .filter_map(|l| l.split("vdpa: ").nth(1))
+                .filter(|s| *s == "direct" || *s == "shadow")
+                .collect();
+            ensure(states.ends_with(&["direct", "shadow", "direct"]), || {
+                format!("state changes direct, shadow, direct expected in the log:\n{log}")
+            })?;
+            env.step(&format!(
+                "vhost-relay states {states:?}, relayed {:?}",
+                stats.iter().map(|s| s.packets).collect::<Vec<_>>()
+            ));
+            Ok(())
+        },
+    );
+}

@@ -556,3 +556,103 @@ fn bad_guest_avail_index_stops_only_the_relay_of_that_queue() {
         "nothing forwarded from the bad ring"
     );
 }
+
+#[test]
+fn need_event_follows_the_virtio_rule() {
+    use crate::shadow::need_event;
+    // The other side asked to hear about index 5: moving 4 -> 6 passes it, 5 -> 7 does not.
+    assert!(need_event(5, 6, 4));
+    assert!(!need_event(5, 7, 6));
+    assert!(need_event(5, 6, 5));
+    // Across the u16 wrap.
+    assert!(need_event(0xffff, 1, 0xfffe));
+    assert!(!need_event(3, 1, 0xfffe));
+}
+
+/// EVENT_IDX through the shadow rings: the guest learns where to kick (avail_event in its
+/// used ring), and is interrupted only when its used_event is passed.
+#[test]
+fn shadow_queue_honours_event_idx() {
+    use crate::shadow::{RingAddr, ShadowQueue};
+    let guest = Guest::new();
+    let (desc, avail, used) = ring(0);
+    let mem = guest_mem_with_dirty_bitmap(&guest);
+    let mut sq = ShadowQueue::new(0, NUM, RingAddr { desc, avail, used }, 0, 0, true).unwrap();
+    let mut g = guest;
+    for _ in 0..3 {
+        g.post(0);
+    }
+    assert_eq!(sq.forward_avail(&mem).unwrap(), 3);
+    let avail_event: u16 = g
+        .mem
+        .read_obj(GuestAddress(used + 4 + 8 * u64::from(NUM)))
+        .unwrap();
+    assert_eq!(avail_event, 3, "guest told to kick for its next entry");
+    // The guest wants an interrupt only after the second completion (used_event = 1).
+    g.mem
+        .write_obj(1u16, GuestAddress(avail + 4 + 2 * u64::from(NUM)))
+        .unwrap();
+    device_complete(&sq, 0, 0);
+    let b = sq.forward_used(&mem).unwrap();
+    assert_eq!(
+        (b.entries, b.notify),
+        (1, false),
+        "used 0 -> 1 does not pass event 1"
+    );
+    device_complete(&sq, 1, 1);
+    let b = sq.forward_used(&mem).unwrap();
+    assert_eq!(
+        (b.entries, b.notify),
+        (1, true),
+        "used 1 -> 2 passes event 1"
+    );
+}
+
+/// Writes used entry `slot` = head into a shadow queue's used ring as a device would.
+fn device_complete(sq: &crate::shadow::ShadowQueue, slot: u16, head: u32) {
+    let used = (sq.used_iova() - sq.iova) as usize;
+    let base = sq.mem.va() as *mut u8;
+    // SAFETY: inside the shadow ring mapping (used ring of NUM entries).
+    unsafe {
+        let e = base.add(used + 4 + 8 * usize::from(slot));
+        std::ptr::write_volatile(e as *mut u32, head);
+        std::ptr::write_volatile(e.add(4) as *mut u32, 0);
+        std::ptr::write_volatile(base.add(used + 2) as *mut u16, slot + 1);
+    }
+}
+
+fn guest_mem_with_dirty_bitmap(guest: &Guest) -> crate::shadow::GuestMem {
+    vm_memory::GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM as usize,
+        Some(vm_memory::FileOffset::new(
+            guest.file.try_clone().unwrap(),
+            0,
+        )),
+    )])
+    .unwrap()
+}
+
+/// A new memory table under a running device (memory hot-plug): the device is stopped,
+/// remapped from the new mapping and restarted where the guest was.
+#[test]
+fn memory_table_change_while_running_remaps_and_resumes() {
+    let mut f = setup(0);
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+    let old_va = f.dev.state().iotlb[0].2;
+    let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    f.session
+        .set_mem_table(&[region], vec![f.guest.file.try_clone().unwrap()], None)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Direct));
+    {
+        let s = f.dev.state();
+        assert_eq!(s.iotlb.len(), 1, "old mapping gone, new one in");
+        assert_ne!(s.iotlb[0].2, old_va, "the new mapping of guest memory");
+        assert_eq!(s.rings[0].base, 1, "restarted at the guest's used index");
+    }
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+    assert_eq!(f.guest.used_heads(0), f.guest.posted[0]);
+}
