@@ -6,7 +6,7 @@
 //! [[port]]
 //! name = "vm1"                          # optional; defaults to the socket file's stem
 //! socket = "/run/vhost-relay/vm1.sock"  # or: fd = 3 (an inherited listening socket)
-//! vf = "enp3s0f0v1"                     # or: loopback = true
+//! vf = "enp3s0f0v1"                     # or: loopback = true, or: vdpa = "/dev/vhost-vdpa-0"
 //! queues = 2                            # queue pairs; QEMU's -netdev vhost-user,queues=N
 //! client = false                        # true: QEMU listens, we connect and reconnect
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
@@ -56,6 +56,8 @@ pub enum SocketMode {
 pub enum LinkConfig {
     Vf(String),
     Loopback,
+    /// The guest's rings are handed to a kernel vhost-vdpa device (docs/vdpa.md).
+    Vdpa(PathBuf),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +83,7 @@ pub struct PortSpec {
     pub vf: Option<String>,
     #[serde(default)]
     pub loopback: bool,
+    pub vdpa: Option<PathBuf>,
     pub queues: Option<usize>,
     #[serde(default)]
     pub client: bool,
@@ -126,18 +129,36 @@ impl PortSpec {
                 ))
             }
         };
-        let link = match (self.vf, self.loopback) {
-            (Some(_), true) => return Err(bad("give either a VF or loopback, not both".into())),
-            (Some(vf), false)
+        let link = match (self.vf, self.loopback, self.vdpa) {
+            (Some(_), true, _) => return Err(bad("give either a VF or loopback, not both".into())),
+            (Some(_), _, Some(_)) | (_, true, Some(_)) => {
+                return Err(bad(
+                    "a vDPA port has no VF or loopback: give only the vDPA device".into(),
+                ))
+            }
+            (None, false, Some(p)) if p.as_os_str().is_empty() => {
+                return Err(bad("the vDPA device path is empty".into()))
+            }
+            (None, false, Some(p)) => LinkConfig::Vdpa(p),
+            (Some(vf), false, None)
                 if vf.is_empty() || vf.len() >= libc::IFNAMSIZ || vf.contains(['/', ' ']) =>
             {
                 return Err(bad(format!("'{vf}' is not a valid interface name")))
             }
-            (Some(vf), false) => LinkConfig::Vf(vf),
-            (None, true) => LinkConfig::Loopback,
-            (None, false) => return Err(bad("no VF: give a VF interface (or loopback)".into())),
+            (Some(vf), false, None) => LinkConfig::Vf(vf),
+            (None, true, None) => LinkConfig::Loopback,
+            (None, false, None) => {
+                return Err(bad(
+                    "no VF: give a VF interface (or loopback, or a vDPA device)".into(),
+                ))
+            }
         };
         let queues = self.queues.unwrap_or(1);
+        if matches!(link, LinkConfig::Vdpa(_)) && queues != 1 {
+            return Err(bad(format!(
+                "a vDPA port serves one queue pair (the control queue is not mirrored), not {queues}"
+            )));
+        }
         if queues == 0 || queues > MAX_QUEUE_PAIRS {
             return Err(bad(format!(
                 "queues must be 1 to {MAX_QUEUE_PAIRS}, not {queues}"
@@ -151,6 +172,9 @@ impl PortSpec {
             (None, _) => VfMode::default(),
             (Some(_), LinkConfig::Loopback) => {
                 return Err(bad("vf_mode applies to a VF port, not to loopback".into()))
+            }
+            (Some(_), LinkConfig::Vdpa(_)) => {
+                return Err(bad("vf_mode applies to a VF port, not to a vDPA device".into()))
             }
             (Some(m), LinkConfig::Vf(_)) => m.parse().map_err(bad)?,
         };
@@ -272,10 +296,14 @@ mod tests {
             socket = "/run/vr/lb.sock"
             loopback = true
             client = true
+            [[port]]
+            socket = "/run/vr/hw.sock"
+            vdpa = "/dev/vhost-vdpa-0"
             "#,
         )
         .expect("valid file");
-        assert_eq!(ports.len(), 2);
+        assert_eq!(ports.len(), 3);
+        assert_eq!(ports[2].link, LinkConfig::Vdpa("/dev/vhost-vdpa-0".into()));
         assert_eq!(ports[0].name, "vm1");
         assert_eq!(
             ports[0].socket,
@@ -297,6 +325,14 @@ mod tests {
     fn errors_name_the_port_and_the_problem() {
         let cases = [
             ("[[port]]\nsocket='/a'\n", "port 1: no VF"),
+            (
+                "[[port]]\nsocket='/a'\nvdpa='/dev/vhost-vdpa-0'\nvf='x'\n",
+                "give only the vDPA device",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvdpa='/dev/vhost-vdpa-0'\nqueues=2\n",
+                "one queue pair",
+            ),
             ("[[port]]\nvf='x'\n", "port 1: no socket"),
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nloopback=true\n",

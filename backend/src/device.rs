@@ -86,6 +86,9 @@ pub struct Port {
     pub name: String,
     pub pairs: Vec<Mutex<QueuePair>>,
     pub stats: Arc<PortStats>,
+    /// vDPA mode: the device, opened (and owned) once for the port's life; a session takes
+    /// it and gives it back when its frontend goes away. `None` inside while a session runs.
+    pub vdpa: Option<Mutex<Option<vdpa::KernelDevice>>>,
 }
 
 impl Port {
@@ -94,6 +97,17 @@ impl Port {
             name: name.to_string(),
             pairs: pairs.into_iter().map(Mutex::new).collect(),
             stats,
+            vdpa: None,
+        }
+    }
+
+    /// A vDPA port: no queue pairs of ours, the device instead.
+    pub fn new_vdpa(name: &str, dev: vdpa::KernelDevice, stats: Arc<PortStats>) -> Self {
+        Port {
+            name: name.to_string(),
+            pairs: Vec::new(),
+            stats,
+            vdpa: Some(Mutex::new(Some(dev))),
         }
     }
 

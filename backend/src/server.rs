@@ -52,6 +52,11 @@ pub enum ServerError {
         port: String,
         cause: vhost_user_backend::Error,
     },
+    #[error("port {port}: {source}")]
+    Vdpa {
+        port: String,
+        source: vdpa::OpenError,
+    },
     #[error("port {port}: {message}: {source}")]
     Io {
         port: String,
@@ -64,6 +69,15 @@ pub enum ServerError {
 /// when the guest boots.
 pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     let stats = Arc::new(PortStats::new(&cfg.name, cfg.queues));
+    if let LinkConfig::Vdpa(path) = &cfg.link {
+        // Opened now, so a missing or busy device is reported before any frontend comes.
+        let dev = vdpa::KernelDevice::open(path).map_err(|source| ServerError::Vdpa {
+            port: cfg.name.clone(),
+            source,
+        })?;
+        info!("port {}: vDPA device {}", cfg.name, path.display());
+        return Ok(Arc::new(Port::new_vdpa(&cfg.name, dev, stats)));
+    }
     let mut pairs = Vec::with_capacity(cfg.queues);
     if let LinkConfig::Vf(vf) = &cfg.link {
         let vf_err = |source| ServerError::Vf {
@@ -104,6 +118,8 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
             .collect()
         }
         LinkConfig::Loopback => (0..cfg.queues).map(|_| Link::Loopback).collect(),
+        // Served by the vdpa crate's session (returned above); no queue pairs of ours.
+        LinkConfig::Vdpa(_) => Vec::new(),
     };
     for (i, link) in links.drain(..).enumerate() {
         let mut pair = QueuePair::new(&cfg.name, i, link).map_err(|source| ServerError::Io {
@@ -227,6 +243,9 @@ fn run_session(
     port: &Arc<Port>,
     frontend: UnixStream,
 ) -> Result<(), ServerError> {
+    if port.vdpa.is_some() {
+        return run_vdpa_session(cfg, port, frontend);
+    }
     let io_err = |message: &str, source| ServerError::Io {
         port: cfg.name.clone(),
         message: message.into(),
@@ -254,6 +273,77 @@ fn run_session(
         h.shutdown();
     }
     let _ = shim.join();
+    Ok(())
+}
+
+/// Serves one frontend connection in vDPA mode: our own request handler (the session),
+/// reached through the same protocol shim as the relay mode, owns the device until the
+/// frontend goes away, then resets it and hands it back to the port.
+fn run_vdpa_session(
+    cfg: &PortConfig,
+    port: &Arc<Port>,
+    frontend: UnixStream,
+) -> Result<(), ServerError> {
+    use std::sync::Mutex;
+    use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+    let io_err = |message: &str, source| ServerError::Io {
+        port: cfg.name.clone(),
+        message: message.into(),
+        source,
+    };
+    let Some(slot) = &port.vdpa else {
+        return Ok(());
+    };
+    let Some(dev) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        warn!(
+            "port {}: the vDPA device is still held by the last session",
+            cfg.name
+        );
+        return Ok(());
+    };
+    let counters: Arc<dyn vdpa::Counters> = port.stats.clone();
+    let session = match vdpa::Session::new(&cfg.name, dev, counters) {
+        Ok(s) => Arc::new(Mutex::new(s)),
+        Err((e, dev)) => {
+            error!("{e}");
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+            return Ok(());
+        }
+    };
+    let (ours, shim_end) =
+        UnixStream::pair().map_err(|e| io_err("cannot set up the backend-side socket", e))?;
+    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end)
+        .map_err(|e| io_err("cannot start the protocol shim", e))?;
+    let mut handler = BackendReqHandler::from_stream(ours, session.clone());
+    loop {
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
+                info!("port {}: frontend disconnected", cfg.name);
+                break;
+            }
+            Err(e) => {
+                warn!("port {}: frontend connection ended: {e}", cfg.name);
+                break;
+            }
+        }
+    }
+    if let Ok(conn) = handler.try_clone_connection() {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }
+    drop(handler);
+    let _ = shim.join();
+    match Arc::try_unwrap(session) {
+        Ok(m) => {
+            let dev = m
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .into_device();
+            info!("port {}: vdpa: reset", cfg.name);
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+        }
+        Err(_) => error!("port {}: the vDPA session is still referenced", cfg.name),
+    }
     Ok(())
 }
 

@@ -43,6 +43,9 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     /// Where the console log, QMP socket etc. go.
     pub workdir: PathBuf,
+    /// Whether the guest gets the vhost-user NIC on `socket`. The vDPA guest has none: its
+    /// vhost-user frontend, backend and device all run inside it.
+    pub vhost_user_nic: bool,
 }
 
 impl QemuConfig {
@@ -59,7 +62,18 @@ impl QemuConfig {
             no_reboot: true,
             memory_mib: 512,
             workdir: workdir.to_path_buf(),
+            vhost_user_nic: true,
         }
+    }
+
+    /// A guest without NIC for the vDPA tests: 1 GiB (the frontend's guest memory, vhost-relay
+    /// and the VDUSE fixture all live in it) and 2 CPUs (three busy processes).
+    pub fn without_nic(image: &GuestImage, workdir: &Path) -> Self {
+        let mut c = QemuConfig::new(image, Path::new(""), workdir);
+        c.vhost_user_nic = false;
+        c.memory_mib = 1024;
+        c.smp = 2;
+        c
     }
 
     /// Sets `queues` queue pairs (and 2 CPUs when more than one).
@@ -117,16 +131,26 @@ impl QemuConfig {
             "-initrd".into(),
             self.image.initrd.display().to_string(),
             "-append".into(),
-            format!(
-                "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}",
-                self.guest_cidr
-            ),
-            "-chardev".into(),
-            chardev,
-            "-netdev".into(),
-            netdev,
-            "-device".into(),
-            device,
+            if self.vhost_user_nic {
+                format!(
+                    "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}",
+                    self.guest_cidr
+                )
+            } else {
+                "console=ttyS0 panic=-1 loglevel=4 tsc=reliable".into()
+            },
+        ]);
+        if self.vhost_user_nic {
+            a.extend([
+                "-chardev".into(),
+                chardev,
+                "-netdev".into(),
+                netdev,
+                "-device".into(),
+                device,
+            ]);
+        }
+        a.extend([
             "-qmp".into(),
             format!(
                 "unix:{},server=on,wait=off",
@@ -292,5 +316,16 @@ mod tests {
         assert!(a.contains("-smp 2 "));
         assert!(a.contains("path=/s/vm.sock,server=on,wait=off"));
         assert!(!a.contains("-no-reboot"));
+    }
+
+    #[test]
+    fn guest_without_nic() {
+        let c = QemuConfig::without_nic(&image(), Path::new("/w"));
+        let a = c.args().join(" ");
+        assert!(!a.contains("vhost-user"));
+        assert!(!a.contains("-chardev"));
+        assert!(!a.contains("vr.ip="));
+        assert!(a.contains("memory-backend-memfd,id=mem,size=1024M,share=on"));
+        assert!(a.contains("-smp 2 "));
     }
 }
