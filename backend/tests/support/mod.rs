@@ -769,9 +769,7 @@ impl TestFrontend {
             self.fe
                 .set_vring_num(index, QUEUE_SIZE)
                 .expect("SET_VRING_NUM");
-            self.fe
-                .set_vring_base(index, base)
-                .expect("SET_VRING_BASE");
+            self.fe.set_vring_base(index, base).expect("SET_VRING_BASE");
             self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
             self.fe
                 .set_vring_kick(index, &self.queues[q].kick)
