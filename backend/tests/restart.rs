@@ -30,7 +30,8 @@ fn tag_of(f: &[u8]) -> Option<u16> {
     (f.len() >= 16 && f[12..14] == [0x88, 0xb5]).then(|| u16::from_be_bytes([f[14], f[15]]))
 }
 
-/// Collects test frames seen on `wire0` until `n` arrived or the timeout passed.
+/// Collects test frames seen on `wire0` until `n` arrived, the timeout passed, or the wire
+/// was quiet for a second after the first one.
 fn capture(ns_name: String, n: usize) -> std::thread::JoinHandle<Vec<u16>> {
     std::thread::spawn(move || {
         let ns = NetNs { name: ns_name };
@@ -38,9 +39,13 @@ fn capture(ns_name: String, n: usize) -> std::thread::JoinHandle<Vec<u16>> {
             let raw = RawSocket::open("wire0", false);
             let mut tags = Vec::new();
             let start = Instant::now();
+            let mut last = Instant::now();
             while tags.len() < n && start.elapsed() < T {
                 if let Some(t) = raw.recv().as_deref().and_then(tag_of) {
                     tags.push(t);
+                    last = Instant::now();
+                } else if !tags.is_empty() && last.elapsed() > Duration::from_secs(1) {
+                    break;
                 }
             }
             tags
@@ -69,7 +74,7 @@ fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
         "--vf",
         "vf0",
     ];
-    let mut be = ns.spawn_backend(&args, &dir.join("vr1.log"));
+    let mut be = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr1.log")));
     let (stream, _) = listener.accept().expect("the backend connects");
     let mut f = TestFrontend::over_stream(stream, 1, VIRTIO_NET_F_MRG_RXBUF);
 
@@ -90,8 +95,8 @@ fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
 
     // The backend dies. The guest keeps transmitting: 40 more packets pile up in the ring,
     // and it kicks (a kick nobody reads now; QEMU's eventfd keeps it).
-    let _ = be.kill();
-    let _ = be.wait();
+    let _ = be.0.kill();
+    let _ = be.0.wait();
     for i in 8..48u16 {
         f.post_tx(
             1,
@@ -109,7 +114,7 @@ fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
     // A new backend; QEMU restores each ring's base from the used index.
     let cap = capture(ns.name.clone(), 40);
     std::thread::sleep(Duration::from_millis(200));
-    let mut be2 = ns.spawn_backend(&args, &dir.join("vr2.log"));
+    let _be2 = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr2.log")));
     let fe = accept(&listener);
     let bases = [f.used_idx(0), f.used_idx(1)];
     f.reattach(fe, &bases);
@@ -154,6 +159,91 @@ fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
     // And a clean stop now returns a base that covers exactly what was used.
     assert_eq!(f.get_vring_base(1), 48);
     assert_eq!(f.used_idx(1), 48);
-    let _ = be2.kill();
-    let _ = be2.wait();
+}
+
+/// GET_VRING_BASE on a TX ring while the guest keeps transmitting (what QEMU does when it
+/// stops the device for migration): the base it returns must cover exactly the packets that
+/// went out, all returned in the used ring, and nothing may be taken after it. Started again
+/// from that base, the ring sends the rest. The wire sees every packet exactly once, in order.
+#[test]
+fn tx_stopped_mid_stream_loses_and_repeats_nothing() {
+    let ns = NetNs::new("txstop");
+    let dir = temp_dir("txstop");
+    let sock = dir.join("vr.sock");
+    let _be = KillOnDrop(ns.spawn_backend(
+        &[
+            "--socket-path",
+            sock.to_str().expect("utf-8"),
+            "--vf",
+            "vf0",
+        ],
+        &dir.join("vr.log"),
+    ));
+    assert!(wait_for(T, || sock.exists()), "backend listens");
+    let stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    let mut raw = stream.try_clone().expect("clone");
+    let mut f = TestFrontend::over_stream(stream, 1, VIRTIO_NET_F_MRG_RXBUF);
+    const N: u16 = 20_000;
+    let cap = capture(ns.name.clone(), N as usize);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // The stop comes from another thread while this one keeps posting and kicking.
+    let stopper = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        std::thread::sleep(Duration::from_millis(10));
+        let payload = [1u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        raw.write_all(&raw_message(11, 0, &payload))
+            .expect("GET_VRING_BASE");
+        let mut reply = [0u8; 20];
+        raw.read_exact(&mut reply).expect("reply");
+        u32::from_le_bytes(reply[16..20].try_into().expect("4 bytes")) as u16
+    });
+    let mut posted = 0u16;
+    // Goes on for 50 packets past the stop: a stopped ring must not take them.
+    let mut after_stop = 0;
+    while posted < N && after_stop < 50 {
+        if stopper.is_finished() {
+            after_stop += 1;
+        }
+        // Never more than 200 outstanding on the 256-entry ring.
+        if posted.wrapping_sub(f.used_idx(1)) < 200 {
+            f.post_tx(
+                1,
+                TestFrontend::buf_addr(1, posted % 256),
+                &frame(3, posted, 200),
+            );
+            posted += 1;
+            if posted.is_multiple_of(16) {
+                f.kick(1);
+            }
+        } else if stopper.is_finished() {
+            break;
+        } else {
+            f.kick(1);
+            std::thread::yield_now();
+        }
+    }
+    let base = stopper.join().expect("stopper");
+    eprintln!("stopped at {base}, {posted} posted");
+    assert!(
+        base < posted,
+        "packets pending at the stop ({base} of {posted})"
+    );
+    f.kick(1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        f.used_idx(1),
+        base,
+        "every chain taken before the stop is in the used ring, none after"
+    );
+    f.restart_ring(1, base);
+    f.kick(1);
+    assert_eq!(f.wait_used(1, posted as usize, T).len(), posted as usize);
+    let tags = cap.join().expect("capture");
+    assert_eq!(tags.len(), posted as usize, "no packet lost or repeated");
+    assert_eq!(
+        tags,
+        (0..posted).collect::<Vec<u16>>(),
+        "each packet once, in order"
+    );
 }

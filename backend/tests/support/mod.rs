@@ -531,6 +531,16 @@ impl RawSocket {
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            // Room for bursts of thousands of frames: the test reads slower than the backend
+            // sends, and a full buffer would look like loss.
+            let rcvbuf: libc::c_int = 16 << 20;
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&rcvbuf as *const libc::c_int).cast(),
+                4,
+            );
             let tv = libc::timeval {
                 tv_sec: 0,
                 tv_usec: 200_000,
@@ -722,6 +732,17 @@ pub fn raw_message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     m
 }
 
+/// A child process (e.g. a backend started in a namespace) killed when dropped, so a failing
+/// test leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `VHOST_USER_SEND_RARP` and the NEED_REPLY flag.
 pub const REQ_SEND_RARP: u32 = 19;
 pub const FLAG_NEED_REPLY: u32 = 0x8;
@@ -791,6 +812,27 @@ impl TestFrontend {
     /// The avail index of queue `q` as it is in guest memory.
     pub fn avail_idx(&self, q: usize) -> u16 {
         self.r16(self.layout(q).avail + 2)
+    }
+
+    /// Starts queue `q` again after a GET_VRING_BASE, from `base`, as QEMU does when it
+    /// restarts a stopped device (or on the migration destination).
+    pub fn restart_ring(&mut self, q: usize, base: u16) {
+        let index = self.queues[q].index;
+        let cfg = self.ring_config(self.layout(q), false);
+        self.fe
+            .set_vring_num(index, QUEUE_SIZE)
+            .expect("SET_VRING_NUM");
+        self.fe.set_vring_base(index, base).expect("SET_VRING_BASE");
+        self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
+        self.fe
+            .set_vring_kick(index, &self.queues[q].kick)
+            .expect("SET_VRING_KICK");
+        self.fe
+            .set_vring_call(index, &self.queues[q].call)
+            .expect("SET_VRING_CALL");
+        self.fe
+            .set_vring_enable(index, true)
+            .expect("SET_VRING_ENABLE");
     }
 
     /// GET_VRING_BASE on queue `q` (stops the ring).
