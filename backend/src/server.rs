@@ -262,7 +262,10 @@ fn run_session(
         warn!("port {}: cannot start serving the frontend: {e}", cfg.name);
         return Ok(());
     }
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end)
+    let announcer = port.clone();
+    let on_rarp: protocol_shim::RarpHandler =
+        Box::new(move |mac| crate::announce::announce_logged(&announcer, mac));
+    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
         .map_err(|e| io_err("cannot start the protocol shim", e))?;
     match daemon.wait() {
         Ok(()) => info!("port {}: frontend disconnected", cfg.name),
