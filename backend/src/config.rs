@@ -10,6 +10,7 @@
 //! queues = 2                            # queue pairs; QEMU's -netdev vhost-user,queues=N
 //! client = false                        # true: QEMU listens, we connect and reconnect
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
+//! vf_mode = "auto"                      # optional: af-packet (default), af-xdp or auto
 //! ```
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::device::MAX_QUEUE_PAIRS;
+use crate::vf::VfMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +69,8 @@ pub struct PortConfig {
     pub queues: usize,
     /// CPU for each queue pair's worker, if pinned.
     pub cpus: Vec<usize>,
+    /// Socket kind on the VF (ignored for loopback ports).
+    pub vf_mode: VfMode,
 }
 
 /// One `[[port]]` table as written; unknown keys are errors, so a typo cannot pass silently.
@@ -84,6 +88,7 @@ pub struct PortSpec {
     #[serde(default)]
     pub client: bool,
     pub cpus: Option<String>,
+    pub vf_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +168,18 @@ impl PortSpec {
             Some(list) => parse_cpu_list(&list)?,
             None => Vec::new(),
         };
+        let vf_mode = match (self.vf_mode.as_deref(), &link) {
+            (None, _) => VfMode::default(),
+            (Some(_), LinkConfig::Loopback) => {
+                return Err(bad("vf_mode applies to a VF port, not to loopback".into()))
+            }
+            (Some(_), LinkConfig::Vdpa(_)) => {
+                return Err(bad(
+                    "vf_mode applies to a VF port, not to a vDPA device".into()
+                ))
+            }
+            (Some(m), LinkConfig::Vf(_)) => m.parse().map_err(bad)?,
+        };
         let name = match (self.name, &socket) {
             (Some(n), _) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
             (Some(n), _) => return Err(bad(format!("'{n}' is not a valid port name"))),
@@ -178,6 +195,7 @@ impl PortSpec {
             link,
             queues,
             cpus,
+            vf_mode,
         })
     }
 }
@@ -274,6 +292,7 @@ mod tests {
             vf = "veth1"
             queues = 2
             cpus = "0-1"
+            vf_mode = "auto"
             [[port]]
             name = "lb"
             socket = "/run/vr/lb.sock"
@@ -295,6 +314,8 @@ mod tests {
         assert_eq!(ports[0].link, LinkConfig::Vf("veth1".into()));
         assert_eq!(ports[0].queues, 2);
         assert_eq!(ports[0].cpus, vec![0, 1]);
+        assert_eq!(ports[0].vf_mode, VfMode::Auto);
+        assert_eq!(ports[1].vf_mode, VfMode::AfPacket, "the default");
         assert_eq!(
             ports[1].socket,
             SocketMode::Connect("/run/vr/lb.sock".into())
@@ -343,6 +364,14 @@ mod tests {
             (
                 "[[port]]\nsocket='/a'\nvf='x'\ncpus='3-1'\n",
                 "goes backwards",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nvf_mode='dpdk'\n",
+                "unknown VF mode 'dpdk'",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nloopback=true\nvf_mode='auto'\n",
+                "vf_mode applies to a VF port",
             ),
             ("[[port]\n", "test.toml"),
             ("", "no [[port]] table"),

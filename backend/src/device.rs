@@ -74,11 +74,18 @@ pub fn device_features() -> u64 {
 /// A device reset reaches us anyway as GET_VRING_BASE on every ring and a fresh setup.
 ///
 /// LOG_SHMFD: the dirty log comes as a shared-memory fd with SET_LOG_BASE (live migration).
+///
+/// RARP: after a migration QEMU sends SEND_RARP for a guest without GUEST_ANNOUNCE; the
+/// protocol shim answers it and the port broadcasts a RARP frame on its VF
+/// ([`crate::announce`]).
+///
+/// Not PAGEFAULT (postcopy): see docs/usage.md, "Live migration".
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
 }
 
 /// A port's queue pairs and counters: created once, kept across frontend connections.

@@ -2,7 +2,7 @@
 //!
 //! Follows the "Backend program conventions" of QEMU's vhost-user specification:
 //! `--socket-path`, `--fd`, `--print-capabilities`, plus `--vf`/`--loopback` for the link,
-//! `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one process.
+//! `--vf-mode`, `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one process.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,8 +55,12 @@ struct Cli {
     /// CPUs for the queue-pair workers, one per pair in order, e.g. "2-3".
     #[arg(long, value_name = "LIST")]
     cpu_list: Option<String>,
+    /// Socket kind on the VF: af-packet (default), af-xdp, or auto (AF_XDP if the interface
+    /// allows it, else AF_PACKET; the choice and the reason are logged).
+    #[arg(long, value_name = "MODE", conflicts_with = "loopback")]
+    vf_mode: Option<String>,
     /// Serve every [[port]] of a TOML file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode"])]
     config: Option<PathBuf>,
     /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
     #[arg(long)]
@@ -191,6 +195,7 @@ fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError
         queues: cli.queues,
         client: cli.client,
         cpus: cli.cpu_list,
+        vf_mode: cli.vf_mode,
     };
     let port = spec.validate(origin)?;
     if let SocketMode::Listen(path) = &port.socket {

@@ -22,7 +22,7 @@ use crate::device::{NetDevice, Port};
 use crate::protocol_shim;
 use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
-use crate::vf::{interface_info, RingConfig, VfSocket};
+use crate::vf::{interface_info, open_queues, RingConfig};
 
 /// How long a client-mode port waits between attempts to reach its frontend.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -101,22 +101,29 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     }
     // A fanout group id that no other port of this process (or, likely, another process) uses.
     let group = fanout_group_id(&cfg.name);
-    for i in 0..cfg.queues {
-        let link = match vf {
-            Some(vf) => {
-                let fanout = (cfg.queues > 1).then_some(group);
-                let sock =
-                    VfSocket::open(vf, fanout, &RingConfig::default()).map_err(|source| {
-                        ServerError::Vf {
-                            port: cfg.name.clone(),
-                            vf: vf.clone(),
-                            source,
-                        }
-                    })?;
-                Link::Vf(Box::new(sock))
-            }
-            None => Link::Loopback,
-        };
+    let mut links: Vec<Link> = match vf {
+        Some(vf) => {
+            let fanout = (cfg.queues > 1).then_some(group);
+            open_queues(
+                &cfg.name,
+                vf,
+                cfg.queues,
+                cfg.vf_mode,
+                fanout,
+                &RingConfig::default(),
+            )
+            .map_err(|source| ServerError::Vf {
+                port: cfg.name.clone(),
+                vf: vf.clone(),
+                source,
+            })?
+            .into_iter()
+            .map(|s| Link::Vf(Box::new(s)))
+            .collect()
+        }
+        None => (0..cfg.queues).map(|_| Link::Loopback).collect(),
+    };
+    for (i, link) in links.drain(..).enumerate() {
         let mut pair = QueuePair::new(&cfg.name, i, link).map_err(|source| ServerError::Io {
             port: cfg.name.clone(),
             message: "cannot create an eventfd".into(),
@@ -257,7 +264,10 @@ fn run_session(
         warn!("port {}: cannot start serving the frontend: {e}", cfg.name);
         return Ok(());
     }
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end)
+    let announcer = port.clone();
+    let on_rarp: protocol_shim::RarpHandler =
+        Box::new(move |mac| crate::announce::announce_logged(&announcer, mac));
+    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
         .map_err(|e| io_err("cannot start the protocol shim", e))?;
     match daemon.wait() {
         Ok(()) => info!("port {}: frontend disconnected", cfg.name),
@@ -307,7 +317,16 @@ fn run_vdpa_session(
     };
     let (ours, shim_end) =
         UnixStream::pair().map_err(|e| io_err("cannot set up the backend-side socket", e))?;
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end)
+    // SEND_RARP is not offered in vDPA mode (the frames would have to come from the device);
+    // should a frontend send it anyway, say that nothing was announced.
+    let name = cfg.name.clone();
+    let on_rarp: protocol_shim::RarpHandler = Box::new(move |mac| {
+        warn!(
+            "port {name}: SEND_RARP for {} ignored: a vDPA port cannot announce the guest",
+            format_mac(&mac)
+        )
+    });
+    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
         .map_err(|e| io_err("cannot start the protocol shim", e))?;
     let mut handler = BackendReqHandler::from_stream(ours, session.clone());
     loop {

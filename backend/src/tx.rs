@@ -122,9 +122,7 @@ impl TxBatch {
                 }
                 Err(e) => {
                     self.iovs.truncate(first_iov);
-                    stats.add_errors(1);
-                    crate::warn_limited!("{e}");
-                    queue.add_used(mem, head, 0)?;
+                    refuse_chain(queue, mem, head, &e, stats)?;
                 }
             }
         }
@@ -151,6 +149,32 @@ impl TxBatch {
     pub fn is_empty(&self) -> bool {
         self.pkts.is_empty()
     }
+}
+
+/// Counts and logs a refused chain and returns it to the guest unused.
+///
+/// A head index past the descriptor table (a driver bug) names no chain: it cannot go in the
+/// used ring (the driver would index its own state out of bounds), so it is only counted.
+/// Failing the batch instead would strand the good chains gathered before it: taken from
+/// avail, never sent nor returned, and past the base a GET_VRING_BASE reports.
+fn refuse_chain<M: GuestMemoryBackend>(
+    queue: &mut Queue,
+    mem: &M,
+    head: u16,
+    e: &TxError,
+    stats: &QueueStats,
+) -> Result<(), TxError> {
+    stats.add_errors(1);
+    if head >= queue.size() {
+        crate::warn_limited!(
+            "tx queue: avail ring names head {head}, past the {}-entry descriptor table; skipped",
+            queue.size()
+        );
+        return Ok(());
+    }
+    crate::warn_limited!("{e}");
+    queue.add_used(mem, head, 0)?;
+    Ok(())
 }
 
 /// Turns one chain into iovecs: first the 10-byte offload header (copied into `hdr`, since the
@@ -464,6 +488,39 @@ mod tests {
         assert_eq!(stats.snapshot().errors, 7);
         // The bad ones are back in the guest's hands already.
         assert_eq!(gq.used_idx(), 7);
+    }
+
+    /// A head index past the descriptor table names no chain at all: there is nothing to
+    /// return, and it must cost only itself. The good chains of the same batch are still sent
+    /// and returned, so when the frontend stops the ring (GET_VRING_BASE) every chain taken
+    /// from avail is in the used ring, and the queue keeps working.
+    #[test]
+    fn out_of_range_head_costs_only_itself() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        put_hdr(&mem, BUFFERS, VnetHdr::default());
+        gq.add(&[rbuf(BUFFERS, 72)]);
+        gq.add_raw_head(999);
+        gq.add(&[rbuf(BUFFERS, 72)]);
+        let mut q = gq.queue();
+        let stats = QueueStats::default();
+        let mut batch = TxBatch::default();
+        let popped = batch
+            .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+            .expect("a bad head does not fail the batch");
+        assert_eq!(popped, 3);
+        assert_eq!(batch.len(), 2, "both good chains are in the batch");
+        assert_eq!(stats.snapshot().errors, 1);
+        batch.complete(&mut q, &mem).unwrap();
+        assert_eq!(gq.used_idx(), 2);
+        assert_eq!((gq.used(0).0, gq.used(1).0), (0, 1));
+        assert_eq!(q.next_avail(), 3);
+        // The queue goes on.
+        gq.add(&[rbuf(BUFFERS, 72)]);
+        batch
+            .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+            .unwrap();
+        assert_eq!(batch.len(), 1);
     }
 
     #[test]

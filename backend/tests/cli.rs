@@ -67,6 +67,21 @@ fn a_missing_vf_is_named() {
 }
 
 #[test]
+fn a_bad_vf_mode_is_named() {
+    assert_one_line_error(
+        &[
+            "--socket-path",
+            "/tmp/x.sock",
+            "--vf",
+            "a",
+            "--vf-mode",
+            "fast",
+        ],
+        "fast",
+    );
+}
+
+#[test]
 fn an_unusable_socket_path_is_named() {
     assert_one_line_error(
         &["--socket-path", "/nonexistent-dir/vm.sock", "--loopback"],

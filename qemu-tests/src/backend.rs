@@ -176,14 +176,22 @@ impl Backend {
         queues: u16,
         workdir: &Path,
     ) -> Result<Self> {
+        Self::vhost_relay_port_with(ns, socket, queues, workdir, &[])
+    }
+
+    /// [`Backend::vhost_relay_port`] with more arguments (e.g. `--vf-mode af-xdp`).
+    pub fn vhost_relay_port_with(
+        ns: &NetNs,
+        socket: &Path,
+        queues: u16,
+        workdir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let sock = socket.display().to_string();
         let q = queues.to_string();
-        let mut b = Self::vhost_relay(
-            Some(ns),
-            &["--socket-path", &sock, "--vf", ns.vf(), "--queues", &q],
-            workdir,
-            usize::from(queues),
-        )?;
+        let mut args = vec!["--socket-path", &sock, "--vf", ns.vf(), "--queues", &q];
+        args.extend_from_slice(extra);
+        let mut b = Self::vhost_relay(Some(ns), &args, workdir, usize::from(queues))?;
         b.wait_for_socket(socket, Duration::from_secs(10))?;
         Ok(b)
     }

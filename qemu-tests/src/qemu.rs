@@ -35,6 +35,8 @@ pub struct QemuConfig {
     /// Guest CPUs (defaults to 1, or 2 when `queues > 1`).
     pub smp: u16,
     pub mac: String,
+    /// Extra `virtio-net-pci` properties, e.g. `guest_announce=off`.
+    pub device_opts: Vec<String>,
     /// `IP/PREFIX` given to the guest's `eth0`.
     pub guest_cidr: String,
     /// Exit QEMU instead of rebooting when the guest reboots or panics.
@@ -58,6 +60,7 @@ impl QemuConfig {
             queues: 1,
             smp: 1,
             mac: "52:54:00:12:34:56".into(),
+            device_opts: Vec::new(),
             guest_cidr: format!("{GUEST_IP}/{PREFIX_LEN}"),
             no_reboot: true,
             memory_mib: 512,
@@ -101,6 +104,10 @@ impl QemuConfig {
                 ",mq=on,vectors={}",
                 2 * u32::from(self.queues) + 2
             ));
+        }
+        for opt in &self.device_opts {
+            device.push(',');
+            device.push_str(opt);
         }
         let mut a: Vec<String> = [
             "-accel",

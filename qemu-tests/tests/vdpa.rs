@@ -219,6 +219,10 @@ fn vdpa_direct_mode() {
             )?;
             env.step(out.lines().last().unwrap_or(""));
             ensure(out.contains("PASS"), || format!("direct scenario:\n{out}"))?;
+            // vhost-relay answers GET_CONFIG from the device's config space.
+            ensure(out.contains("config mac=52:54:00:00:00:0b "), || {
+                format!("the frontend should see the fixture's MAC:\n{out}")
+            })?;
             let (tx, rx, drops, errors) = fixture_counters(&mut qemu, "vnet0")?;
             ensure(tx == N && rx == N && drops == 0 && errors == 0, || {
                 format!("the device should have looped exactly {N} frames: tx={tx} rx={rx} drops={drops} errors={errors}")
@@ -248,6 +252,27 @@ fn vdpa_direct_mode() {
                 })?;
             }
             qemu.run_ok("kill -0 $(cat /tmp/vr.pid)", T)?;
+
+            // Errors a person can act on: the device is held by the first vhost-relay, and a
+            // device that does not exist. Both must stop the second process with the path.
+            for (dev, want) in [
+                ("/dev/vhost-vdpa-0", "is busy"),
+                ("/dev/vhost-vdpa-7", "/dev/vhost-vdpa-7"),
+            ] {
+                let out = qemu.console.run(
+                    &format!(
+                        "timeout 20 vhost-relay --socket-path /tmp/vr2.sock --vdpa {dev} 2>&1"
+                    ),
+                    T,
+                )?;
+                ensure(out.status != 0 && out.output.contains(want), || {
+                    format!(
+                        "vhost-relay --vdpa {dev} should fail saying `{want}`; status {}:\n{}",
+                        out.status, out.output
+                    )
+                })?;
+            }
+            env.step("busy and missing devices refused with their path");
             Ok(())
         },
     );

@@ -407,6 +407,16 @@ impl RawSocket {
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            // Room for bursts of thousands of frames: the test reads slower than the backend
+            // sends, and a full buffer would look like loss.
+            let rcvbuf: libc::c_int = 16 << 20;
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&rcvbuf as *const libc::c_int).cast(),
+                4,
+            );
             let tv = libc::timeval {
                 tv_sec: 0,
                 tv_usec: 200_000,
@@ -581,5 +591,129 @@ impl TestFrontend {
             mmap_handle: self.memfd.as_raw_fd(),
         };
         self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backend restart and raw requests (used by restart.rs and rarp.rs).
+// ---------------------------------------------------------------------------------------
+
+/// A vhost-user message as raw bytes: header (request, flags with version 1, size) + payload.
+pub fn raw_message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(12 + payload.len());
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&(0x1 | flags).to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// A child process (e.g. a backend started in a namespace) killed when dropped, so a failing
+/// test leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `VHOST_USER_SEND_RARP` and the NEED_REPLY flag.
+pub const REQ_SEND_RARP: u32 = 19;
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+
+impl TestFrontend {
+    /// What QEMU does when the backend comes back after dying under a running guest: a new
+    /// connection, the same guest memory and ring addresses, and for each ring the base QEMU
+    /// restored from the used index in guest memory (it could not ask the dead backend with
+    /// GET_VRING_BASE). The guest's view (posted descriptors, used entries it consumed) is
+    /// kept. `fe` is the new connection.
+    pub fn reattach(&mut self, fe: Frontend, bases: &[u16]) {
+        self.fe = fe;
+        self.fe.set_owner().expect("SET_OWNER");
+        let offered = self.fe.get_features().expect("GET_FEATURES");
+        assert_eq!(
+            offered & self.features,
+            self.features,
+            "the restarted backend offers what was negotiated before"
+        );
+        self.fe.set_features(self.features).expect("SET_FEATURES");
+        let pf = self
+            .fe
+            .get_protocol_features()
+            .expect("GET_PROTOCOL_FEATURES");
+        self.fe
+            .set_protocol_features(
+                pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
+            )
+            .expect("SET_PROTOCOL_FEATURES");
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: self
+                .mem
+                .get_host_address(GuestAddress(0))
+                .expect("host addr") as u64,
+            mmap_offset: 0,
+            mmap_handle: self.memfd.as_raw_fd(),
+        };
+        self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        assert_eq!(bases.len(), self.queues.len(), "one base per ring");
+        for (q, &base) in bases.iter().enumerate() {
+            let index = self.queues[q].index;
+            let cfg = self.ring_config(self.layout(q), false);
+            self.fe
+                .set_vring_num(index, QUEUE_SIZE)
+                .expect("SET_VRING_NUM");
+            self.fe.set_vring_base(index, base).expect("SET_VRING_BASE");
+            self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
+            self.fe
+                .set_vring_kick(index, &self.queues[q].kick)
+                .expect("SET_VRING_KICK");
+            self.fe
+                .set_vring_call(index, &self.queues[q].call)
+                .expect("SET_VRING_CALL");
+            self.fe
+                .set_vring_enable(index, true)
+                .expect("SET_VRING_ENABLE");
+        }
+    }
+
+    /// The used index of queue `q` as it is in guest memory.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.r16(self.layout(q).used + 2)
+    }
+
+    /// The avail index of queue `q` as it is in guest memory.
+    pub fn avail_idx(&self, q: usize) -> u16 {
+        self.r16(self.layout(q).avail + 2)
+    }
+
+    /// Starts queue `q` again after a GET_VRING_BASE, from `base`, as QEMU does when it
+    /// restarts a stopped device (or on the migration destination).
+    pub fn restart_ring(&mut self, q: usize, base: u16) {
+        let index = self.queues[q].index;
+        let cfg = self.ring_config(self.layout(q), false);
+        self.fe
+            .set_vring_num(index, QUEUE_SIZE)
+            .expect("SET_VRING_NUM");
+        self.fe.set_vring_base(index, base).expect("SET_VRING_BASE");
+        self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
+        self.fe
+            .set_vring_kick(index, &self.queues[q].kick)
+            .expect("SET_VRING_KICK");
+        self.fe
+            .set_vring_call(index, &self.queues[q].call)
+            .expect("SET_VRING_CALL");
+        self.fe
+            .set_vring_enable(index, true)
+            .expect("SET_VRING_ENABLE");
+    }
+
+    /// GET_VRING_BASE on queue `q` (stops the ring).
+    pub fn get_vring_base(&mut self, q: usize) -> u16 {
+        let index = self.queues[q].index;
+        self.fe.get_vring_base(index).expect("GET_VRING_BASE") as u16
     }
 }

@@ -91,10 +91,13 @@ fn run() -> Result<(), ProbeError> {
         .map_err(vh("VHOST_VDPA_GET_CONFIG"))?;
     let vqs = v.get_vqs_count().map_err(vh("VHOST_VDPA_GET_VQS_COUNT"))?;
     let vring_num = v.get_vring_num().map_err(vh("VHOST_VDPA_GET_VRING_NUM"))?;
+    let backend = v
+        .get_backend_features()
+        .map_err(vh("VHOST_GET_BACKEND_FEATURES"))?;
     let mac: Vec<String> = cfg[..6].iter().map(|b| format!("{b:02x}")).collect();
     let le = |o: usize| u16::from_le_bytes([cfg[o], cfg[o + 1]]);
     println!(
-        "probe device_id={device_id} features={features:#x} mac={} status={} max_pairs={} mtu={} vqs={vqs} vring_num={vring_num}",
+        "probe device_id={device_id} features={features:#x} backend_features={backend:#x} mac={} status={} max_pairs={} mtu={} vqs={vqs} vring_num={vring_num}",
         mac.join(":"),
         le(6),
         le(8),
@@ -104,9 +107,6 @@ fn run() -> Result<(), ProbeError> {
         return Ok(());
     }
 
-    let backend = v
-        .get_backend_features()
-        .map_err(vh("VHOST_GET_BACKEND_FEATURES"))?;
     v.set_backend_features(backend & VHOST_BACKEND_F_IOTLB_MSG_V2)
         .map_err(vh("VHOST_SET_BACKEND_FEATURES"))?;
     v.set_status(0).map_err(vh("reset"))?;

@@ -122,7 +122,15 @@ fn attach(socket: &Path, mem: &DriverMemory) -> Result<(VuSession, [u8; 6]), Err
         if let Some(m) = cfg.get(..6) {
             mac.copy_from_slice(m);
         }
-        println!("vu-frontend config {cfg:02x?}");
+        let le = |o: usize| cfg.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let m: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+        println!(
+            "vu-frontend config mac={} status={:?} max_pairs={:?} mtu={:?}",
+            m.join(":"),
+            le(6),
+            le(8),
+            le(10)
+        );
     }
     println!(
         "vu-frontend features={:#x} protocol={:#x}",
