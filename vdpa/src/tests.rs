@@ -687,3 +687,36 @@ fn failed_switch_to_shadow_leaves_no_stale_mapping() {
     f.guest.post(0);
     assert_eq!(f.dev.process(0, 4, 64), 1);
 }
+
+/// The frontend goes away in the middle of a migration: the relay stops, the device is
+/// reset, and neither guest memory nor the shadow rings stay mapped.
+#[test]
+fn disconnect_while_shadowed_leaves_a_clean_device() {
+    let mut f = setup(0);
+    let log = memfd(PAGE);
+    f.session
+        .set_log_base(&VhostUserLog::new(PAGE, 0), log.try_clone().unwrap())
+        .unwrap();
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Shadow));
+    assert_eq!(
+        f.dev.state().iotlb.len(),
+        3,
+        "guest memory and two shadow rings"
+    );
+    f.guest.post(0);
+    assert!(wait(
+        || f.dev.process(0, 1, 64) == 1 || f.guest.used_idx(0) == 1
+    ));
+    let dev = f.session.into_device();
+    let s = dev.state();
+    assert_eq!(s.status, 0);
+    assert!(s.iotlb.is_empty(), "nothing left mapped: {:?}", s.iotlb);
+    assert_eq!(
+        f.guest.used_idx(0),
+        1,
+        "the completed buffer reached the guest"
+    );
+}
