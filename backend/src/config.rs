@@ -174,7 +174,9 @@ impl PortSpec {
                 return Err(bad("vf_mode applies to a VF port, not to loopback".into()))
             }
             (Some(_), LinkConfig::Vdpa(_)) => {
-                return Err(bad("vf_mode applies to a VF port, not to a vDPA device".into()))
+                return Err(bad(
+                    "vf_mode applies to a VF port, not to a vDPA device".into()
+                ))
             }
             (Some(m), LinkConfig::Vf(_)) => m.parse().map_err(bad)?,
         };
