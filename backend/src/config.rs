@@ -373,6 +373,10 @@ mod tests {
                 "[[port]]\nsocket='/a'\nloopback=true\nvf_mode='auto'\n",
                 "vf_mode applies to a VF port",
             ),
+            (
+                "[[port]]\nsocket='/a'\nvdpa='/dev/vhost-vdpa-0'\nvf_mode='af-xdp'\n",
+                "not to a vDPA device",
+            ),
             ("[[port]\n", "test.toml"),
             ("", "no [[port]] table"),
         ];

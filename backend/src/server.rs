@@ -317,14 +317,12 @@ fn run_vdpa_session(
     };
     let (ours, shim_end) =
         UnixStream::pair().map_err(|e| io_err("cannot set up the backend-side socket", e))?;
-    // SEND_RARP is not offered in vDPA mode (the frames would have to come from the device);
-    // should a frontend send it anyway, say that nothing was announced.
-    let name = cfg.name.clone();
-    let on_rarp: protocol_shim::RarpHandler = Box::new(move |mac| {
-        warn!(
-            "port {name}: SEND_RARP for {} ignored: a vDPA port cannot announce the guest",
-            format_mac(&mac)
-        )
+    // The vDPA session does not offer the RARP protocol feature (the frames would have to
+    // come from the device, which has no way to inject them), so a SEND_RARP is a frontend
+    // going beyond what was negotiated: answered, logged, not acted on.
+    let port_name = cfg.name.clone();
+    let on_rarp: protocol_shim::RarpHandler = Box::new(move |_mac| {
+        warn!("port {port_name}: SEND_RARP ignored: a vDPA port does not offer RARP");
     });
     let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
         .map_err(|e| io_err("cannot start the protocol shim", e))?;
