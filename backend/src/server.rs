@@ -69,17 +69,21 @@ pub enum ServerError {
 /// when the guest boots.
 pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     let stats = Arc::new(PortStats::new(&cfg.name, cfg.queues));
-    if let LinkConfig::Vdpa(path) = &cfg.link {
-        // Opened now, so a missing or busy device is reported before any frontend comes.
-        let dev = vdpa::KernelDevice::open(path).map_err(|source| ServerError::Vdpa {
-            port: cfg.name.clone(),
-            source,
-        })?;
-        info!("port {}: vDPA device {}", cfg.name, path.display());
-        return Ok(Arc::new(Port::new_vdpa(&cfg.name, dev, stats)));
-    }
+    let vf = match &cfg.link {
+        LinkConfig::Vdpa(path) => {
+            // Opened now, so a missing or busy device is reported before any frontend comes.
+            let dev = vdpa::KernelDevice::open(path).map_err(|source| ServerError::Vdpa {
+                port: cfg.name.clone(),
+                source,
+            })?;
+            info!("port {}: vDPA device {}", cfg.name, path.display());
+            return Ok(Arc::new(Port::new_vdpa(&cfg.name, dev, stats)));
+        }
+        LinkConfig::Vf(vf) => Some(vf),
+        LinkConfig::Loopback => None,
+    };
     let mut pairs = Vec::with_capacity(cfg.queues);
-    if let LinkConfig::Vf(vf) = &cfg.link {
+    if let Some(vf) = vf {
         let vf_err = |source| ServerError::Vf {
             port: cfg.name.clone(),
             vf: vf.clone(),
@@ -97,8 +101,8 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     }
     // A fanout group id that no other port of this process (or, likely, another process) uses.
     let group = fanout_group_id(&cfg.name);
-    let mut links: Vec<Link> = match &cfg.link {
-        LinkConfig::Vf(vf) => {
+    let mut links: Vec<Link> = match vf {
+        Some(vf) => {
             let fanout = (cfg.queues > 1).then_some(group);
             open_queues(
                 &cfg.name,
@@ -117,9 +121,7 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
             .map(|s| Link::Vf(Box::new(s)))
             .collect()
         }
-        LinkConfig::Loopback => (0..cfg.queues).map(|_| Link::Loopback).collect(),
-        // Served by the vdpa crate's session (returned above); no queue pairs of ours.
-        LinkConfig::Vdpa(_) => Vec::new(),
+        None => (0..cfg.queues).map(|_| Link::Loopback).collect(),
     };
     for (i, link) in links.drain(..).enumerate() {
         let mut pair = QueuePair::new(&cfg.name, i, link).map_err(|source| ServerError::Io {

@@ -10,7 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 
@@ -134,8 +136,8 @@ impl VuSession {
     }
 
     /// Negotiation on an already connected frontend, with the protocol features this
-    /// module uses (MQ, REPLY_ACK, CONFIG, RESET_DEVICE, LOG_SHMFD) as far as the backend has
-    /// them.
+    /// module uses (MQ, REPLY_ACK, CONFIG, RESET_DEVICE, LOG_SHMFD for
+    /// [`start_logging`](Self::start_logging)) as far as the backend has them.
     pub fn negotiate(fe: Frontend, pairs: usize, want: u64) -> Result<Self, FrontendError> {
         Self::negotiate_with(
             fe,
@@ -273,16 +275,24 @@ impl VuSession {
         self.fe
             .set_log_base(0, Some(region))
             .map_err(req("SET_LOG_BASE"))?;
-        self.fe
-            .set_features(self.features | VHOST_F_LOG_ALL)
-            .map_err(req("SET_FEATURES with LOG_ALL"))
+        self.set_features_acked(self.features | VHOST_F_LOG_ALL, "SET_FEATURES with LOG_ALL")
+    }
+
+    /// SET_FEATURES waiting for the backend's ack, as QEMU does when it switches logging:
+    /// when this returns the backend logs (or has stopped logging).
+    fn set_features_acked(&mut self, features: u64, what: &str) -> Result<(), FrontendError> {
+        let need_reply = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        if need_reply {
+            self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let r = self.fe.set_features(features).map_err(req(what));
+        self.fe.set_hdr_flags(VhostUserHeaderFlag::empty());
+        r
     }
 
     /// A migration cancelled (or done without the guest moving): LOG_ALL off again.
     pub fn stop_logging(&mut self) -> Result<(), FrontendError> {
-        self.fe
-            .set_features(self.features)
-            .map_err(req("SET_FEATURES without LOG_ALL"))
+        self.set_features_acked(self.features, "SET_FEATURES without LOG_ALL")
     }
 
     /// The first `len` bytes of the device config space, if the backend offers CONFIG.

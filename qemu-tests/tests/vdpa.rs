@@ -292,6 +292,15 @@ fn vdpa_shadow_mode() {
             let mut qemu = boot_with_fixture(env, "--mac 52:54:00:00:00:0c --write-log /tmp/wlog")?;
             start_relay(&mut qemu, "/tmp/vr.sock", "--vdpa /dev/vhost-vdpa-0")?;
             env.step("vhost-relay --vdpa listening");
+            // vhost-vdpa has one owner: a second process gets a message saying so.
+            let out = qemu.run_ok(
+                "vhost-relay --socket-path /tmp/vr2.sock --vdpa /dev/vhost-vdpa-0; echo rc=$?",
+                T,
+            )?;
+            ensure(
+                out.contains("/dev/vhost-vdpa-0 is busy") && out.contains("rc=1"),
+                || format!("a second vhost-relay on the same device:\n{out}"),
+            )?;
             const N: u64 = 3000;
             let out = qemu.run_ok(
                 &format!(
@@ -318,6 +327,16 @@ fn vdpa_shadow_mode() {
                     )
                 })?;
             }
+            // Every frame relayed through the shadow rings was checked against the dirty log.
+            let checked: Option<u64> = out
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("logged_device_writes="))
+                .and_then(|v| v.parse().ok());
+            ensure(stats.iter().all(|s| Some(s.packets) == checked), || {
+                format!(
+                    "vu-frontend checked {checked:?} device writes, vhost-relay relayed {stats:?}"
+                )
+            })?;
             let log = qemu.run_ok("cat /tmp/vr.log", T)?;
             let states: Vec<&str> = log
                 .lines()

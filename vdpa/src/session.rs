@@ -391,6 +391,24 @@ impl<D: VdpaDevice> Session<D> {
     }
 
     fn start(&mut self, mode: Mode, rings: &[usize]) -> Result<(), SessionError> {
+        let mut shadow_maps = Vec::new();
+        let result = self.try_start(mode, rings, &mut shadow_maps);
+        if result.is_err() {
+            // Shadow rings mapped before the failure are freed with their queues: their
+            // IOVAs must not keep pointing there (and must be free for the next try).
+            for (iova, size) in shadow_maps {
+                let _ = self.dev.dma_unmap(iova, size);
+            }
+        }
+        result
+    }
+
+    fn try_start(
+        &mut self,
+        mode: Mode,
+        rings: &[usize],
+        shadow_maps: &mut Vec<(u64, u64)>,
+    ) -> Result<(), SessionError> {
         let s_ack = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8 | VIRTIO_CONFIG_S_DRIVER as u8;
         let acked = self.acked.unwrap_or(0);
         let mut features = acked & !(LOG_ALL | PROTOCOL_FEATURES);
@@ -418,7 +436,7 @@ impl<D: VdpaDevice> Session<D> {
         // Shadow rings live above guest memory, inside the device's IOVA range.
         let mut shadow_iova = 0u64;
         if mode == Mode::Shadow {
-            let (first, _last) = self
+            let (first, last) = self
                 .dev
                 .iova_range()
                 .map_err(|e| self.derr("VHOST_VDPA_GET_IOVA_RANGE", e))?;
@@ -429,6 +447,18 @@ impl<D: VdpaDevice> Session<D> {
                 .max()
                 .unwrap_or(0);
             shadow_iova = top.max(first).div_ceil(1 << 21) * (1 << 21);
+            let need: u64 = rings
+                .iter()
+                .map(|&q| ShadowQueue::iova_size(self.vrings[q].num))
+                .sum();
+            if shadow_iova
+                .checked_add(need)
+                .is_none_or(|end| end - 1 > last)
+            {
+                return Err(self.invalid(format!(
+                    "no room for shadow rings in the device's IOVA range {first:#x}-{last:#x} above guest memory (ends {top:#x}); migration needs it"
+                )));
+            }
         }
         let mut queues = Vec::new();
         let mut links = Vec::new();
@@ -467,6 +497,7 @@ impl<D: VdpaDevice> Session<D> {
                     self.dev
                         .dma_map(sq.iova, sq.mem.len() as u64, sq.mem.va())
                         .map_err(|e| self.derr(qerr("DMA map of the shadow ring"), e))?;
+                    shadow_maps.push((sq.iova, sq.mem.len() as u64));
                     self.dev
                         .set_vring_addr(q, num, addr.desc, sq.avail_iova(), sq.used_iova())
                         .map_err(|e| self.derr(qerr("VHOST_SET_VRING_ADDR"), e))?;

@@ -656,3 +656,67 @@ fn memory_table_change_while_running_remaps_and_resumes() {
     assert_eq!(f.dev.process(0, 4, 64), 1);
     assert_eq!(f.guest.used_heads(0), f.guest.posted[0]);
 }
+
+/// A device that fails to start on the shadow rings: the error says so, the shadow rings'
+/// IOVAs are unmapped again, and the port recovers in direct mode when logging stops.
+#[test]
+fn failed_switch_to_shadow_leaves_no_stale_mapping() {
+    let mut f = setup(0);
+    let log = memfd(PAGE);
+    f.session
+        .set_log_base(&VhostUserLog::new(PAGE, 0), log.try_clone().unwrap())
+        .unwrap();
+    f.dev.state().fail_driver_ok = true;
+    let err = f
+        .session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("DRIVER_OK"), "{err}");
+    assert_eq!(f.session.mode(), None);
+    assert_eq!(
+        f.dev.state().iotlb.len(),
+        1,
+        "only guest memory stays mapped"
+    );
+    f.dev.state().fail_driver_ok = false;
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Direct));
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+}
+
+/// The frontend goes away in the middle of a migration: the relay stops, the device is
+/// reset, and neither guest memory nor the shadow rings stay mapped.
+#[test]
+fn disconnect_while_shadowed_leaves_a_clean_device() {
+    let mut f = setup(0);
+    let log = memfd(PAGE);
+    f.session
+        .set_log_base(&VhostUserLog::new(PAGE, 0), log.try_clone().unwrap())
+        .unwrap();
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Shadow));
+    assert_eq!(
+        f.dev.state().iotlb.len(),
+        3,
+        "guest memory and two shadow rings"
+    );
+    f.guest.post(0);
+    assert!(wait(
+        || f.dev.process(0, 1, 64) == 1 || f.guest.used_idx(0) == 1
+    ));
+    let dev = f.session.into_device();
+    let s = dev.state();
+    assert_eq!(s.status, 0);
+    assert!(s.iotlb.is_empty(), "nothing left mapped: {:?}", s.iotlb);
+    assert_eq!(
+        f.guest.used_idx(0),
+        1,
+        "the completed buffer reached the guest"
+    );
+}

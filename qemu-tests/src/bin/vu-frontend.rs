@@ -233,10 +233,11 @@ fn shadow(a: &Args, mem: &DriverMemory) -> Result<String, Error> {
             if r.received < r.sent {
                 return Ok(true);
             }
-            // The fixture writes its record after each batch: let the last one land.
-            std::thread::sleep(Duration::from_millis(300));
-            window.1 = wlog_len(&write_log);
             s.stop_logging().map_err(hook_err)?;
+            // Read after the switch back: the device was reset on the way, and the fixture
+            // answers that only between batches, after writing out its record of the last
+            // one. Nothing is in flight, so it has written nothing since in direct mode.
+            window.1 = wlog_len(&write_log);
             println!(
                 "vu-frontend logging off (sent={} received={})",
                 r.sent, r.received
@@ -296,7 +297,33 @@ fn shadow(a: &Args, mem: &DriverMemory) -> Result<String, Error> {
         direct_writes_before_switch += 1;
         lines.next();
     }
-    println!("vu-frontend write log: {direct_writes_before_switch} direct-mode writes before the switch skipped");
+    // Device writes into shadow rings after the window would mean it was cut too early.
+    let late_shadow = text
+        .get(to..)
+        .map(|rest| {
+            String::from_utf8_lossy(rest)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter_map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).ok())
+                .filter(|&iova| iova >= mem.size)
+                .count()
+        })
+        .unwrap_or(0);
+    if late_shadow > 0 {
+        let rest = text.get(to..).unwrap_or_default();
+        let sample: Vec<String> = String::from_utf8_lossy(rest)
+            .lines()
+            .take(12)
+            .map(str::to_string)
+            .collect();
+        return Err(Error::Log(format!(
+            "{late_shadow} device writes into shadow rings after logging was switched off (window {from}..{to} of {}; next: {sample:?})",
+            text.len()
+        )));
+    }
+    println!(
+        "vu-frontend write log: {direct_writes_before_switch} direct-mode writes before the switch skipped, {late_shadow} shadow-ring writes after the window"
+    );
     for line in lines {
         let mut it = line.split_whitespace();
         let parsed = it.next().and_then(|x| {
