@@ -24,7 +24,7 @@ if [ "$need_backports" = 1 ] && [ ! -f /etc/apt/sources.list.d/backports.sources
   fi
 fi
 
-pkgs=(busybox-static cpio xz-utils iproute2 iputils-ping dpdk dpdk-dev python3 socat procps
+pkgs=(busybox-static cpio xz-utils iproute2 iputils-ping dpdk dpdk-dev python3 socat procps ethtool
       libvirt-daemon-system libvirt-clients libxml2-utils)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -43,6 +43,11 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     /// Where the console log, QMP socket etc. go.
     pub workdir: PathBuf,
+    /// Appended to the guest kernel's command line (after a space), e.g. `init_on_alloc=0`.
+    pub kernel_args: String,
+    /// Appended to the command line as they are (e.g. `-incoming unix:PATH` for a migration
+    /// destination).
+    pub extra_args: Vec<String>,
 }
 
 impl QemuConfig {
@@ -59,6 +64,8 @@ impl QemuConfig {
             no_reboot: true,
             memory_mib: 512,
             workdir: workdir.to_path_buf(),
+            kernel_args: String::new(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -118,8 +125,10 @@ impl QemuConfig {
             self.image.initrd.display().to_string(),
             "-append".into(),
             format!(
-                "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}",
-                self.guest_cidr
+                "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}{}{}",
+                self.guest_cidr,
+                if self.kernel_args.is_empty() { "" } else { " " },
+                self.kernel_args
             ),
             "-chardev".into(),
             chardev,
@@ -136,6 +145,7 @@ impl QemuConfig {
         if self.no_reboot {
             a.push("-no-reboot".into());
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }
