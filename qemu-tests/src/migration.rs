@@ -460,15 +460,11 @@ impl Lab {
 
     /// Makes the (completed) destination the guest's QEMU and quits the source.
     pub fn adopt(&mut self, dst: Qemu, mut dst_qmp: Qmp, to: usize) -> Result<()> {
-        let st = util::wait_until(
+        util::wait_until(
             "the destination to run the guest",
             Duration::from_secs(30),
-            || {
-                let s = dst_qmp.status()?;
-                Ok((s == "running").then_some(s))
-            },
+            || Ok((dst_qmp.status()? == "running").then_some(())),
         )?;
-        let _ = st;
         let old = std::mem::replace(
             &mut self.guest,
             Guest {

