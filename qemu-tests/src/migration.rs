@@ -200,13 +200,29 @@ pub struct Host {
 
 impl Host {
     /// The backend's counters. vhost-relay's are exact (SIGUSR1); testpmd's are the totals of
-    /// its last periodic report, so this waits a little over its period first.
+    /// its first periodic report (every second) printed after the call.
     pub fn counters(&mut self) -> Result<Counters> {
         match self.kind {
             BackendKind::Testpmd => {
-                self.backend.ensure_running()?;
-                std::thread::sleep(Duration::from_millis(1300));
-                testpmd_vhost_totals(&self.backend.output())
+                // Wait for a port-0 block printed (completely: port 1's follows it) after
+                // this call, so everything sent before the call is in it.
+                const HEAD: &str = "NIC statistics for port 0";
+                let seen = self.backend.output().matches(HEAD).count();
+                let backend = &mut self.backend;
+                let text = util::wait_until(
+                    "a fresh testpmd statistics report",
+                    Duration::from_secs(15),
+                    || {
+                        backend.ensure_running()?;
+                        let out = backend.output();
+                        let fresh = out.matches(HEAD).count() > seen
+                            && out
+                                .rfind(HEAD)
+                                .is_some_and(|i| out[i..].contains("NIC statistics for port 1"));
+                        Ok(fresh.then_some(out))
+                    },
+                )?;
+                testpmd_vhost_totals(&text)
             }
             _ => Ok(relay_counters(&self.backend.stats()?, self.queues)),
         }
@@ -757,7 +773,7 @@ pub fn start_verifier(
         .unwrap_or_default();
     let rate = max_mib_s.map(|r| format!(" {r}")).unwrap_or_default();
     lab.guest_run(
-        &format!("{pin}{VERIFIER} {PEER_IP}:{port}{rate} > /tmp/verify-{port} 2>&1 &"),
+        &format!("setsid {pin}{VERIFIER} {PEER_IP}:{port}{rate} > /tmp/verify-{port} 2>&1 &"),
         Duration::from_secs(30),
     )?;
     Ok(())

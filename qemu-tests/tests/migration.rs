@@ -49,7 +49,7 @@ fn unlogged_rx_writes_are_caught_as_corruption() {
 /// The same harness with DPDK testpmd's net_vhost on both hosts: if the reference fails, the
 /// harness is broken, not vhost-relay.
 #[test]
-fn testpmd_reference_migrates_under_ping_and_stream() {
+fn testpmd_reference_migrates_under_ping_stream_and_two_queue_pairs() {
     e2e_test(
         "migration_testpmd_reference",
         &["rustc", "dpdk-testpmd", "ethtool"],
@@ -57,7 +57,7 @@ fn testpmd_reference_migrates_under_ping_and_stream() {
             run_and_check(
                 &prepare_image()?,
                 BackendKind::Testpmd,
-                &[Scenario::Ping, Scenario::Stream],
+                &[Scenario::Ping, Scenario::Stream, Scenario::Multiqueue],
             )
         },
     );

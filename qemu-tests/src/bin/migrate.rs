@@ -98,8 +98,14 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<bool> {
     let mut tools = BASE_TOOLS.to_vec();
     tools.push("rustc");
+    if args.scenarios.contains(&Scenario::NegativeControl)
+        && args.backends.contains(&BackendKind::VhostRelay)
+        && std::env::var_os("VHOST_RELAY_NO_RX_LOG_BIN").is_none()
+    {
+        tools.push("cargo");
+    }
     if args.backends.contains(&BackendKind::Testpmd) {
-        tools.push("dpdk-testpmd");
+        tools.extend(["dpdk-testpmd", "ethtool"]);
     }
     if !check_prerequisites(&tools)? {
         return Err(Error::Prerequisite("run as root".into()));
