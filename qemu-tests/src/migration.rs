@@ -762,6 +762,10 @@ pub fn parse_verdict(text: &str) -> Option<Verdict> {
 /// Starts `vr-verify` in the guest's background, connecting to `port`, optionally pinned to a
 /// CPU mask (`taskset`) and reading at most `max_mib_s`; its output goes to
 /// `/tmp/verify-<port>`.
+///
+/// Started from a subshell, so it is not a child of the console shell: busybox 1.35's ash,
+/// idle at its line-editing prompt, exits when a background job of its own ends (`/init`
+/// starts a new one), and the SIGHUP of that exit would kill the other background jobs. `setsid` as well, in case anything else ends the shell.
 pub fn start_verifier(
     lab: &mut Lab,
     port: u16,
@@ -773,7 +777,7 @@ pub fn start_verifier(
         .unwrap_or_default();
     let rate = max_mib_s.map(|r| format!(" {r}")).unwrap_or_default();
     lab.guest_run(
-        &format!("setsid {pin}{VERIFIER} {PEER_IP}:{port}{rate} > /tmp/verify-{port} 2>&1 &"),
+        &format!("(setsid {pin}{VERIFIER} {PEER_IP}:{port}{rate} > /tmp/verify-{port} 2>&1 &)"),
         Duration::from_secs(30),
     )?;
     Ok(())
