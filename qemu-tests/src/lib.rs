@@ -7,14 +7,17 @@
 //! error into a panic message that carries the console/log tail.
 
 pub mod backend;
+pub mod chunk;
 pub mod console;
 pub mod cpio;
 pub mod driver;
 pub mod error;
 pub mod frontend;
 pub mod guest_image;
+pub mod migration;
 pub mod netns;
 pub mod qemu;
+pub mod qmp;
 pub mod testpmd;
 pub mod util;
 pub mod vduse;

@@ -48,6 +48,11 @@ pub struct QemuConfig {
     /// Whether the guest gets the vhost-user NIC on `socket`. The vDPA guest has none: its
     /// vhost-user frontend, backend and device all run inside it.
     pub vhost_user_nic: bool,
+    /// Appended to the guest kernel's command line (after a space), e.g. `init_on_alloc=0`.
+    pub kernel_args: String,
+    /// Appended to the command line as they are (e.g. `-incoming unix:PATH` for a migration
+    /// destination).
+    pub extra_args: Vec<String>,
 }
 
 impl QemuConfig {
@@ -66,6 +71,8 @@ impl QemuConfig {
             memory_mib: 512,
             workdir: workdir.to_path_buf(),
             vhost_user_nic: true,
+            kernel_args: String::new(),
+            extra_args: Vec::new(),
         }
     }
 
@@ -138,13 +145,20 @@ impl QemuConfig {
             "-initrd".into(),
             self.image.initrd.display().to_string(),
             "-append".into(),
-            if self.vhost_user_nic {
-                format!(
-                    "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}",
-                    self.guest_cidr
-                )
-            } else {
-                "console=ttyS0 panic=-1 loglevel=4 tsc=reliable".into()
+            {
+                let base = if self.vhost_user_nic {
+                    format!(
+                        "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}",
+                        self.guest_cidr
+                    )
+                } else {
+                    "console=ttyS0 panic=-1 loglevel=4 tsc=reliable".to_string()
+                };
+                if self.kernel_args.is_empty() {
+                    base
+                } else {
+                    format!("{base} {}", self.kernel_args)
+                }
             },
         ]);
         if self.vhost_user_nic {
@@ -167,6 +181,7 @@ impl QemuConfig {
         if self.no_reboot {
             a.push("-no-reboot".into());
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }
