@@ -11,7 +11,11 @@ if command -v qemu-system-x86_64 >/dev/null 2>&1 &&
   need_backports=0
 fi
 
-if [ "$need_backports" = 1 ] && [ ! -f /etc/apt/sources.list.d/backports.sources ]; then
+# Backports is needed even when QEMU 10 is already there: the vDPA tests' guest kernel (6.12 with
+# vdpa, vhost_vdpa and VDUSE) is fetched from it with `apt-get download`.
+added_backports=0
+if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  added_backports=1
   # Derive the backports source from the machine's own Debian source, so no mirror address
   # is written here: keep the first stanza (main archive) and add the backports suite.
   src=/etc/apt/sources.list.d/debian.sources
@@ -25,12 +29,12 @@ if [ "$need_backports" = 1 ] && [ ! -f /etc/apt/sources.list.d/backports.sources
 fi
 
 pkgs=(busybox-static cpio xz-utils iproute2 iputils-ping dpdk dpdk-dev python3 socat procps
-      libvirt-daemon-system libvirt-clients libxml2-utils)
+      libvirt-daemon-system libvirt-clients libxml2-utils ethtool)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
-if [ "$need_backports" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
+if [ "$need_backports" = 1 ] || [ "$added_backports" = 1 ] || [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
 fi
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -6,11 +6,12 @@
 //! [[port]]
 //! name = "vm1"                          # optional; defaults to the socket file's stem
 //! socket = "/run/vhost-relay/vm1.sock"  # or: fd = 3 (an inherited listening socket)
-//! vf = "enp3s0f0v1"                     # or: loopback = true
+//! vf = "enp3s0f0v1"                     # or: loopback = true, or: vdpa = "/dev/vhost-vdpa-0"
 //! queues = 2                            # queue pairs; QEMU's -netdev vhost-user,queues=N
 //! client = false                        # true: QEMU listens, we connect and reconnect
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
 //! busy_poll_us = 50                      # optional: longest busy-poll of an idle pair (0: off)
+//! vf_mode = "auto"                      # optional: af-packet (default), af-xdp or auto
 //! ```
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::device::MAX_QUEUE_PAIRS;
+use crate::vf::VfMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -55,6 +57,8 @@ pub enum SocketMode {
 pub enum LinkConfig {
     Vf(String),
     Loopback,
+    /// The guest's rings are handed to a kernel vhost-vdpa device (docs/vdpa.md).
+    Vdpa(PathBuf),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +72,8 @@ pub struct PortConfig {
     pub cpus: Vec<usize>,
     /// Longest busy-poll of an idle queue pair before it sleeps on its eventfds.
     pub busy_poll: std::time::Duration,
+    /// Socket kind on the VF (ignored for loopback ports).
+    pub vf_mode: VfMode,
 }
 
 /// Upper bound of `busy_poll_us`: beyond this a pair is better off pinned and polling
@@ -84,11 +90,13 @@ pub struct PortSpec {
     pub vf: Option<String>,
     #[serde(default)]
     pub loopback: bool,
+    pub vdpa: Option<PathBuf>,
     pub queues: Option<usize>,
     #[serde(default)]
     pub client: bool,
     pub cpus: Option<String>,
     pub busy_poll_us: Option<u64>,
+    pub vf_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,18 +137,36 @@ impl PortSpec {
                 ))
             }
         };
-        let link = match (self.vf, self.loopback) {
-            (Some(_), true) => return Err(bad("give either a VF or loopback, not both".into())),
-            (Some(vf), false)
+        let link = match (self.vf, self.loopback, self.vdpa) {
+            (Some(_), true, _) => return Err(bad("give either a VF or loopback, not both".into())),
+            (Some(_), _, Some(_)) | (_, true, Some(_)) => {
+                return Err(bad(
+                    "a vDPA port has no VF or loopback: give only the vDPA device".into(),
+                ))
+            }
+            (None, false, Some(p)) if p.as_os_str().is_empty() => {
+                return Err(bad("the vDPA device path is empty".into()))
+            }
+            (None, false, Some(p)) => LinkConfig::Vdpa(p),
+            (Some(vf), false, None)
                 if vf.is_empty() || vf.len() >= libc::IFNAMSIZ || vf.contains(['/', ' ']) =>
             {
                 return Err(bad(format!("'{vf}' is not a valid interface name")))
             }
-            (Some(vf), false) => LinkConfig::Vf(vf),
-            (None, true) => LinkConfig::Loopback,
-            (None, false) => return Err(bad("no VF: give a VF interface (or loopback)".into())),
+            (Some(vf), false, None) => LinkConfig::Vf(vf),
+            (None, true, None) => LinkConfig::Loopback,
+            (None, false, None) => {
+                return Err(bad(
+                    "no VF: give a VF interface (or loopback, or a vDPA device)".into(),
+                ))
+            }
         };
         let queues = self.queues.unwrap_or(1);
+        if matches!(link, LinkConfig::Vdpa(_)) && queues != 1 {
+            return Err(bad(format!(
+                "a vDPA port serves one queue pair (the control queue is not mirrored), not {queues}"
+            )));
+        }
         if queues == 0 || queues > MAX_QUEUE_PAIRS {
             return Err(bad(format!(
                 "queues must be 1 to {MAX_QUEUE_PAIRS}, not {queues}"
@@ -158,6 +184,18 @@ impl PortSpec {
                 "busy-poll time must be at most {MAX_BUSY_POLL_US} us, not {busy_poll_us}"
             )));
         }
+        let vf_mode = match (self.vf_mode.as_deref(), &link) {
+            (None, _) => VfMode::default(),
+            (Some(_), LinkConfig::Loopback) => {
+                return Err(bad("vf_mode applies to a VF port, not to loopback".into()))
+            }
+            (Some(_), LinkConfig::Vdpa(_)) => {
+                return Err(bad(
+                    "vf_mode applies to a VF port, not to a vDPA device".into()
+                ))
+            }
+            (Some(m), LinkConfig::Vf(_)) => m.parse().map_err(bad)?,
+        };
         let name = match (self.name, &socket) {
             (Some(n), _) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
             (Some(n), _) => return Err(bad(format!("'{n}' is not a valid port name"))),
@@ -174,6 +212,7 @@ impl PortSpec {
             queues,
             cpus,
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
+            vf_mode,
         })
     }
 }
@@ -271,15 +310,20 @@ mod tests {
             queues = 2
             cpus = "0-1"
             busy_poll_us = 0
+            vf_mode = "auto"
             [[port]]
             name = "lb"
             socket = "/run/vr/lb.sock"
             loopback = true
             client = true
+            [[port]]
+            socket = "/run/vr/hw.sock"
+            vdpa = "/dev/vhost-vdpa-0"
             "#,
         )
         .expect("valid file");
-        assert_eq!(ports.len(), 2);
+        assert_eq!(ports.len(), 3);
+        assert_eq!(ports[2].link, LinkConfig::Vdpa("/dev/vhost-vdpa-0".into()));
         assert_eq!(ports[0].name, "vm1");
         assert_eq!(
             ports[0].socket,
@@ -290,6 +334,8 @@ mod tests {
         assert_eq!(ports[0].cpus, vec![0, 1]);
         assert_eq!(ports[0].busy_poll, std::time::Duration::ZERO);
         assert_eq!(ports[1].busy_poll, crate::queue_pair::DEFAULT_BUSY_POLL);
+        assert_eq!(ports[0].vf_mode, VfMode::Auto);
+        assert_eq!(ports[1].vf_mode, VfMode::AfPacket, "the default");
         assert_eq!(
             ports[1].socket,
             SocketMode::Connect("/run/vr/lb.sock".into())
@@ -301,6 +347,14 @@ mod tests {
     fn errors_name_the_port_and_the_problem() {
         let cases = [
             ("[[port]]\nsocket='/a'\n", "port 1: no VF"),
+            (
+                "[[port]]\nsocket='/a'\nvdpa='/dev/vhost-vdpa-0'\nvf='x'\n",
+                "give only the vDPA device",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvdpa='/dev/vhost-vdpa-0'\nqueues=2\n",
+                "one queue pair",
+            ),
             ("[[port]]\nvf='x'\n", "port 1: no socket"),
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nloopback=true\n",
@@ -334,6 +388,18 @@ mod tests {
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nbusy_poll_us=100001\n",
                 "busy-poll time must be at most 100000 us",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nvf_mode='dpdk'\n",
+                "unknown VF mode 'dpdk'",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nloopback=true\nvf_mode='auto'\n",
+                "vf_mode applies to a VF port",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvdpa='/dev/vhost-vdpa-0'\nvf_mode='af-xdp'\n",
+                "not to a vDPA device",
             ),
             ("[[port]\n", "test.toml"),
             ("", "no [[port]] table"),

@@ -74,11 +74,18 @@ pub fn device_features() -> u64 {
 /// A device reset reaches us anyway as GET_VRING_BASE on every ring and a fresh setup.
 ///
 /// LOG_SHMFD: the dirty log comes as a shared-memory fd with SET_LOG_BASE (live migration).
+///
+/// RARP: after a migration QEMU sends SEND_RARP for a guest without GUEST_ANNOUNCE; the
+/// protocol shim answers it and the port broadcasts a RARP frame on its VF
+/// ([`crate::announce`]).
+///
+/// Not PAGEFAULT (postcopy): see docs/usage.md, "Live migration".
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
 }
 
 /// A port's queue pairs and counters: created once, kept across frontend connections.
@@ -86,6 +93,9 @@ pub struct Port {
     pub name: String,
     pub pairs: Vec<Mutex<QueuePair>>,
     pub stats: Arc<PortStats>,
+    /// vDPA mode: the device, opened (and owned) once for the port's life; a session takes
+    /// it and gives it back when its frontend goes away. `None` inside while a session runs.
+    pub vdpa: Option<Mutex<Option<vdpa::KernelDevice>>>,
 }
 
 impl Port {
@@ -94,6 +104,17 @@ impl Port {
             name: name.to_string(),
             pairs: pairs.into_iter().map(Mutex::new).collect(),
             stats,
+            vdpa: None,
+        }
+    }
+
+    /// A vDPA port: no queue pairs of ours, the device instead.
+    pub fn new_vdpa(name: &str, dev: vdpa::KernelDevice, stats: Arc<PortStats>) -> Self {
+        Port {
+            name: name.to_string(),
+            pairs: Vec::new(),
+            stats,
+            vdpa: Some(Mutex::new(Some(dev))),
         }
     }
 

@@ -7,8 +7,10 @@
 //! - [`device`]: the vhost-user device (features, queues, events) on vhost-user-backend;
 //! - [`queue_pair`]: one worker per queue pair moving packets both ways;
 //! - [`tx`] and [`rx`]: the packet paths, one file per direction;
-//! - [`vf`]: the VF netdev through packet sockets; [`offload`]: software offloads.
+//! - [`vf`]: the VF netdev through packet sockets; [`offload`]: software offloads;
+//! - [`announce`]: the RARP broadcast QEMU asks for after a migration (`SEND_RARP`).
 
+pub mod announce;
 pub mod config;
 pub mod device;
 pub mod log_limit;

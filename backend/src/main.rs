@@ -2,7 +2,7 @@
 //!
 //! Follows the "Backend program conventions" of QEMU's vhost-user specification:
 //! `--socket-path`, `--fd`, `--print-capabilities`, plus `--vf`/`--loopback` for the link,
-//! `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one process.
+//! `--vf-mode`, `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one process.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +26,7 @@ const REOPEN_DELAY: Duration = Duration::from_secs(5);
     name = "vhost-relay",
     version,
     about = "vhost-user virtio-net backend relaying a guest NIC to a VF netdev",
-    after_help = "Examples:\n  vhost-relay --socket-path /run/vr/vm1.sock --vf enp3s0f0v1 --queues 2\n  vhost-relay --loopback --socket-path /tmp/lb.sock\n  vhost-relay --config /etc/vhost-relay.toml\n\nSend SIGUSR1 to print per-queue counters to stderr."
+    after_help = "Examples:\n  vhost-relay --socket-path /run/vr/vm1.sock --vf enp3s0f0v1 --queues 2\n  vhost-relay --loopback --socket-path /tmp/lb.sock\n  vhost-relay --socket-path /run/vr/vm2.sock --vdpa /dev/vhost-vdpa-0\n  vhost-relay --config /etc/vhost-relay.toml\n\nSend SIGUSR1 to print per-queue counters to stderr."
 )]
 struct Cli {
     /// vhost-user unix socket: listen on it (QEMU connects), or connect to it with --client.
@@ -41,6 +41,10 @@ struct Cli {
     /// Send every packet the guest transmits back to it on the same queue pair.
     #[arg(long, conflicts_with = "vf")]
     loopback: bool,
+    /// Hand the guest's rings to this kernel vhost-vdpa device (e.g. /dev/vhost-vdpa-0):
+    /// packets go between guest and device without passing through this process.
+    #[arg(long, value_name = "DEV", conflicts_with_all = ["vf", "loopback"])]
+    vdpa: Option<PathBuf>,
     /// Queue pairs (QEMU: -netdev vhost-user,queues=N and virtio-net-pci,mq=on).
     #[arg(long, value_name = "N")]
     queues: Option<usize>,
@@ -56,8 +60,12 @@ struct Cli {
     /// finds work.
     #[arg(long, value_name = "US")]
     busy_poll_us: Option<u64>,
+    /// Socket kind on the VF: af-packet (default), af-xdp, or auto (AF_XDP if the interface
+    /// allows it, else AF_PACKET; the choice and the reason are logged).
+    #[arg(long, value_name = "MODE", conflicts_with = "loopback")]
+    vf_mode: Option<String>,
     /// Serve every [[port]] of a TOML file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "queues", "client", "cpu_list", "busy_poll_us"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode", "busy_poll_us"])]
     config: Option<PathBuf>,
     /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
     #[arg(long)]
@@ -188,10 +196,12 @@ fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError
         fd: cli.fd,
         vf: cli.vf,
         loopback: cli.loopback,
+        vdpa: cli.vdpa,
         queues: cli.queues,
         client: cli.client,
         cpus: cli.cpu_list,
         busy_poll_us: cli.busy_poll_us,
+        vf_mode: cli.vf_mode,
     };
     let port = spec.validate(origin)?;
     if let SocketMode::Listen(path) = &port.socket {

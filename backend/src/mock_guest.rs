@@ -140,6 +140,19 @@ impl<'a> GuestQueue<'a> {
         head
     }
 
+    /// Publishes `head` in the avail ring as is, descriptor or not: what a buggy or hostile
+    /// driver can do (e.g. a head index past the end of the descriptor table).
+    pub fn add_raw_head(&mut self, head: u16) {
+        let avail = self.mock.avail();
+        let idx = avail.idx().load();
+        avail
+            .ring()
+            .ref_at(usize::from(idx % self.mock_len()))
+            .expect("ring slot")
+            .store(u16::to_le(head));
+        avail.idx().store(u16::to_le(idx.wrapping_add(1)));
+    }
+
     fn mock_len(&self) -> u16 {
         // The avail ring has as many slots as descriptors.
         (self.mock.desc_table().total_size() / 16) as u16

@@ -12,6 +12,11 @@
 //! send it again at start). Everything else, file descriptors included, is relayed
 //! unchanged in both directions. The shim only sees the control plane; packets never pass
 //! through it.
+//!
+//! It also answers `VHOST_USER_SEND_RARP` (after a migration, for a guest without
+//! GUEST_ANNOUNCE): neither the vhost crate's dispatcher nor vhost-user-backend knows that
+//! request, and the dispatcher would drop the connection on it. The shim hands the MAC to the
+//! port's announcer (see [`crate::announce`]) and acks if asked to.
 
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -32,6 +37,7 @@ const MAX_FDS: usize = 32;
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_RESET_OWNER: u32 = 4;
 const REQ_SET_VRING_ENABLE: u32 = 18;
+const REQ_SEND_RARP: u32 = 19;
 const REQ_RESET_DEVICE: u32 = 34;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -54,6 +60,12 @@ enum Verdict {
     ForwardThenReplay(Vec<(u32, u32)>),
     /// Swallow for now; reply with an ack if asked to.
     Absorb {
+        ack: bool,
+    },
+    /// SEND_RARP: announce this MAC (`None`: the payload was too short to hold one), then
+    /// ack if asked to. Never forwarded.
+    Rarp {
+        mac: Option<[u8; 6]>,
         ack: bool,
     },
 }
@@ -83,6 +95,10 @@ impl Filter {
                     Verdict::Forward
                 }
             }
+            REQ_SEND_RARP => Verdict::Rarp {
+                mac: crate::announce::mac_from_payload(payload),
+                ack: flags & FLAG_NEED_REPLY != 0,
+            },
             REQ_RESET_OWNER | REQ_RESET_DEVICE => {
                 self.protocol_features_acked = false;
                 Verdict::Forward
@@ -109,9 +125,17 @@ impl Filter {
     }
 }
 
+/// What the shim calls with the MAC of a `SEND_RARP` (on the shim's thread, before acking).
+pub type RarpHandler = Box<dyn Fn([u8; 6]) + Send>;
+
 /// Relays between `frontend` (QEMU) and `backend` (the library's end) until either side
 /// closes; then closes both, so each side sees the disconnect it would have seen directly.
-pub fn spawn(port: &str, frontend: UnixStream, backend: UnixStream) -> io::Result<JoinHandle<()>> {
+pub fn spawn(
+    port: &str,
+    frontend: UnixStream,
+    backend: UnixStream,
+    on_rarp: RarpHandler,
+) -> io::Result<JoinHandle<()>> {
     let fe_write = Arc::new(Mutex::new(frontend.try_clone()?));
     let be_read = backend.try_clone()?;
     let fe_shut = frontend.try_clone()?;
@@ -121,7 +145,7 @@ pub fn spawn(port: &str, frontend: UnixStream, backend: UnixStream) -> io::Resul
         let fe_write = fe_write.clone();
         let label = label.clone();
         move || {
-            if let Err(e) = frontend_to_backend(&label, frontend, backend, &fe_write) {
+            if let Err(e) = frontend_to_backend(&label, frontend, backend, &fe_write, &on_rarp) {
                 debug!("port {label}: frontend side: {e}");
             }
             let _ = fe_shut.shutdown(std::net::Shutdown::Both);
@@ -155,6 +179,7 @@ fn frontend_to_backend(
     mut frontend: UnixStream,
     mut backend: UnixStream,
     fe_write: &Mutex<UnixStream>,
+    on_rarp: &RarpHandler,
 ) -> io::Result<()> {
     let mut filter = Filter::default();
     loop {
@@ -187,19 +212,33 @@ fn frontend_to_backend(
             Verdict::Absorb { ack } => {
                 debug!("port {port}: SET_VRING_ENABLE before SET_FEATURES deferred");
                 if ack {
-                    let mut reply = Vec::with_capacity(HDR_LEN + 8);
-                    reply.extend_from_slice(&msg.request.to_le_bytes());
-                    reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                    reply.extend_from_slice(&8u32.to_le_bytes());
-                    reply.extend_from_slice(&0u64.to_le_bytes());
-                    fe_write
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .write_all(&reply)?;
+                    send_ack(fe_write, msg.request)?;
+                }
+            }
+            Verdict::Rarp { mac, ack } => {
+                match mac {
+                    Some(mac) => on_rarp(mac),
+                    None => warn!("port {port}: SEND_RARP without a MAC address; ignored"),
+                }
+                if ack {
+                    send_ack(fe_write, msg.request)?;
                 }
             }
         }
     }
+}
+
+/// The REPLY_ACK answer "done" (u64 0) to `request`.
+fn send_ack(fe_write: &Mutex<UnixStream>, request: u32) -> io::Result<()> {
+    let mut reply = Vec::with_capacity(HDR_LEN + 8);
+    reply.extend_from_slice(&request.to_le_bytes());
+    reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    reply.extend_from_slice(&8u32.to_le_bytes());
+    reply.extend_from_slice(&0u64.to_le_bytes());
+    fe_write
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .write_all(&reply)
 }
 
 fn backend_to_frontend(
@@ -423,10 +462,34 @@ mod tests {
     }
 
     #[test]
+    fn send_rarp_is_answered_here_never_forwarded() {
+        let mut f = Filter::default();
+        let mac = [0x52, 0x54, 0, 1, 2, 3, 0, 0];
+        assert_eq!(
+            f.judge(REQ_SEND_RARP, FLAG_VERSION, &mac),
+            Verdict::Rarp {
+                mac: Some([0x52, 0x54, 0, 1, 2, 3]),
+                ack: false
+            }
+        );
+        assert_eq!(
+            f.judge(REQ_SEND_RARP, FLAG_VERSION | FLAG_NEED_REPLY, &mac[..4]),
+            Verdict::Rarp {
+                mac: None,
+                ack: true
+            }
+        );
+    }
+
+    #[test]
     fn relays_messages_with_fds_and_answers_early_enables() {
         let (qemu, fe) = UnixStream::pair().unwrap();
         let (be, mut lib) = UnixStream::pair().unwrap();
-        let handle = spawn("t", fe, be).unwrap();
+        let (rarp_tx, rarp_rx) = std::sync::mpsc::channel();
+        let on_rarp: RarpHandler = Box::new(move |mac| {
+            let _ = rarp_tx.send(mac);
+        });
+        let handle = spawn("t", fe, be, on_rarp).unwrap();
         let mut qemu_w = qemu.try_clone().unwrap();
         // Early SET_VRING_ENABLE with NEED_REPLY: answered by the shim.
         let mut m = Vec::new();
@@ -458,6 +521,23 @@ mod tests {
         let mut b = [0u8; 1];
         (&r).read_exact(&mut b).unwrap();
         assert_eq!(&b, b"x");
+        // SEND_RARP never reaches the library (its dispatcher would drop the connection):
+        // the MAC goes to the announcer and, with NEED_REPLY, the shim acks.
+        let mut m = Vec::new();
+        m.extend_from_slice(&REQ_SEND_RARP.to_le_bytes());
+        m.extend_from_slice(&(FLAG_VERSION | FLAG_NEED_REPLY).to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&[0x52, 0x54, 0, 0xab, 0xcd, 0xef, 0, 0]);
+        qemu_w.write_all(&m).unwrap();
+        let mut reply = [0u8; 20];
+        (&qemu).read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[0..4], &REQ_SEND_RARP.to_le_bytes());
+        assert_eq!(&reply[4..8], &(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        assert_eq!(&reply[12..20], &[0u8; 8]);
+        assert_eq!(
+            rarp_rx.recv_timeout(std::time::Duration::from_secs(5)),
+            Ok([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
         // Backend replies reach the frontend.
         lib.write_all(&[7, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0])
             .unwrap();

@@ -22,7 +22,7 @@ use crate::device::{NetDevice, Port};
 use crate::protocol_shim;
 use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
-use crate::vf::{interface_info, RingConfig, VfSocket};
+use crate::vf::{interface_info, open_queues, RingConfig};
 
 /// How long a client-mode port waits between attempts to reach its frontend.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -52,6 +52,11 @@ pub enum ServerError {
         port: String,
         cause: vhost_user_backend::Error,
     },
+    #[error("port {port}: {source}")]
+    Vdpa {
+        port: String,
+        source: vdpa::OpenError,
+    },
     #[error("port {port}: {message}: {source}")]
     Io {
         port: String,
@@ -64,8 +69,21 @@ pub enum ServerError {
 /// when the guest boots.
 pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     let stats = Arc::new(PortStats::new(&cfg.name, cfg.queues));
+    let vf = match &cfg.link {
+        LinkConfig::Vdpa(path) => {
+            // Opened now, so a missing or busy device is reported before any frontend comes.
+            let dev = vdpa::KernelDevice::open(path).map_err(|source| ServerError::Vdpa {
+                port: cfg.name.clone(),
+                source,
+            })?;
+            info!("port {}: vDPA device {}", cfg.name, path.display());
+            return Ok(Arc::new(Port::new_vdpa(&cfg.name, dev, stats)));
+        }
+        LinkConfig::Vf(vf) => Some(vf),
+        LinkConfig::Loopback => None,
+    };
     let mut pairs = Vec::with_capacity(cfg.queues);
-    if let LinkConfig::Vf(vf) = &cfg.link {
+    if let Some(vf) = vf {
         let vf_err = |source| ServerError::Vf {
             port: cfg.name.clone(),
             vf: vf.clone(),
@@ -83,22 +101,29 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     }
     // A fanout group id that no other port of this process (or, likely, another process) uses.
     let group = fanout_group_id(&cfg.name);
-    for i in 0..cfg.queues {
-        let link = match &cfg.link {
-            LinkConfig::Vf(vf) => {
-                let fanout = (cfg.queues > 1).then_some(group);
-                let sock =
-                    VfSocket::open(vf, fanout, &RingConfig::default()).map_err(|source| {
-                        ServerError::Vf {
-                            port: cfg.name.clone(),
-                            vf: vf.clone(),
-                            source,
-                        }
-                    })?;
-                Link::Vf(Box::new(sock))
-            }
-            LinkConfig::Loopback => Link::Loopback,
-        };
+    let mut links: Vec<Link> = match vf {
+        Some(vf) => {
+            let fanout = (cfg.queues > 1).then_some(group);
+            open_queues(
+                &cfg.name,
+                vf,
+                cfg.queues,
+                cfg.vf_mode,
+                fanout,
+                &RingConfig::default(),
+            )
+            .map_err(|source| ServerError::Vf {
+                port: cfg.name.clone(),
+                vf: vf.clone(),
+                source,
+            })?
+            .into_iter()
+            .map(|s| Link::Vf(Box::new(s)))
+            .collect()
+        }
+        None => (0..cfg.queues).map(|_| Link::Loopback).collect(),
+    };
+    for (i, link) in links.drain(..).enumerate() {
         let mut pair = QueuePair::new(&cfg.name, i, link).map_err(|source| ServerError::Io {
             port: cfg.name.clone(),
             message: "cannot create an eventfd".into(),
@@ -221,6 +246,9 @@ fn run_session(
     port: &Arc<Port>,
     frontend: UnixStream,
 ) -> Result<(), ServerError> {
+    if port.vdpa.is_some() {
+        return run_vdpa_session(cfg, port, frontend);
+    }
     let io_err = |message: &str, source| ServerError::Io {
         port: cfg.name.clone(),
         message: message.into(),
@@ -237,7 +265,10 @@ fn run_session(
         warn!("port {}: cannot start serving the frontend: {e}", cfg.name);
         return Ok(());
     }
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end)
+    let announcer = port.clone();
+    let on_rarp: protocol_shim::RarpHandler =
+        Box::new(move |mac| crate::announce::announce_logged(&announcer, mac));
+    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
         .map_err(|e| io_err("cannot start the protocol shim", e))?;
     match daemon.wait() {
         Ok(()) => info!("port {}: frontend disconnected", cfg.name),
@@ -248,6 +279,84 @@ fn run_session(
         h.shutdown();
     }
     let _ = shim.join();
+    Ok(())
+}
+
+/// Serves one frontend connection in vDPA mode: our own request handler (the session),
+/// reached through the same protocol shim as the relay mode, owns the device until the
+/// frontend goes away, then resets it and hands it back to the port.
+fn run_vdpa_session(
+    cfg: &PortConfig,
+    port: &Arc<Port>,
+    frontend: UnixStream,
+) -> Result<(), ServerError> {
+    use std::sync::Mutex;
+    use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+    let io_err = |message: &str, source| ServerError::Io {
+        port: cfg.name.clone(),
+        message: message.into(),
+        source,
+    };
+    let Some(slot) = &port.vdpa else {
+        return Ok(());
+    };
+    let Some(dev) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        warn!(
+            "port {}: the vDPA device is still held by the last session",
+            cfg.name
+        );
+        return Ok(());
+    };
+    let counters: Arc<dyn vdpa::Counters> = port.stats.clone();
+    let session = match vdpa::Session::new(&cfg.name, dev, counters) {
+        Ok(s) => Arc::new(Mutex::new(s)),
+        Err((e, dev)) => {
+            error!("{e}");
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+            return Ok(());
+        }
+    };
+    let (ours, shim_end) =
+        UnixStream::pair().map_err(|e| io_err("cannot set up the backend-side socket", e))?;
+    // The vDPA session does not offer the RARP protocol feature (the frames would have to
+    // come from the device, which has no way to inject them), so a SEND_RARP is a frontend
+    // going beyond what was negotiated: answered, logged, not acted on.
+    let port_name = cfg.name.clone();
+    let on_rarp: protocol_shim::RarpHandler = Box::new(move |_mac| {
+        warn!("port {port_name}: SEND_RARP ignored: a vDPA port does not offer RARP");
+    });
+    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
+        .map_err(|e| io_err("cannot start the protocol shim", e))?;
+    let mut handler = BackendReqHandler::from_stream(ours, session.clone());
+    loop {
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
+                info!("port {}: frontend disconnected", cfg.name);
+                break;
+            }
+            Err(e) => {
+                warn!("port {}: frontend connection ended: {e}", cfg.name);
+                break;
+            }
+        }
+    }
+    if let Ok(conn) = handler.try_clone_connection() {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    }
+    drop(handler);
+    let _ = shim.join();
+    match Arc::try_unwrap(session) {
+        Ok(m) => {
+            let dev = m
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .into_device();
+            info!("port {}: vdpa: reset", cfg.name);
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+        }
+        Err(_) => error!("port {}: the vDPA session is still referenced", cfg.name),
+    }
     Ok(())
 }
 

@@ -87,6 +87,21 @@ impl PortStats {
     }
 }
 
+/// vDPA mode counts only what its shadow rings relay (while migrating); in direct mode
+/// packets never pass through this process and these stay zero.
+impl vdpa::Counters for PortStats {
+    fn relayed(&self, queue: usize, packets: u64, bytes: u64) {
+        if let Some(pair) = self.pairs.get(queue / 2) {
+            let q = if queue.is_multiple_of(2) {
+                &pair.rx
+            } else {
+                &pair.tx
+            };
+            q.add_packets(packets, bytes);
+        }
+    }
+}
+
 /// One line per virtqueue, in the fixed form tests and operators parse:
 /// `stats port=NAME queue=Q dir=rx|tx packets=N bytes=N drops=N errors=N`
 /// (virtqueue numbering: 2*pair is rx, 2*pair+1 is tx).

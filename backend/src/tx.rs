@@ -129,8 +129,17 @@ impl TxBatch {
                 Err(e) => {
                     self.iovs.truncate(first_iov);
                     stats.add_errors(1);
-                    crate::warn_limited!("{e}");
-                    ring.add_used(head, 0);
+                    if head < ring.size() {
+                        crate::warn_limited!("{e}");
+                        ring.add_used(head, 0);
+                    } else {
+                        // Not a chain the guest can get back: returning it would only corrupt
+                        // its bookkeeping.
+                        crate::warn_limited!(
+                            "tx queue: avail ring names head {head}, past the {}-entry descriptor table; skipped",
+                            ring.size()
+                        );
+                    }
                 }
             }
         }
@@ -356,6 +365,7 @@ mod tests {
     use super::*;
     use crate::mock_guest::*;
     use crate::net_hdr::{VirtioNetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6};
+    use virtio_queue::QueueT;
     use vm_memory::{ByteValued, Bytes, GuestAddress};
 
     /// Writes a guest TX header at `addr`.
@@ -491,6 +501,39 @@ mod tests {
         assert_eq!(stats.snapshot().errors, 7);
         // The bad ones are back in the guest's hands already.
         assert_eq!(gq.used_idx(), 7);
+    }
+
+    /// A head index past the descriptor table names no chain at all: there is nothing to
+    /// return, and it must cost only itself. The good chains of the same batch are still sent
+    /// and returned, so when the frontend stops the ring (GET_VRING_BASE) every chain taken
+    /// from avail is in the used ring, and the queue keeps working.
+    #[test]
+    fn out_of_range_head_costs_only_itself() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        put_hdr(&mem, BUFFERS, VnetHdr::default());
+        gq.add(&[rbuf(BUFFERS, 72)]);
+        gq.add_raw_head(999);
+        gq.add(&[rbuf(BUFFERS, 72)]);
+        let mut q = gq.queue();
+        let stats = QueueStats::default();
+        let mut batch = TxBatch::default();
+        let popped = batch
+            .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+            .expect("a bad head does not fail the batch");
+        assert_eq!(popped, 3);
+        assert_eq!(batch.len(), 2, "both good chains are in the batch");
+        assert_eq!(stats.snapshot().errors, 1);
+        batch.complete(&mut q, &mem).unwrap();
+        assert_eq!(gq.used_idx(), 2);
+        assert_eq!((gq.used(0).0, gq.used(1).0), (0, 1));
+        assert_eq!(q.next_avail(), 3);
+        // The queue goes on.
+        gq.add(&[rbuf(BUFFERS, 72)]);
+        batch
+            .gather(&mut q, &mem, VIRTIO_NET_HDR_LEN, &stats)
+            .unwrap();
+        assert_eq!(batch.len(), 1);
     }
 
     #[test]
@@ -640,7 +683,6 @@ mod tests {
         use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
         use virtio_queue::desc::{split::Descriptor, RawDescriptor};
         use virtio_queue::mock::MockSplitQueue;
-        use virtio_queue::QueueT;
 
         const SIZE: u64 = 16 << 20;
         const BATCH: u16 = 64;

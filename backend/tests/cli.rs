@@ -67,6 +67,21 @@ fn a_missing_vf_is_named() {
 }
 
 #[test]
+fn a_bad_vf_mode_is_named() {
+    assert_one_line_error(
+        &[
+            "--socket-path",
+            "/tmp/x.sock",
+            "--vf",
+            "a",
+            "--vf-mode",
+            "fast",
+        ],
+        "fast",
+    );
+}
+
+#[test]
 fn an_unusable_socket_path_is_named() {
     assert_one_line_error(
         &["--socket-path", "/nonexistent-dir/vm.sock", "--loopback"],
@@ -103,4 +118,36 @@ fn conflicting_options_are_refused() {
     let o = run(&["--socket-path", "/tmp/x.sock"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no VF"));
+}
+
+#[test]
+fn a_missing_or_wrong_vdpa_device_is_named() {
+    assert_one_line_error(
+        &[
+            "--socket-path",
+            "/tmp/vr-cli-vdpa.sock",
+            "--vdpa",
+            "/dev/vhost-vdpa-99",
+        ],
+        "/dev/vhost-vdpa-99 does not exist",
+    );
+    assert_one_line_error(
+        &[
+            "--socket-path",
+            "/tmp/vr-cli-vdpa.sock",
+            "--vdpa",
+            "/dev/null",
+        ],
+        "/dev/null is not a vhost-vdpa device",
+    );
+    let o = run(&[
+        "--socket-path",
+        "/tmp/vr-cli-vdpa.sock",
+        "--vdpa",
+        "/dev/vhost-vdpa-0",
+        "--vf",
+        "x",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("'--vdpa <DEV>' cannot be used with '--vf"));
 }

@@ -1,5 +1,6 @@
 //! The relay path without QEMU: a Rust vhost-user frontend on one side, a veth in a network
 //! namespace (standing for the VF) on the other, and raw sockets on its peer as the wire.
+//! Every test runs with both VF socket kinds (`--vf-mode af-packet` and `af-xdp`).
 
 mod support;
 
@@ -24,16 +25,52 @@ fn is_test_frame(f: &[u8]) -> bool {
     f.len() >= 16 && f[12..14] == [0x88, 0xb5]
 }
 
-#[test]
-fn guest_tx_reaches_the_wire_and_wire_frames_reach_the_guest() {
-    let ns = NetNs::new("relay");
-    let dir = temp_dir("relay");
+/// Starts the backend on `vf0` in `mode` and checks from its log that the mode was taken.
+fn start(ns: &NetNs, dir: &std::path::Path, mode: &str) -> std::process::Child {
     let sock = dir.join("vr.sock");
-    let mut be = ns.spawn_backend(
-        &["--socket-path", sock.to_str().unwrap(), "--vf", "vf0"],
-        &dir.join("vr.log"),
+    let log = dir.join("vr.log");
+    let be = ns.spawn_backend(
+        &[
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--vf",
+            "vf0",
+            "--vf-mode",
+            mode,
+        ],
+        &log,
     );
     assert!(wait_for(T, || sock.exists()), "backend listens");
+    let want = if mode == "af-xdp" {
+        "AF_XDP ("
+    } else {
+        "AF_PACKET ("
+    };
+    assert!(
+        wait_for(T, || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(want)),
+        "the log names the socket kind {want}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    be
+}
+
+#[test]
+fn guest_tx_reaches_the_wire_and_wire_frames_reach_the_guest_af_packet() {
+    frames_cross_both_ways("af-packet");
+}
+
+#[test]
+fn guest_tx_reaches_the_wire_and_wire_frames_reach_the_guest_af_xdp() {
+    frames_cross_both_ways("af-xdp");
+}
+
+fn frames_cross_both_ways(mode: &str) {
+    let ns = NetNs::new(&format!("relay-{mode}"));
+    let dir = temp_dir(&format!("relay-{mode}"));
+    let sock = dir.join("vr.sock");
+    let mut be = start(&ns, &dir, mode);
     let mut f = TestFrontend::connect(&sock, 1, VIRTIO_NET_F_MRG_RXBUF);
 
     // Guest -> wire: 10 frames, captured on the peer.
@@ -109,15 +146,21 @@ fn guest_tx_reaches_the_wire_and_wire_frames_reach_the_guest() {
 }
 
 #[test]
-fn guest_tso_super_frame_crosses_as_one_gso_packet() {
-    let ns = NetNs::new("tso");
-    let dir = temp_dir("tso");
+fn guest_tso_super_frame_crosses_as_one_gso_packet_af_packet() {
+    guest_tso("af-packet");
+}
+
+/// AF_XDP carries no GSO metadata: the relay segments the super-frame itself.
+#[test]
+fn guest_tso_super_frame_is_segmented_by_the_relay_af_xdp() {
+    guest_tso("af-xdp");
+}
+
+fn guest_tso(mode: &str) {
+    let ns = NetNs::new(&format!("tso-{mode}"));
+    let dir = temp_dir(&format!("tso-{mode}"));
     let sock = dir.join("vr.sock");
-    let mut be = ns.spawn_backend(
-        &["--socket-path", sock.to_str().unwrap(), "--vf", "vf0"],
-        &dir.join("vr.log"),
-    );
-    assert!(wait_for(T, || sock.exists()));
+    let mut be = start(&ns, &dir, mode);
     let mut f = TestFrontend::connect(&sock, 1, VIRTIO_NET_F_MRG_RXBUF);
     // A 60 KB TCPv4 segment with GSO TCPV4 and a partial checksum, as a TSO guest sends it.
     let payload_len = 60_000usize;
@@ -158,21 +201,28 @@ fn guest_tso_super_frame_crosses_as_one_gso_packet() {
     hdr.extend_from_slice(&34u16.to_le_bytes());
     hdr.extend_from_slice(&16u16.to_le_bytes());
     hdr.extend_from_slice(&[0, 0]);
+    // Segments expected in AF_XDP mode: one per MSS of payload.
+    let want = if mode == "af-xdp" {
+        payload_len.div_ceil(1448)
+    } else {
+        1
+    };
     let capture = {
         let name = ns.name.clone();
         std::thread::spawn(move || {
             let ns = NetNs { name };
-            let r = ns.enter(|| {
+            let r = ns.enter(move || {
                 let raw = RawSocket::open("wire0", true);
                 let start = Instant::now();
-                while start.elapsed() < T {
+                let mut got = Vec::new();
+                while start.elapsed() < T && got.len() < want {
                     if let Some(fr) = raw.recv() {
                         if fr.len() > 10 + 14 && fr[10 + 12..10 + 14] == [0x08, 0x00] {
-                            return Some(fr);
+                            got.push(fr);
                         }
                     }
                 }
-                None
+                got
             });
             std::mem::forget(ns);
             r
@@ -188,16 +238,31 @@ fn guest_tso_super_frame_crosses_as_one_gso_packet() {
     );
     f.kick(1);
     assert_eq!(f.wait_used(1, 1, T).len(), 1);
-    let got = capture
-        .join()
-        .unwrap()
-        .expect("the super-frame reached the wire");
-    // The peer's packet socket sees one GSO frame: header says TCPV4 with the guest's MSS,
-    // and the bytes are the guest's.
-    assert_eq!(got[1] & 0x7f, 1, "gso_type TCPV4");
-    assert_eq!(u16::from_le_bytes([got[4], got[5]]), 1448, "gso_size");
-    assert_eq!(got.len() - 10, pkt.len());
-    assert_eq!(&got[10 + 54..], &pkt[54..], "payload intact");
+    let got = capture.join().unwrap();
+    assert_eq!(got.len(), want, "frames on the wire");
+    if mode == "af-xdp" {
+        // Wire-sized TCP segments, each with no GSO left to do, carrying the payload in order.
+        let mut joined = Vec::new();
+        for seg in &got {
+            assert_eq!(seg[1], 0, "no GSO on the wire");
+            assert!(
+                seg.len() - 10 <= 14 + 1500,
+                "segment of {} bytes",
+                seg.len() - 10
+            );
+            assert_eq!(&seg[10..10 + 12], &pkt[..12], "MAC addresses kept");
+            joined.extend_from_slice(&seg[10 + 54..]);
+        }
+        assert_eq!(&joined[..], &pkt[54..], "payload intact and in order");
+    } else {
+        // The peer's packet socket sees one GSO frame: header says TCPV4 with the guest's MSS,
+        // and the bytes are the guest's.
+        let got = &got[0];
+        assert_eq!(got[1] & 0x7f, 1, "gso_type TCPV4");
+        assert_eq!(u16::from_le_bytes([got[4], got[5]]), 1448, "gso_size");
+        assert_eq!(got.len() - 10, pkt.len());
+        assert_eq!(&got[10 + 54..], &pkt[54..], "payload intact");
+    }
     let _ = be.kill();
     let _ = be.wait();
 }

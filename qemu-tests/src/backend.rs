@@ -176,14 +176,42 @@ impl Backend {
         queues: u16,
         workdir: &Path,
     ) -> Result<Self> {
+        Self::vhost_relay_port_with(ns, socket, queues, workdir, &[])
+    }
+
+    /// [`Backend::vhost_relay_port`] with more arguments (e.g. `--vf-mode af-xdp`).
+    pub fn vhost_relay_port_with(
+        ns: &NetNs,
+        socket: &Path,
+        queues: u16,
+        workdir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let sock = socket.display().to_string();
         let q = queues.to_string();
-        let mut b = Self::vhost_relay(
-            Some(ns),
-            &["--socket-path", &sock, "--vf", ns.vf(), "--queues", &q],
-            workdir,
-            usize::from(queues),
-        )?;
+        let mut args = vec!["--socket-path", &sock, "--vf", ns.vf(), "--queues", &q];
+        args.extend_from_slice(extra);
+        let mut b = Self::vhost_relay(Some(ns), &args, workdir, usize::from(queues))?;
+        b.wait_for_socket(socket, Duration::from_secs(10))?;
+        Ok(b)
+    }
+
+    /// Like [`Backend::vhost_relay_port`] with a given binary (e.g. a test-only build) and VF
+    /// (a namespace may hold several, e.g. one per simulated host).
+    pub fn vhost_relay_port_on(
+        bin: &Path,
+        ns: &NetNs,
+        vf: &str,
+        socket: &Path,
+        queues: u16,
+        workdir: &Path,
+    ) -> Result<Self> {
+        let sock = socket.display().to_string();
+        let q = queues.to_string();
+        let mut cmd = ns.command(bin);
+        cmd.args(["--socket-path", &sock, "--vf", vf, "--queues", &q])
+            .env("RUST_LOG", "info");
+        let mut b = Self::spawn("vhost-relay", cmd, workdir, 2 * usize::from(queues))?;
         b.wait_for_socket(socket, Duration::from_secs(10))?;
         Ok(b)
     }
@@ -206,6 +234,19 @@ impl Backend {
     /// `net_af_packet` on the namespace's VF end. A reference to validate the harness without
     /// vhost-relay.
     pub fn testpmd_vhost(ns: &NetNs, socket: &Path, workdir: &Path) -> Result<Self> {
+        Self::testpmd_vhost_on(ns, ns.vf(), socket, 1, workdir)
+    }
+
+    /// Like [`Backend::testpmd_vhost`] on a given VF with `queues` queue pairs (`net_vhost`
+    /// `queues=N`, `net_af_packet` `qpairs=N`, one forwarding stream per queue and direction).
+    pub fn testpmd_vhost_on(
+        ns: &NetNs,
+        vf: &str,
+        socket: &Path,
+        queues: u16,
+        workdir: &Path,
+    ) -> Result<Self> {
+        let queues = queues.max(1);
         let prefix = util::unique_name("vrt-pmd");
         let mut cmd = ns.command("dpdk-testpmd");
         cmd.args([
@@ -221,9 +262,12 @@ impl Backend {
             "user1,info",
         ])
         .arg("--vdev")
-        .arg(format!("net_vhost0,iface={},queues=1", socket.display()))
+        .arg(format!(
+            "net_vhost0,iface={},queues={queues}",
+            socket.display()
+        ))
         .arg("--vdev")
-        .arg(format!("net_af_packet0,iface={}", ns.vf()))
+        .arg(format!("net_af_packet0,iface={vf},qpairs={queues}"))
         .args([
             "--",
             "--forward-mode=io",
@@ -231,7 +275,9 @@ impl Backend {
             "1",
             "--total-num-mbufs=16384",
             "--nb-cores=1",
-        ]);
+        ])
+        .arg(format!("--rxq={queues}"))
+        .arg(format!("--txq={queues}"));
         let mut b = Self::spawn("testpmd-vhost", cmd, workdir, 0)?;
         b.leftover = Some(dpdk_runtime_dir(&prefix));
         b.wait_for_socket(socket, Duration::from_secs(30))?;

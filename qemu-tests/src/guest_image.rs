@@ -1,5 +1,10 @@
-//! The guest: a Debian 6.1 kernel and a busybox initramfs that brings up virtio-net and gives a
+//! The guest: a Debian kernel and a busybox initramfs that brings up virtio-net and gives a
 //! shell on the serial console.
+//!
+//! Two flavours share this code: the bookworm 6.1 kernel with the virtio-net modules (every
+//! vhost-user test), and the bookworm-backports 6.12 kernel with vDPA, vhost-vdpa and VDUSE
+//! (6.1 has `CONFIG_VDPA` off), whose initramfs also carries host-built binaries and the shared
+//! libraries they need, so the vDPA tests can run vhost-relay and its peers inside the guest.
 //!
 //! The kernel package is downloaded with `apt-get download` and unpacked with `dpkg -x` into the
 //! cache, never installed: the host kernel and its modules stay untouched. Only `vmlinuz` and
@@ -28,6 +33,50 @@ pub const GUEST_MODULES: &[&str] = &[
     "net_failover",
     "virtio_net",
 ];
+
+/// The modules of the vDPA guest: VDUSE (a vDPA device served by a userspace process) and
+/// vhost-vdpa (its `/dev/vhost-vdpa-N` face). `virtio_vdpa` is deliberately absent: with it
+/// loaded, the kernel's own virtio-net driver would claim the vDPA device instead of vhost-vdpa.
+pub const VDPA_GUEST_MODULES: &[&str] = &["vhost_iotlb", "vdpa", "vduse", "vhost", "vhost_vdpa"];
+
+/// Host tools copied into the vDPA guest besides the caller's binaries: iproute2's `vdpa`
+/// (`vdpa dev add name NAME mgmtdev vduse` attaches a VDUSE device to the vDPA bus).
+const VDPA_GUEST_TOOLS: &[&str] = &["/usr/sbin/vdpa", "/sbin/vdpa"];
+
+/// Which kernel (and module set) a guest image is built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flavour {
+    /// bookworm's 6.1 kernel with virtio-net: the guest of the vhost-user tests.
+    Virtio61,
+    /// bookworm-backports' 6.12 kernel with vdpa, vhost_vdpa and VDUSE.
+    Vdpa612,
+}
+
+impl Flavour {
+    fn modules(self) -> &'static [&'static str] {
+        match self {
+            Flavour::Virtio61 => GUEST_MODULES,
+            Flavour::Vdpa612 => VDPA_GUEST_MODULES,
+        }
+    }
+
+    /// The environment variable that overrides the kernel package.
+    fn package_env(self) -> &'static str {
+        match self {
+            Flavour::Virtio61 => "VHOST_RELAY_GUEST_KERNEL_PKG",
+            Flavour::Vdpa612 => "VHOST_RELAY_VDPA_KERNEL_PKG",
+        }
+    }
+
+    /// The sort key of a kernel package name of this flavour (newest is greatest), or `None`
+    /// if the name is not one of this flavour's packages.
+    fn package_key(self, p: &str) -> Option<u32> {
+        match self {
+            Flavour::Virtio61 => abi_number(p),
+            Flavour::Vdpa612 => backports_612_number(p),
+        }
+    }
+}
 
 /// Printed by `/init` once the NICs are configured and the shell is about to start.
 pub const READY_MARKER: &str = "@@VHOST-RELAY-GUEST-READY@@";
@@ -84,6 +133,29 @@ pub struct GuestImage {
     pub kernel_package: String,
 }
 
+/// A host file to put into the initramfs at `/bin/NAME`.
+#[derive(Clone, Debug)]
+pub struct GuestBinary {
+    /// Where it is on the host.
+    pub host: PathBuf,
+    /// Its name in the guest's `/bin`.
+    pub name: String,
+}
+
+impl GuestBinary {
+    /// `host` under its own file name.
+    pub fn new(host: &Path) -> Result<Self> {
+        let name = host
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| Error::GuestImage(format!("{} has no file name", host.display())))?;
+        Ok(GuestBinary {
+            host: host.to_path_buf(),
+            name,
+        })
+    }
+}
+
 impl GuestImage {
     /// Prepares (or reuses from [`util::cache_dir`]) the guest kernel and initramfs.
     pub fn ensure() -> Result<GuestImage> {
@@ -92,15 +164,43 @@ impl GuestImage {
 
     /// Like [`GuestImage::ensure`] with an explicit cache directory.
     pub fn ensure_in(cache: &Path) -> Result<GuestImage> {
+        Self::ensure_flavour_in(cache, Flavour::Virtio61, &[])
+    }
+
+    /// The vDPA guest: the 6.12 kernel with [`VDPA_GUEST_MODULES`] loaded by `/init`, iproute2's
+    /// `vdpa`, and `binaries` in `/bin` with the shared libraries they link (found with `ldd`),
+    /// so host-built programs run in the guest as they are.
+    pub fn ensure_vdpa(binaries: &[GuestBinary]) -> Result<GuestImage> {
+        Self::ensure_flavour_in(&util::cache_dir(), Flavour::Vdpa612, binaries)
+    }
+
+    /// Prepares (or reuses) a guest of `flavour` carrying `binaries` (see
+    /// [`GuestImage::ensure_vdpa`]).
+    pub fn ensure_flavour_in(
+        cache: &Path,
+        flavour: Flavour,
+        binaries: &[GuestBinary],
+    ) -> Result<GuestImage> {
         let _lock = FileLock::acquire(&cache.join("guest-image.lock"))?;
         let kernels = cache.join("kernels");
-        let package = resolve_kernel_package(&kernels)?;
+        let package = resolve_kernel_package(&kernels, flavour)?;
         let kdir = kernels.join(&package);
         if !kdir.join("complete").exists() {
-            fetch_kernel(&package, &kernels, &kdir)?;
+            fetch_kernel(&package, flavour.modules(), &kernels, &kdir)?;
         }
         let kernel = kdir.join("vmlinuz");
-        let initrd = build_initramfs(cache, &kdir)?;
+        let mut extra = binaries.to_vec();
+        if flavour == Flavour::Vdpa612 {
+            let tool = VDPA_GUEST_TOOLS
+                .iter()
+                .map(Path::new)
+                .find(|p| p.exists())
+                .ok_or_else(|| {
+                    Error::Prerequisite("iproute2's `vdpa` tool (/usr/sbin/vdpa)".into())
+                })?;
+            extra.push(GuestBinary::new(tool)?);
+        }
+        let initrd = build_initramfs(cache, &kdir, &extra)?;
         Ok(GuestImage {
             kernel,
             initrd,
@@ -109,26 +209,34 @@ impl GuestImage {
     }
 }
 
-/// Picks the Debian 6.1 kernel package: `$VHOST_RELAY_GUEST_KERNEL_PKG`, else what
-/// `linux-image-amd64` depends on, else the newest `linux-image-6.1.0-N-amd64` apt knows, else
-/// one already in the cache (so an offline machine with a warm cache still works).
-fn resolve_kernel_package(kernels: &Path) -> Result<String> {
-    if let Ok(p) = std::env::var("VHOST_RELAY_GUEST_KERNEL_PKG") {
+/// Picks the kernel package: `$VHOST_RELAY_GUEST_KERNEL_PKG` (6.1) or
+/// `$VHOST_RELAY_VDPA_KERNEL_PKG` (6.12), else (6.1 only) what `linux-image-amd64` depends on,
+/// else the newest package of the flavour apt knows, else one already in the cache (so an
+/// offline machine with a warm cache still works).
+fn resolve_kernel_package(kernels: &Path, flavour: Flavour) -> Result<String> {
+    if let Ok(p) = std::env::var(flavour.package_env()) {
         if !p.is_empty() {
             return Ok(p);
         }
     }
-    if let Ok(out) = util::run(Command::new("apt-cache").args(["depends", "linux-image-amd64"])) {
-        if let Some(p) = parse_depends(&out) {
-            return Ok(p);
+    if flavour == Flavour::Virtio61 {
+        if let Ok(out) = util::run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))
+        {
+            if let Some(p) = parse_depends(&out) {
+                return Ok(p);
+            }
         }
     }
-    if let Ok(out) = util::run(Command::new("apt-cache").args([
-        "search",
-        "--names-only",
-        r"^linux-image-6\.1\.0-[0-9]+-amd64$",
-    ])) {
-        if let Some(p) = newest_abi(out.lines().filter_map(|l| l.split_whitespace().next())) {
+    let pattern = match flavour {
+        Flavour::Virtio61 => r"^linux-image-6\.1\.0-[0-9]+-amd64$",
+        Flavour::Vdpa612 => r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$",
+    };
+    if let Ok(out) = util::run(Command::new("apt-cache").args(["search", "--names-only", pattern]))
+    {
+        if let Some(p) = newest(
+            flavour,
+            out.lines().filter_map(|l| l.split_whitespace().next()),
+        ) {
             return Ok(p);
         }
     }
@@ -140,13 +248,32 @@ fn resolve_kernel_package(kernels: &Path) -> Result<String> {
                 .collect()
         })
         .unwrap_or_default();
-    newest_abi(cached.iter().map(String::as_str)).ok_or_else(|| {
-        Error::GuestImage(
-            "cannot find a linux-image-6.1.0-*-amd64 package: run `apt-get update` \
-             (scripts/install-deps.sh does) or set VHOST_RELAY_GUEST_KERNEL_PKG"
-                .into(),
-        )
+    newest(flavour, cached.iter().map(String::as_str)).ok_or_else(|| {
+        let (what, where_) = match flavour {
+            Flavour::Virtio61 => ("linux-image-6.1.0-*-amd64", "bookworm"),
+            Flavour::Vdpa612 => ("linux-image-6.12.*+deb12-amd64", "bookworm-backports"),
+        };
+        Error::GuestImage(format!(
+            "cannot find a {what} package in {where_}: run `apt-get update` \
+             (scripts/install-deps.sh adds bookworm-backports and does) or set {}",
+            flavour.package_env()
+        ))
     })
+}
+
+/// N of `linux-image-6.12.N+deb12-amd64`.
+fn backports_612_number(p: &str) -> Option<u32> {
+    p.strip_prefix("linux-image-6.12.")?
+        .strip_suffix("+deb12-amd64")?
+        .parse()
+        .ok()
+}
+
+fn newest<'a>(flavour: Flavour, names: impl Iterator<Item = &'a str>) -> Option<String> {
+    names
+        .filter_map(|n| flavour.package_key(n).map(|a| (a, n)))
+        .max_by_key(|(a, _)| *a)
+        .map(|(_, n)| n.to_string())
 }
 
 /// `Depends: linux-image-6.1.0-56-amd64` from `apt-cache depends linux-image-amd64`.
@@ -170,16 +297,9 @@ fn abi_number(p: &str) -> Option<u32> {
         .ok()
 }
 
-fn newest_abi<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
-    names
-        .filter_map(|n| abi_number(n).map(|a| (a, n)))
-        .max_by_key(|(a, _)| *a)
-        .map(|(_, n)| n.to_string())
-}
-
 /// Downloads and unpacks the kernel package, keeping `vmlinuz` and the guest's modules
 /// (decompressed, in load order) in `kdir`.
-fn fetch_kernel(package: &str, kernels: &Path, kdir: &Path) -> Result<()> {
+fn fetch_kernel(package: &str, modules: &[&str], kernels: &Path, kdir: &Path) -> Result<()> {
     let work = kernels.join(format!("{package}.work"));
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(kdir);
@@ -204,7 +324,7 @@ fn fetch_kernel(package: &str, kernels: &Path, kdir: &Path) -> Result<()> {
     let modroot = root.join("lib/modules");
     let mut index = HashMap::new();
     index_modules(&modroot, &mut index)?;
-    let order = resolve_module_order(GUEST_MODULES, |name| {
+    let order = resolve_module_order(modules, |name| {
         let path = index.get(name).ok_or_else(|| {
             Error::GuestImage(format!("{package} has no module {name}.ko or {name}.ko.xz"))
         })?;
@@ -362,7 +482,7 @@ pub fn resolve_module_order<T>(
 }
 
 /// Builds `initramfs-<key>.cpio.gz` in `cache` unless it exists; the key hashes every input.
-fn build_initramfs(cache: &Path, kdir: &Path) -> Result<PathBuf> {
+fn build_initramfs(cache: &Path, kdir: &Path, extra: &[GuestBinary]) -> Result<PathBuf> {
     let busybox = find_static_busybox()?;
     let busybox_bytes = std::fs::read(&busybox)
         .map_err(|e| Error::io(format!("reading {}", busybox.display()), e))?;
@@ -375,6 +495,7 @@ fn build_initramfs(cache: &Path, kdir: &Path) -> Result<PathBuf> {
             std::fs::read(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
         modules.push((name.to_string(), bytes));
     }
+    let files = guest_files(cache, extra)?;
 
     let mut h = Fnv64::new();
     h.update(FORMAT_VERSION.as_bytes());
@@ -383,6 +504,10 @@ fn build_initramfs(cache: &Path, kdir: &Path) -> Result<PathBuf> {
     for (n, b) in &modules {
         h.update(n.as_bytes());
         h.update(b);
+    }
+    for (path, bytes) in &files {
+        h.update(path.as_bytes());
+        h.update(bytes);
     }
     let out = cache.join(format!("initramfs-{:016x}.cpio.gz", h.finish()));
     if out.exists() {
@@ -417,6 +542,31 @@ fn build_initramfs(cache: &Path, kdir: &Path) -> Result<PathBuf> {
         w.file(&format!("/lib/modules/{n}.ko"), 0o644, b);
     }
     w.file("/lib/modules/order", 0o644, order_text.as_bytes());
+    let mut dirs: std::collections::HashSet<String> = [
+        "/bin",
+        "/sbin",
+        "/usr",
+        "/usr/bin",
+        "/usr/sbin",
+        "/lib",
+        "/lib/modules",
+    ]
+    .iter()
+    .map(|d| d.to_string())
+    .collect();
+    for (path, bytes) in &files {
+        // Parents first: the kernel creates entries in archive order.
+        let mut parent = String::new();
+        let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        for c in comps.iter().take(comps.len().saturating_sub(1)) {
+            parent.push('/');
+            parent.push_str(c);
+            if dirs.insert(parent.clone()) {
+                w.dir(&parent, 0o755);
+            }
+        }
+        w.file(path, 0o755, bytes);
+    }
     let archive = w.finish();
 
     let tmp = cache.join(format!("{}.tmp", util::unique_name("initramfs")));
@@ -441,6 +591,70 @@ fn build_initramfs(cache: &Path, kdir: &Path) -> Result<PathBuf> {
     std::fs::rename(&tmp, &out)
         .map_err(|e| Error::io(format!("renaming to {}", out.display()), e))?;
     Ok(out)
+}
+
+/// The extra files of the initramfs as (guest path, bytes): each binary at `/bin/NAME`,
+/// stripped of debug info when `strip` is there (a debug vhost-relay is ~50 MB, most of it
+/// DWARF the guest never reads), plus every shared library `ldd` lists for it at the path the
+/// dynamic loader will look for it.
+fn guest_files(cache: &Path, extra: &[GuestBinary]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut libs: Vec<String> = Vec::new();
+    for b in extra {
+        files.push((format!("/bin/{}", b.name), stripped(cache, &b.host)?));
+        let out = Command::new("ldd")
+            .arg(&b.host)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io(format!("running ldd {}", b.host.display()), e))?;
+        // A static binary makes ldd fail ("not a dynamic executable"): nothing to add.
+        for lib in parse_ldd(&String::from_utf8_lossy(&out.stdout)) {
+            if !libs.contains(&lib) {
+                libs.push(lib);
+            }
+        }
+    }
+    for lib in libs {
+        let bytes =
+            std::fs::read(&lib).map_err(|e| Error::io(format!("reading {lib} (from ldd)"), e))?;
+        files.push((lib, bytes));
+    }
+    Ok(files)
+}
+
+/// The library paths in `ldd` output: `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`
+/// and the loader's own line `/lib64/ld-linux-x86-64.so.2 (0x...)`; not the vDSO.
+fn parse_ldd(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect()
+}
+
+/// The bytes of `bin` without debug sections (or as they are if `strip` is missing or fails).
+fn stripped(cache: &Path, bin: &Path) -> Result<Vec<u8>> {
+    let tmp = cache.join(format!("{}.strip", util::unique_name("bin")));
+    let ok = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(bin)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let path = if ok { tmp.as_path() } else { bin };
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e));
+    let _ = std::fs::remove_file(&tmp);
+    bytes
 }
 
 /// The guest has no libc, so busybox must be the static build (Debian `busybox-static`).
@@ -539,10 +753,37 @@ mod tests {
             "junk",
         ];
         assert_eq!(
-            newest_abi(names.into_iter()).as_deref(),
+            newest(Flavour::Virtio61, names.into_iter()).as_deref(),
             Some("linux-image-6.1.0-56-amd64")
         );
-        assert_eq!(newest_abi(["x"].into_iter()), None);
+        assert_eq!(newest(Flavour::Virtio61, ["x"].into_iter()), None);
+        let bpo = [
+            "linux-image-6.12.9+deb12-amd64",
+            "linux-image-6.12.73+deb12-amd64",
+            "linux-image-6.12.57+deb12-cloud-amd64",
+            "linux-image-6.1.0-56-amd64",
+        ];
+        assert_eq!(
+            newest(Flavour::Vdpa612, bpo.into_iter()).as_deref(),
+            Some("linux-image-6.12.73+deb12-amd64")
+        );
+    }
+
+    #[test]
+    fn ldd_output_gives_library_paths() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibmnl.so.0 => /lib/x86_64-linux-gnu/libmnl.so.0 (0x00007f)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(out),
+            [
+                "/lib/x86_64-linux-gnu/libmnl.so.0",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+        assert!(parse_ldd("\tnot a dynamic executable\n").is_empty());
     }
 
     #[test]

@@ -7,21 +7,27 @@
 //! error into a panic message that carries the console/log tail.
 
 pub mod backend;
+pub mod chunk;
 pub mod console;
 pub mod cpio;
+pub mod driver;
 pub mod error;
+pub mod frontend;
 pub mod guest_image;
+pub mod migration;
 pub mod netns;
 pub mod qemu;
+pub mod qmp;
 pub mod testpmd;
 pub mod util;
+pub mod vduse;
 
 use std::time::{Duration, Instant};
 
 pub use backend::{find_stat, Backend, Dir, QueueStat};
 pub use console::{Console, GuestOutput};
 pub use error::{ensure, Error, Result};
-pub use guest_image::GuestImage;
+pub use guest_image::{GuestBinary, GuestImage};
 pub use netns::{NetNs, GUEST_IP, PEER_IP};
 pub use qemu::{Qemu, QemuConfig, SocketMode};
 pub use testpmd::{FrontendOptions, TestpmdFrontend};
@@ -102,6 +108,16 @@ pub const BASE_TOOLS: &[&str] = &[
 /// so guests run one at a time, the guest image, a scratch dir. Panics with the error's full
 /// text (console tails included) if `body` fails.
 pub fn e2e_test(name: &str, extra_tools: &[&str], body: impl FnOnce(&mut TestEnv) -> Result<()>) {
+    e2e_test_with(name, extra_tools, GuestImage::ensure, body)
+}
+
+/// [`e2e_test`] with the guest image made by `image` (e.g. [`GuestImage::ensure_vdpa`]).
+pub fn e2e_test_with(
+    name: &str,
+    extra_tools: &[&str],
+    image: impl FnOnce() -> Result<GuestImage>,
+    body: impl FnOnce(&mut TestEnv) -> Result<()>,
+) {
     let tools: Vec<&str> = BASE_TOOLS.iter().chain(extra_tools).copied().collect();
     match check_prerequisites(&tools) {
         Ok(true) => {}
@@ -111,7 +127,7 @@ pub fn e2e_test(name: &str, extra_tools: &[&str], body: impl FnOnce(&mut TestEnv
     let started = Instant::now();
     let result = (|| -> Result<()> {
         let _serial = util::FileLock::acquire(&util::cache_dir().join("e2e.lock"))?;
-        let image = GuestImage::ensure()?;
+        let image = image()?;
         let mut env = TestEnv {
             dir: ScratchDir::new("vrt")?,
             image,

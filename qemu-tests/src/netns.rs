@@ -31,12 +31,34 @@ pub struct NetNs {
 impl NetNs {
     /// Creates `<prefix>-<pid>-<n>` with the veth pair up and the peer addressed.
     pub fn new(prefix: &str) -> Result<Self> {
+        Self::with_queues(prefix, 1)
+    }
+
+    /// [`NetNs::new`] with `queues` RX and TX queues on both veth ends, like a multi-queue VF
+    /// (AF_XDP needs one VF queue per queue pair).
+    pub fn with_queues(prefix: &str, queues: u16) -> Result<Self> {
         let name = util::unique_name(prefix);
         util::run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"])?;
+        let q = queues.max(1).to_string();
         ns.ip(&[
-            "link", "add", "vf0", "type", "veth", "peer", "name", "peer0",
+            "link",
+            "add",
+            "vf0",
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer0",
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
         ])?;
         ns.ip(&[
             "addr",

@@ -35,6 +35,8 @@ pub struct QemuConfig {
     /// Guest CPUs (defaults to 1, or 2 when `queues > 1`).
     pub smp: u16,
     pub mac: String,
+    /// Extra `virtio-net-pci` properties, e.g. `guest_announce=off`.
+    pub device_opts: Vec<String>,
     /// `IP/PREFIX` given to the guest's `eth0`.
     pub guest_cidr: String,
     /// Exit QEMU instead of rebooting when the guest reboots or panics.
@@ -43,6 +45,14 @@ pub struct QemuConfig {
     pub memory_mib: u32,
     /// Where the console log, QMP socket etc. go.
     pub workdir: PathBuf,
+    /// Whether the guest gets the vhost-user NIC on `socket`. The vDPA guest has none: its
+    /// vhost-user frontend, backend and device all run inside it.
+    pub vhost_user_nic: bool,
+    /// Appended to the guest kernel's command line (after a space), e.g. `init_on_alloc=0`.
+    pub kernel_args: String,
+    /// Appended to the command line as they are (e.g. `-incoming unix:PATH` for a migration
+    /// destination).
+    pub extra_args: Vec<String>,
 }
 
 impl QemuConfig {
@@ -55,11 +65,25 @@ impl QemuConfig {
             queues: 1,
             smp: 1,
             mac: "52:54:00:12:34:56".into(),
+            device_opts: Vec::new(),
             guest_cidr: format!("{GUEST_IP}/{PREFIX_LEN}"),
             no_reboot: true,
             memory_mib: 512,
             workdir: workdir.to_path_buf(),
+            vhost_user_nic: true,
+            kernel_args: String::new(),
+            extra_args: Vec::new(),
         }
+    }
+
+    /// A guest without NIC for the vDPA tests: 1 GiB (the frontend's guest memory, vhost-relay
+    /// and the VDUSE fixture all live in it) and 2 CPUs (three busy processes).
+    pub fn without_nic(image: &GuestImage, workdir: &Path) -> Self {
+        let mut c = QemuConfig::new(image, Path::new(""), workdir);
+        c.vhost_user_nic = false;
+        c.memory_mib = 1024;
+        c.smp = 2;
+        c
     }
 
     /// Sets `queues` queue pairs (and 2 CPUs when more than one).
@@ -87,6 +111,10 @@ impl QemuConfig {
                 ",mq=on,vectors={}",
                 2 * u32::from(self.queues) + 2
             ));
+        }
+        for opt in &self.device_opts {
+            device.push(',');
+            device.push_str(opt);
         }
         let mut a: Vec<String> = [
             "-accel",
@@ -117,16 +145,33 @@ impl QemuConfig {
             "-initrd".into(),
             self.image.initrd.display().to_string(),
             "-append".into(),
-            format!(
-                "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}",
-                self.guest_cidr
-            ),
-            "-chardev".into(),
-            chardev,
-            "-netdev".into(),
-            netdev,
-            "-device".into(),
-            device,
+            {
+                let base = if self.vhost_user_nic {
+                    format!(
+                        "console=ttyS0 panic=-1 loglevel=4 tsc=reliable vr.ip=eth0,{}",
+                        self.guest_cidr
+                    )
+                } else {
+                    "console=ttyS0 panic=-1 loglevel=4 tsc=reliable".to_string()
+                };
+                if self.kernel_args.is_empty() {
+                    base
+                } else {
+                    format!("{base} {}", self.kernel_args)
+                }
+            },
+        ]);
+        if self.vhost_user_nic {
+            a.extend([
+                "-chardev".into(),
+                chardev,
+                "-netdev".into(),
+                netdev,
+                "-device".into(),
+                device,
+            ]);
+        }
+        a.extend([
             "-qmp".into(),
             format!(
                 "unix:{},server=on,wait=off",
@@ -136,6 +181,7 @@ impl QemuConfig {
         if self.no_reboot {
             a.push("-no-reboot".into());
         }
+        a.extend(self.extra_args.iter().cloned());
         a
     }
 }
@@ -292,5 +338,16 @@ mod tests {
         assert!(a.contains("-smp 2 "));
         assert!(a.contains("path=/s/vm.sock,server=on,wait=off"));
         assert!(!a.contains("-no-reboot"));
+    }
+
+    #[test]
+    fn guest_without_nic() {
+        let c = QemuConfig::without_nic(&image(), Path::new("/w"));
+        let a = c.args().join(" ");
+        assert!(!a.contains("vhost-user"));
+        assert!(!a.contains("-chardev"));
+        assert!(!a.contains("vr.ip="));
+        assert!(a.contains("memory-backend-memfd,id=mem,size=1024M,share=on"));
+        assert!(a.contains("-smp 2 "));
     }
 }

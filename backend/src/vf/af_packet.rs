@@ -20,7 +20,7 @@
 //!   MTU (see [`RingConfig`]) and the socket has `PACKET_COPY_THRESH`: when a packet does not fit
 //!   its frame, `tpacket_rcv()` still fills a (truncated) frame, marks it `TP_STATUS_COPY` and queues
 //!   the whole skb on the socket's ordinary receive queue, in the same order, under the same lock.
-//!   [`VfSocket::rx_batch`] then fetches that packet with one `recvmsg` into a preallocated
+//!   [`PacketSocket::rx_batch`] then fetches that packet with one `recvmsg` into a preallocated
 //!   buffer. Big packets cost one system call per up to 64 KiB; MTU-sized ones none.
 //! - A frame that is truncated *without* `TP_STATUS_COPY` (the receive buffer for oversized
 //!   packets is full, see [`RingConfig::rcvbuf`]) is dropped and counted in
@@ -37,7 +37,7 @@
 //! `csum_start`/`hdr_len` are shifted by the 4 bytes.
 //!
 //! # Transmit
-//! [`VfSocket::tx_batch`] sends up to [`MAX_TX_BATCH`] packets per `sendmmsg` from iovecs that
+//! [`PacketSocket::tx_batch`] sends up to [`MAX_TX_BATCH`] packets per `sendmmsg` from iovecs that
 //! point straight into guest memory (no user-space copy). `PACKET_QDISC_BYPASS` hands packets to
 //! the driver directly: the queueing discipline is the guest's business, and bypassing it also
 //! keeps our transmissions out of other packet taps. The socket is non-blocking: a full socket
@@ -59,9 +59,9 @@
 //!
 //! Before Linux 6.13 the kernel only lets a socket join a group while it is bound to an interface
 //! that is *up* (`fanout_add()` requires `PACKET_SOCK_RUNNING`, else `EINVAL`); 6.13 lifted that.
-//! An interface that is down at [`VfSocket::open`] is not an error: the join is retried by
-//! [`VfSocket::rx_batch`] (traffic means the link is back) and, at most every 100 ms, by
-//! [`VfSocket::tx_batch`]; frames that reached the ring before the join are discarded, because
+//! An interface that is down at [`PacketSocket::open`] is not an error: the join is retried by
+//! [`PacketSocket::rx_batch`] (traffic means the link is back) and, at most every 100 ms, by
+//! [`PacketSocket::tx_batch`]; frames that reached the ring before the join are discarded, because
 //! every sibling socket received them too ([`VfStats::rx_flushed`]).
 //!
 //! # Promiscuous mode
@@ -83,10 +83,10 @@ use super::sys::{self, Tpacket2Hdr, TPACKET2_HDRLEN};
 use super::{interface_info, VfError};
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN};
 
-/// Most packets one `sendmmsg` carries; [`VfSocket::tx_batch`] splits longer lists.
+/// Most packets one `sendmmsg` carries; [`PacketSocket::tx_batch`] splits longer lists.
 pub const MAX_TX_BATCH: usize = 64;
 
-/// Largest packet (Ethernet header included, VLAN tag reinserted) [`VfSocket::rx_batch`] delivers:
+/// Largest packet (Ethernet header included, VLAN tag reinserted) [`PacketSocket::rx_batch`] delivers:
 /// a 64 KiB GSO super-frame plus link-layer headers.
 pub const MAX_RX_PACKET: usize = 65536 + 256;
 
@@ -275,7 +275,7 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        // SAFETY: `base`/`bytes` describe exactly the mapping created in `VfSocket::open`, and no
+        // SAFETY: `base`/`bytes` describe exactly the mapping created in `PacketSocket::open`, and no
         // reference into it outlives `self`.
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.geo.bytes());
@@ -301,12 +301,12 @@ enum Ready {
         mac: usize,
         len: usize,
     },
-    /// In the bounce buffer (see `VfSocket::held`).
+    /// In the bounce buffer (see `PacketSocket::held`).
     Bounce,
 }
 
 /// One packet socket bound to a netdev; see the module documentation.
-pub struct VfSocket {
+pub struct PacketSocket {
     ring: Ring,
     fd: OwnedFd,
     ifname: String,
@@ -329,8 +329,8 @@ pub struct VfSocket {
 
 // SAFETY: the raw pointers inside (`Ring::base`, and the iovec pointers in `msgs`) refer to the
 // socket's own mapping, or are scratch values rewritten before each use; nothing is tied to the
-// creating thread. `VfSocket` is not `Sync` (the `Cell`s), so no two threads use it at once.
-unsafe impl Send for VfSocket {}
+// creating thread. `PacketSocket` is not `Sync` (the `Cell`s), so no two threads use it at once.
+unsafe impl Send for PacketSocket {}
 
 fn last_err() -> io::Error {
     io::Error::last_os_error()
@@ -392,7 +392,7 @@ fn vlan_tag(status: u32, frame: &Tpacket2Hdr) -> [u8; VLAN_HLEN] {
     tag
 }
 
-impl VfSocket {
+impl PacketSocket {
     /// Opens a socket on `ifname` for one queue pair.
     ///
     /// `fanout_group`: `Some(id)` when the port has several queue pairs; all sockets of the port
@@ -524,7 +524,7 @@ impl VfSocket {
             )
         })?;
 
-        let mut sock = VfSocket {
+        let mut sock = PacketSocket {
             ring: ring_map,
             fd,
             ifname: ifname.to_owned(),
@@ -1072,21 +1072,21 @@ impl VfSocket {
     }
 }
 
-impl AsRawFd for VfSocket {
+impl AsRawFd for PacketSocket {
     /// The socket becomes readable (`EPOLLIN`) when a ring frame or an oversized packet is
     /// waiting; the kernel signals every packet. Register it edge-triggered and call
-    /// [`VfSocket::rx_batch`] until it returns less than asked. If the callback refused a packet
+    /// [`PacketSocket::rx_batch`] until it returns less than asked. If the callback refused a packet
     /// (guest out of buffers), no new edge comes for packets already waiting: call `rx_batch`
     /// again when the guest adds buffers. `EPOLLERR` means a pending socket error (e.g. the link
-    /// went down); clear it with [`VfSocket::take_error`].
+    /// went down); clear it with [`PacketSocket::take_error`].
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 }
 
-impl std::fmt::Debug for VfSocket {
+impl std::fmt::Debug for PacketSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VfSocket")
+        f.debug_struct("PacketSocket")
             .field("ifname", &self.ifname)
             .field("ifindex", &self.ifindex)
             .field("fd", &self.fd.as_raw_fd())

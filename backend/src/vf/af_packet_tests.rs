@@ -11,6 +11,7 @@ use crate::vf::testnet::{
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::mpsc;
+use PacketSocket as VfSocket;
 
 const ETYPE_TEST: u16 = 0x88b5; // IEEE 802 local experimental EtherType
 const MAC_X: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x0a];

@@ -1,19 +1,32 @@
 //! The VF side of the relay: a Linux netdev reached through packet sockets.
 //!
 //! The relay stands in for the guest on a Linux netdev that represents an SR-IOV VF (in the tests a
-//! veth end inside a network namespace). Each virtio queue pair gets its own [`VfSocket`]: an
-//! `AF_PACKET` socket with `PACKET_VNET_HDR`, an mmap'd `TPACKET_V2` receive ring and batched
-//! `sendmmsg` transmission straight out of guest memory. See [`af_packet`] for the design.
+//! veth end inside a network namespace). Each virtio queue pair gets its own [`VfSocket`], which is
+//! one of two kinds, chosen per port ([`VfMode`], `--vf-mode` / `vf_mode`):
+//! - [`af_packet`]: an `AF_PACKET` socket with `PACKET_VNET_HDR`, an mmap'd `TPACKET_V2` receive
+//!   ring and batched `sendmmsg` transmission straight out of guest memory. Works on every netdev,
+//!   carries GSO and checksum offload information both ways. The default.
+//! - [`af_xdp`]: an `AF_XDP` socket per netdev queue, fed by a tiny XDP redirect program
+//!   ([`xdp_prog`]); zero copy where the driver allows it. Offloads are done in software on
+//!   transmit and not used on receive (see [`af_xdp`] for what that means for device features).
+//!
+//! `auto` tries `AF_XDP` and falls back to `AF_PACKET`; [`open_queues`] logs which was chosen
+//! and why.
 //!
 //! This module also answers the questions the device asks about the netdev itself (index, MTU,
 //! MAC address, up/running) through [`interface_info`].
 
 pub mod af_packet;
+pub mod af_xdp;
+mod socket;
 mod sys;
 #[cfg(test)]
 mod testnet;
+pub mod xdp_prog;
 
-pub use af_packet::{RingConfig, VfSocket, VfStats, MAX_RX_PACKET, MAX_TX_BATCH};
+pub use af_packet::{PacketSocket, RingConfig, VfStats, MAX_RX_PACKET, MAX_TX_BATCH};
+pub use af_xdp::XdpSocket;
+pub use socket::{open_af_xdp, open_queues, VfMode, VfSocket};
 
 use std::ffi::CString;
 use std::io;
@@ -73,6 +86,11 @@ pub enum VfError {
         #[source]
         source: io::Error,
     },
+
+    /// `AF_XDP` cannot serve this interface (or setting it up failed); `auto` mode falls back
+    /// to `AF_PACKET` on this error.
+    #[error("AF_XDP on interface {ifname:?}: {reason}")]
+    AfXdp { ifname: String, reason: String },
 
     /// The caller handed `tx_batch` a packet description that cannot be right (a programming error
     /// in the device, never something a guest can cause when the device validates descriptors).

@@ -208,3 +208,39 @@ impl RawSock {
         got
     }
 }
+
+/// Turns transmit checksum offload of `ifname` on or off (`ETHTOOL_STXCSUM`, what
+/// `ethtool -K IF tx on|off` does), without needing the ethtool program.
+pub fn set_tx_checksum(ifname: &str, on: bool) {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    let name = super::c_ifname(ifname).expect("valid name");
+    let mut val = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: u32::from(on),
+    };
+    let mut ifr = super::ifreq_for(&name);
+    ifr.ifr_ifru.ifru_data = (&mut val as *mut EthtoolValue).cast();
+    // SAFETY: plain socket call, checked; the ioctl reads `val` through `ifr`, both live.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        let fd = OwnedFd::from_raw_fd(fd);
+        let rc = libc::ioctl(
+            fd.as_raw_fd(),
+            SIOCETHTOOL as _,
+            &mut ifr as *mut libc::ifreq,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "ETHTOOL_STXCSUM on {ifname}: {}",
+            io::Error::last_os_error()
+        );
+    }
+}

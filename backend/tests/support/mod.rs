@@ -3,7 +3,10 @@
 //! It maps shared "guest" memory from a memfd, negotiates features, lays out split
 //! virtqueues in that memory and hands them to the backend, then plays the guest driver:
 //! posts RX buffers and TX packets, kicks, waits for the backend's call, and reads the used
-//! rings. Built on the vhost crate's `Frontend`, the same code path a Rust VMM uses.
+//! rings. Built on the vhost crate's `Frontend`, the same code path a Rust VMM uses. The
+//! memory, ring and negotiation code is qemu-tests' `driver` and `frontend` modules, shared
+//! with the `vu-frontend` program the vDPA tests run inside their guest; this file wraps it
+//! for tests that panic on any failure.
 
 #![allow(dead_code)]
 
@@ -14,16 +17,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+pub use qemu_tests::driver::DriverQueue;
+use qemu_tests::driver::{self, DriverMemory, RingLayout};
+use qemu_tests::frontend::{vring_config, VuSession};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-    MmapRegion,
-};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 pub const MEM_SIZE: usize = 16 << 20;
 pub const QUEUE_SIZE: u16 = 256;
@@ -114,17 +114,6 @@ pub fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// One virtqueue as the guest driver sees it.
-pub struct DriverQueue {
-    pub index: usize,
-    pub base: u64,
-    pub kick: EventFd,
-    pub call: EventFd,
-    next_desc: u16,
-    /// Used entries already consumed by the test.
-    pub used_seen: u16,
-}
-
 /// The frontend with its guest memory and queues.
 pub struct TestFrontend {
     pub fe: Frontend,
@@ -142,28 +131,21 @@ impl TestFrontend {
     }
 
     fn negotiate(fe: Frontend, pairs: usize, want: u64) -> TestFrontend {
-        let (memfd, mem) = shared_memory();
-        let mut t = TestFrontend {
+        let DriverMemory { memfd, mem, .. } = DriverMemory::new(MEM_SIZE).expect("guest memory");
+        let session = VuSession::negotiate_with(
             fe,
+            pairs,
+            want,
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+        )
+        .expect("feature negotiation");
+        let mut t = TestFrontend {
+            fe: session.fe,
             mem,
             memfd,
             queues: Vec::new(),
-            features: 0,
+            features: session.features,
         };
-        t.fe.set_owner().expect("SET_OWNER");
-        let offered = t.fe.get_features().expect("GET_FEATURES");
-        assert!(
-            offered & VIRTIO_F_VERSION_1 != 0,
-            "backend offers VERSION_1"
-        );
-        let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        t.features = offered & (want | proto | VIRTIO_F_VERSION_1);
-        t.fe.set_features(t.features).expect("SET_FEATURES");
-        let pf = t.fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        t.fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .expect("SET_PROTOCOL_FEATURES");
         assert!(t.fe.get_queue_num().expect("GET_QUEUE_NUM") >= (2 * pairs) as u64);
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
@@ -181,64 +163,44 @@ impl TestFrontend {
 
     fn setup_queue(&mut self, index: usize) {
         let base = RING_BASE + index as u64 * RING_STRIDE;
-        let cfg = self.ring_config(RingLayout::at(base), false);
-        let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let call = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let q = DriverQueue::new(&self.mem, index, base, QUEUE_SIZE).expect("ring");
+        let cfg = self.ring_config(q.layout, false);
         self.fe
             .set_vring_num(index, QUEUE_SIZE)
             .expect("SET_VRING_NUM");
         self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
         self.fe.set_vring_base(index, 0).expect("SET_VRING_BASE");
         self.fe
-            .set_vring_call(index, &call)
+            .set_vring_call(index, &q.call)
             .expect("SET_VRING_CALL");
         self.fe
-            .set_vring_kick(index, &kick)
+            .set_vring_kick(index, &q.kick)
             .expect("SET_VRING_KICK");
         self.fe
             .set_vring_enable(index, true)
             .expect("SET_VRING_ENABLE");
-        self.queues.push(DriverQueue {
-            index,
-            base,
-            kick,
-            call,
-            next_desc: 0,
-            used_seen: 0,
-        });
+        self.queues.push(q);
     }
 
-    /// SET_VRING_ADDR's payload for a ring at `l`: addresses as the frontend's own virtual
-    /// addresses, as QEMU sends them; with `log`, the LOG flag and the used ring's guest
-    /// address as log address (what QEMU sends when it turns logging on).
+    /// SET_VRING_ADDR's payload for a ring at `l` (see `vring_config`).
     fn ring_config(&self, l: RingLayout, log: bool) -> VringConfigData {
         let hva = self
             .mem
             .get_host_address(GuestAddress(0))
             .expect("host addr") as u64;
-        VringConfigData {
-            queue_max_size: QUEUE_SIZE,
-            queue_size: QUEUE_SIZE,
-            flags: u32::from(log), // VHOST_VRING_F_LOG
-            desc_table_addr: hva + l.desc,
-            used_ring_addr: hva + l.used,
-            avail_ring_addr: hva + l.avail,
-            log_addr: log.then_some(l.used),
-        }
+        vring_config(hva, l, QUEUE_SIZE, log)
     }
 
     fn layout(&self, q: usize) -> RingLayout {
-        RingLayout::at(self.queues[q].base)
+        self.queues[q].layout
     }
 
     fn r16(&self, addr: u64) -> u16 {
-        u16::from_le(self.mem.read_obj(GuestAddress(addr)).expect("read u16"))
+        driver::r16(&self.mem, addr).expect("read u16")
     }
 
     fn w16(&self, addr: u64, v: u16) {
-        self.mem
-            .write_obj(v.to_le(), GuestAddress(addr))
-            .expect("write u16");
+        driver::w16(&self.mem, addr, v).expect("write u16");
     }
 
     /// Buffer area of queue `q`, slot `slot` (64 KiB each).
@@ -248,37 +210,7 @@ impl TestFrontend {
 
     /// Posts a chain of (addr, len, writable) descriptors; returns its head.
     pub fn post(&mut self, q: usize, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.queues[q].next_desc;
-        let descs: Vec<RawDescriptor> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, write))| {
-                let last = i + 1 == bufs.len();
-                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-                if !last {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                }
-                let next = if last {
-                    0
-                } else {
-                    (head + i as u16 + 1) % QUEUE_SIZE
-                };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
-            .collect();
-        let l = self.layout(q);
-        for (i, d) in descs.iter().enumerate() {
-            let slot = (head as u64 + i as u64) % QUEUE_SIZE as u64;
-            self.mem
-                .write_obj(*d, GuestAddress(l.desc + 16 * slot))
-                .expect("write descriptor");
-        }
-        let idx = self.r16(l.avail + 2);
-        self.w16(l.avail + 4 + 2 * (idx % QUEUE_SIZE) as u64, head);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-        self.w16(l.avail + 2, idx.wrapping_add(1));
-        self.queues[q].next_desc = (head + bufs.len() as u16) % QUEUE_SIZE;
-        head
+        self.queues[q].post(&self.mem, bufs).expect("post a chain")
     }
 
     /// Posts a TX packet (12-byte zero header + `data`) in one buffer at `addr`.
@@ -292,30 +224,14 @@ impl TestFrontend {
     }
 
     pub fn kick(&self, q: usize) {
-        self.queues[q].kick.write(1).expect("kick");
+        self.queues[q].kick().expect("kick");
     }
 
     /// New used entries of queue `q` as (head, len), waiting up to `timeout` for `n` of them.
     pub fn wait_used(&mut self, q: usize, n: usize, timeout: Duration) -> Vec<(u32, u32)> {
-        let start = Instant::now();
-        loop {
-            let l = self.layout(q);
-            let idx = self.r16(l.used + 2);
-            let have = idx.wrapping_sub(self.queues[q].used_seen) as usize;
-            if have >= n || start.elapsed() > timeout {
-                let mut out = Vec::new();
-                for _ in 0..have {
-                    let slot = self.queues[q].used_seen % QUEUE_SIZE;
-                    let at = l.used + 4 + 8 * slot as u64;
-                    let id: u32 = self.mem.read_obj(GuestAddress(at)).expect("used id");
-                    let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).expect("used len");
-                    out.push((u32::from_le(id), u32::from_le(len)));
-                    self.queues[q].used_seen = self.queues[q].used_seen.wrapping_add(1);
-                }
-                return out;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        self.queues[q]
+            .wait_used(&self.mem, n, timeout)
+            .expect("read the used ring")
     }
 
     pub fn write(&self, addr: u64, bytes: &[u8]) {
@@ -331,46 +247,6 @@ impl TestFrontend {
             .expect("read");
         v
     }
-}
-
-/// Where a split ring's three parts sit (virtio 1.x alignment rules).
-#[derive(Clone, Copy)]
-struct RingLayout {
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
-
-impl RingLayout {
-    fn at(base: u64) -> Self {
-        let n = QUEUE_SIZE as u64;
-        let avail = base + 16 * n;
-        // flags, idx, ring[n], used_event; the used ring is 4-byte aligned.
-        let used = (avail + 6 + 2 * n + 3) & !3;
-        RingLayout {
-            desc: base,
-            avail,
-            used,
-        }
-    }
-}
-
-/// "Guest RAM": a memfd mapped shared, so the backend's mapping sees the same bytes.
-fn shared_memory() -> (File, GuestMemoryMmap<()>) {
-    // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"test-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just created and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(MEM_SIZE as u64).expect("size memfd");
-    let region = MmapRegion::from_file(
-        FileOffset::new(file.try_clone().expect("dup memfd"), 0),
-        MEM_SIZE,
-    )
-    .expect("map memfd");
-    let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("region");
-    let mem = GuestMemoryMmap::from_regions(vec![region]).expect("guest memory");
-    (file, mem)
 }
 
 /// Writes raw bytes to the backend's socket, as a broken frontend would.
@@ -531,6 +407,16 @@ impl RawSocket {
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            // Room for bursts of thousands of frames: the test reads slower than the backend
+            // sends, and a full buffer would look like loss.
+            let rcvbuf: libc::c_int = 16 << 20;
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&rcvbuf as *const libc::c_int).cast(),
+                4,
+            );
             let tv = libc::timeval {
                 tv_sec: 0,
                 tv_usec: 200_000,
@@ -705,5 +591,129 @@ impl TestFrontend {
             mmap_handle: self.memfd.as_raw_fd(),
         };
         self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backend restart and raw requests (used by restart.rs and rarp.rs).
+// ---------------------------------------------------------------------------------------
+
+/// A vhost-user message as raw bytes: header (request, flags with version 1, size) + payload.
+pub fn raw_message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(12 + payload.len());
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&(0x1 | flags).to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// A child process (e.g. a backend started in a namespace) killed when dropped, so a failing
+/// test leaves nothing running.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `VHOST_USER_SEND_RARP` and the NEED_REPLY flag.
+pub const REQ_SEND_RARP: u32 = 19;
+pub const FLAG_NEED_REPLY: u32 = 0x8;
+
+impl TestFrontend {
+    /// What QEMU does when the backend comes back after dying under a running guest: a new
+    /// connection, the same guest memory and ring addresses, and for each ring the base QEMU
+    /// restored from the used index in guest memory (it could not ask the dead backend with
+    /// GET_VRING_BASE). The guest's view (posted descriptors, used entries it consumed) is
+    /// kept. `fe` is the new connection.
+    pub fn reattach(&mut self, fe: Frontend, bases: &[u16]) {
+        self.fe = fe;
+        self.fe.set_owner().expect("SET_OWNER");
+        let offered = self.fe.get_features().expect("GET_FEATURES");
+        assert_eq!(
+            offered & self.features,
+            self.features,
+            "the restarted backend offers what was negotiated before"
+        );
+        self.fe.set_features(self.features).expect("SET_FEATURES");
+        let pf = self
+            .fe
+            .get_protocol_features()
+            .expect("GET_PROTOCOL_FEATURES");
+        self.fe
+            .set_protocol_features(
+                pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
+            )
+            .expect("SET_PROTOCOL_FEATURES");
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: self
+                .mem
+                .get_host_address(GuestAddress(0))
+                .expect("host addr") as u64,
+            mmap_offset: 0,
+            mmap_handle: self.memfd.as_raw_fd(),
+        };
+        self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        assert_eq!(bases.len(), self.queues.len(), "one base per ring");
+        for (q, &base) in bases.iter().enumerate() {
+            let index = self.queues[q].index;
+            let cfg = self.ring_config(self.layout(q), false);
+            self.fe
+                .set_vring_num(index, QUEUE_SIZE)
+                .expect("SET_VRING_NUM");
+            self.fe.set_vring_base(index, base).expect("SET_VRING_BASE");
+            self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
+            self.fe
+                .set_vring_kick(index, &self.queues[q].kick)
+                .expect("SET_VRING_KICK");
+            self.fe
+                .set_vring_call(index, &self.queues[q].call)
+                .expect("SET_VRING_CALL");
+            self.fe
+                .set_vring_enable(index, true)
+                .expect("SET_VRING_ENABLE");
+        }
+    }
+
+    /// The used index of queue `q` as it is in guest memory.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.r16(self.layout(q).used + 2)
+    }
+
+    /// The avail index of queue `q` as it is in guest memory.
+    pub fn avail_idx(&self, q: usize) -> u16 {
+        self.r16(self.layout(q).avail + 2)
+    }
+
+    /// Starts queue `q` again after a GET_VRING_BASE, from `base`, as QEMU does when it
+    /// restarts a stopped device (or on the migration destination).
+    pub fn restart_ring(&mut self, q: usize, base: u16) {
+        let index = self.queues[q].index;
+        let cfg = self.ring_config(self.layout(q), false);
+        self.fe
+            .set_vring_num(index, QUEUE_SIZE)
+            .expect("SET_VRING_NUM");
+        self.fe.set_vring_base(index, base).expect("SET_VRING_BASE");
+        self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
+        self.fe
+            .set_vring_kick(index, &self.queues[q].kick)
+            .expect("SET_VRING_KICK");
+        self.fe
+            .set_vring_call(index, &self.queues[q].call)
+            .expect("SET_VRING_CALL");
+        self.fe
+            .set_vring_enable(index, true)
+            .expect("SET_VRING_ENABLE");
+    }
+
+    /// GET_VRING_BASE on queue `q` (stops the ring).
+    pub fn get_vring_base(&mut self, q: usize) -> u16 {
+        let index = self.queues[q].index;
+        self.fe.get_vring_base(index).expect("GET_VRING_BASE") as u16
     }
 }

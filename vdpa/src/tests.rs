@@ -1,0 +1,722 @@
+//! Session and shadow-ring tests against the mock device, with a small split-ring guest
+//! driver on memfd guest memory.
+#![allow(clippy::needless_range_loop)]
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserVringAddrFlags;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserLog, VhostUserMemoryRegion};
+use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::mock::MockDevice;
+use crate::session::{offered_features, Counters, Mode, Session};
+
+const MEM: u64 = 1 << 20;
+const USER: u64 = 0x7f00_0000_0000;
+const NUM: u16 = 16;
+const VERSION_1: u64 = 1 << 32;
+const ACCESS_PLATFORM: u64 = 1 << 33;
+const MAC: u64 = 1 << 5;
+const LOG_ALL: u64 = 1 << 26;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+const PAGE: u64 = 4096;
+
+#[derive(Default)]
+struct TestCounters(Mutex<[(u64, u64); 2]>);
+impl Counters for TestCounters {
+    fn relayed(&self, q: usize, packets: u64, bytes: u64) {
+        let mut c = self.0.lock().unwrap();
+        c[q].0 += packets;
+        c[q].1 += bytes;
+    }
+}
+impl TestCounters {
+    fn get(&self) -> [(u64, u64); 2] {
+        *self.0.lock().unwrap()
+    }
+}
+
+fn memfd(len: u64) -> File {
+    // SAFETY: plain syscalls on a fresh fd.
+    let fd = unsafe { libc::memfd_create(c"t".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: we own fd.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+/// The guest: its memory, and a driver for two split rings.
+struct Guest {
+    file: File,
+    mem: GuestMemoryMmap<()>,
+    kick: [EventFd; 2],
+    call: [EventFd; 2],
+    avail_idx: [u16; 2],
+    next_head: [u16; 2],
+    /// Heads in the order they were made available.
+    posted: [Vec<u16>; 2],
+}
+
+fn ring(q: usize) -> (u64, u64, u64) {
+    let base = 0x1000 + q as u64 * 0x4000;
+    (base, base + 0x1000, base + 0x2000)
+}
+
+fn buf_addr(q: usize, head: u16) -> u64 {
+    0x20000 + q as u64 * 0x20000 + u64::from(head) * 0x1000 + 0x100
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let file = memfd(MEM);
+        let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM as usize,
+            Some(vm_memory::FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        Guest {
+            file,
+            mem,
+            kick: [
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            ],
+            call: [
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+            ],
+            avail_idx: [0; 2],
+            next_head: [0; 2],
+            posted: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Makes one buffer available on `q` (rx: device-writable 1500 bytes; tx: 60 readable).
+    fn post(&mut self, q: usize) -> u16 {
+        let (desc, avail, _) = ring(q);
+        let head = self.next_head[q];
+        self.next_head[q] = (head + 1) % NUM;
+        let d = desc + 16 * u64::from(head);
+        let (len, flags) = if q == 0 { (1500u32, 2u16) } else { (60, 0) };
+        self.mem
+            .write_obj(buf_addr(q, head), GuestAddress(d))
+            .unwrap();
+        self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+        self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+        let slot = u64::from(self.avail_idx[q] % NUM);
+        self.mem
+            .write_obj(head, GuestAddress(avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx[q], GuestAddress(avail + 2))
+            .unwrap();
+        self.posted[q].push(head);
+        let _ = self.kick[q].write(1);
+        head
+    }
+
+    fn used_idx(&self, q: usize) -> u16 {
+        self.mem.read_obj(GuestAddress(ring(q).2 + 2)).unwrap()
+    }
+
+    /// Heads in the guest's used ring, entries `0..used_idx` (no wrap in these tests).
+    fn used_heads(&self, q: usize) -> Vec<u16> {
+        let used = ring(q).2;
+        (0..self.used_idx(q))
+            .map(|i| {
+                let id: u32 = self
+                    .mem
+                    .read_obj(GuestAddress(used + 4 + 8 * u64::from(i % NUM)))
+                    .unwrap();
+                id as u16
+            })
+            .collect()
+    }
+}
+
+fn wait(mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+fn dup(e: &EventFd) -> File {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: a fresh dup we own.
+    unsafe { File::from_raw_fd(e.try_clone().unwrap().into_raw_fd()) }
+}
+
+struct Fixture {
+    dev: MockDevice,
+    guest: Guest,
+    session: Session<MockDevice>,
+    counters: Arc<TestCounters>,
+    kick_fds: [i32; 2],
+}
+
+fn device_features() -> u64 {
+    VERSION_1 | ACCESS_PLATFORM | MAC | (1 << 22) | (1 << 17) | (1 << 34)
+}
+
+/// A session set up the way QEMU 10 does it: vring enable before SET_FEATURES (the shim
+/// would replay it; the session takes it directly), memory, then each ring.
+fn setup(backend_features: u64) -> Fixture {
+    let dev = MockDevice::new(device_features(), backend_features);
+    let counters = Arc::new(TestCounters::default());
+    let mut session = Session::new("t", dev.clone(), counters.clone())
+        .map_err(|e| e.0)
+        .unwrap();
+    let guest = Guest::new();
+    let kick_fds = attach(&mut session, &guest, VERSION_1 | MAC | PROTOCOL_FEATURES);
+    Fixture {
+        dev,
+        guest,
+        session,
+        counters,
+        kick_fds,
+    }
+}
+
+fn attach(session: &mut Session<MockDevice>, guest: &Guest, features: u64) -> [i32; 2] {
+    session.set_vring_enable(0, true).unwrap();
+    session.set_vring_enable(1, true).unwrap();
+    session.set_features(features).unwrap();
+    let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    session
+        .set_mem_table(&[region], vec![guest.file.try_clone().unwrap()], None)
+        .unwrap();
+    let mut kick_fds = [0; 2];
+    for q in 0..2 {
+        let (d, a, u) = ring(q);
+        session.set_vring_num(q as u32, u32::from(NUM)).unwrap();
+        session.set_vring_base(q as u32, 0).unwrap();
+        session
+            .set_vring_addr(
+                q as u32,
+                VhostUserVringAddrFlags::empty(),
+                USER + d,
+                USER + u,
+                USER + a,
+                0,
+            )
+            .unwrap();
+        let k = dup(&guest.kick[q]);
+        kick_fds[q] = k.as_raw_fd();
+        session.set_vring_kick(q as u8, Some(k)).unwrap();
+        session
+            .set_vring_call(q as u8, Some(dup(&guest.call[q])))
+            .unwrap();
+    }
+    kick_fds
+}
+
+fn log_pages(log: &File) -> BTreeSet<u64> {
+    let mut bytes = vec![0u8; (MEM / PAGE / 8) as usize];
+    log.read_exact_at(&mut bytes, 0).unwrap();
+    let mut pages = BTreeSet::new();
+    for (i, b) in bytes.iter().enumerate() {
+        for bit in 0..8 {
+            if b & (1 << bit) != 0 {
+                pages.insert((i * 8 + bit) as u64);
+            }
+        }
+    }
+    pages
+}
+
+fn pages_of(addr: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+    addr / PAGE..=(addr + len - 1) / PAGE
+}
+
+#[test]
+fn features_hide_what_cannot_be_carried_and_refuse_what_the_device_lacks() {
+    let offered = offered_features(device_features());
+    assert_eq!(
+        offered & ACCESS_PLATFORM,
+        0,
+        "no vIOMMU towards the frontend"
+    );
+    assert_eq!(offered & (1 << 34), 0, "no packed ring");
+    assert_eq!(
+        offered & ((1 << 22) | (1 << 17)),
+        0,
+        "no MQ / control queue"
+    );
+    assert_ne!(offered & LOG_ALL, 0, "migration possible");
+    assert_ne!(offered & VERSION_1, 0);
+    let dev = MockDevice::new(device_features(), 0);
+    let mut s = Session::new("t", dev, Arc::new(crate::NoCounters))
+        .map_err(|e| e.0)
+        .unwrap();
+    let err = s
+        .set_features(VERSION_1 | (1 << 0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not offer") && err.contains("0x1"),
+        "{err}"
+    );
+    assert_eq!(s.get_queue_num().unwrap(), 2, "virtqueues of the one pair");
+}
+
+#[test]
+fn direct_mode_hands_rings_and_fds_to_the_device() {
+    let mut f = setup(0);
+    assert_eq!(f.session.mode(), Some(Mode::Direct));
+    {
+        let s = f.dev.state();
+        assert_eq!(s.status & 0xf, 0xf, "ACK|DRIVER|FEATURES_OK|DRIVER_OK");
+        assert_eq!(
+            s.acked,
+            VERSION_1 | MAC | ACCESS_PLATFORM,
+            "guest features plus ACCESS_PLATFORM (IOVA), minus vhost-user bits"
+        );
+        assert_eq!(s.iotlb.len(), 1);
+        assert_eq!(
+            (s.iotlb[0].0, s.iotlb[0].1),
+            (0, MEM),
+            "IOVA = guest physical"
+        );
+        for q in 0..2 {
+            let (d, a, u) = ring(q);
+            let r = &s.rings[q];
+            assert_eq!(
+                (r.desc, r.avail, r.used),
+                (d, a, u),
+                "ring addresses are GPAs"
+            );
+            assert_eq!(r.kick_fd, f.kick_fds[q], "the frontend's kick fd itself");
+            assert!(r.enabled);
+        }
+    }
+    for _ in 0..3 {
+        f.guest.post(0);
+        f.guest.post(1);
+    }
+    assert_eq!(f.dev.process(0, 10, 100), 3);
+    assert_eq!(f.dev.process(1, 10, 0), 3);
+    assert_eq!(f.guest.used_idx(0), 3);
+    assert_eq!(f.guest.used_idx(1), 3);
+    assert_eq!(
+        f.guest.call[0].read().unwrap(),
+        1,
+        "device called the guest directly"
+    );
+    assert_eq!(f.counters.get(), [(0, 0); 2], "nothing passed through us");
+    // QEMU swaps the call fd when the guest masks the vector: no reset for that.
+    let resets = f.dev.state().resets;
+    let masked = EventFd::new(EFD_NONBLOCK).unwrap();
+    f.session.set_vring_call(0, Some(dup(&masked))).unwrap();
+    assert_eq!(f.dev.state().resets, resets, "call fd changed in place");
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 10, 100), 1);
+    assert_eq!(masked.read().unwrap(), 1, "the device calls the new fd");
+    let cfg = f
+        .session
+        .get_config(0, 6, VhostUserConfigFlags::empty())
+        .unwrap();
+    assert_eq!(cfg, vec![0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+}
+
+#[test]
+fn driver_ok_failure_is_reported() {
+    let dev = MockDevice::new(device_features(), 0);
+    dev.state().fail_driver_ok = true;
+    let mut s = Session::new("t", dev.clone(), Arc::new(crate::NoCounters))
+        .map_err(|e| e.0)
+        .unwrap();
+    let guest = Guest::new();
+    s.set_vring_enable(0, true).unwrap();
+    s.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
+    let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    s.set_mem_table(&[region], vec![guest.file.try_clone().unwrap()], None)
+        .unwrap();
+    let mut last = Ok(());
+    for q in 0..2 {
+        let (d, a, u) = ring(q);
+        s.set_vring_num(q as u32, 16).unwrap();
+        s.set_vring_addr(
+            q as u32,
+            VhostUserVringAddrFlags::empty(),
+            USER + d,
+            USER + u,
+            USER + a,
+            0,
+        )
+        .unwrap();
+        s.set_vring_kick(q as u8, Some(dup(&guest.kick[q])))
+            .unwrap();
+        last = s.set_vring_call(q as u8, Some(dup(&guest.call[q])));
+    }
+    let err = last.unwrap_err().to_string();
+    assert!(err.contains("DRIVER_OK"), "{err}");
+    assert_eq!(s.mode(), None);
+}
+
+/// The whole migration cycle with buffers in flight at both switches: every buffer the
+/// guest made available is completed exactly once and in order, the relay counts what went
+/// through it, and every page the device wrote while logging is in the log.
+fn switch_cycle(backend_features: u64) {
+    let mut f = setup(backend_features);
+    // Direct: 4 rx + 4 tx available, the device does 3 of each before the switch.
+    for _ in 0..4 {
+        f.guest.post(0);
+        f.guest.post(1);
+    }
+    assert_eq!(f.dev.process(0, 3, 200), 3);
+    assert_eq!(f.dev.process(1, 3, 0), 3);
+
+    // Migration starts: log base, then LOG_ALL.
+    let log = memfd(PAGE);
+    f.session
+        .set_log_base(&VhostUserLog::new(PAGE, 0), log.try_clone().unwrap())
+        .unwrap();
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Shadow));
+    let written_before = f.dev.state().written.len();
+    {
+        let s = f.dev.state();
+        for q in 0..2 {
+            let r = &s.rings[q];
+            assert_eq!(
+                r.desc,
+                ring(q).0,
+                "the device reads the guest's descriptors"
+            );
+            assert!(
+                r.avail >= MEM && r.used >= MEM,
+                "shadow rings outside guest RAM"
+            );
+            assert_eq!(r.base, 3, "started at the guest's used index");
+            assert_ne!(r.kick_fd, f.kick_fds[q], "kicks now come from us");
+        }
+    }
+    // The buffer in flight at the switch, and 3 more, go through the shadow rings.
+    for _ in 0..3 {
+        f.guest.post(0);
+        f.guest.post(1);
+    }
+    for q in 0..2 {
+        assert!(
+            wait(|| {
+                f.dev.process(q, 1, 300);
+                f.guest.used_idx(q) == 7
+            }),
+            "queue {q}: used {}",
+            f.guest.used_idx(q)
+        );
+    }
+    let c = f.counters.get();
+    assert_eq!(c[0], (4, 4 * 300), "rx relayed by us");
+    assert_eq!(c[1].0, 4, "tx relayed by us");
+    assert_ne!(f.guest.call[0].read().unwrap(), 0, "we called the guest");
+
+    // Every page the device wrote in guest memory while logging is marked, and so is
+    // each used ring.
+    let dirty = log_pages(&log);
+    let written: Vec<(u64, u64)> = f.dev.state().written[written_before..].to_vec();
+    let mut guest_writes = 0;
+    for (iova, len) in written {
+        if iova < MEM {
+            guest_writes += 1;
+            for p in pages_of(iova, len) {
+                assert!(
+                    dirty.contains(&p),
+                    "page {p} written at {iova:#x} not logged"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        guest_writes, 4,
+        "the device wrote 4 rx buffers in guest memory"
+    );
+    for q in 0..2 {
+        assert!(dirty.contains(&(ring(q).2 / PAGE)), "used ring {q} logged");
+    }
+    assert!(
+        !dirty.contains(&(buf_addr(1, 0) / PAGE)),
+        "tx buffers are not written"
+    );
+
+    // In flight at the switch back: one more rx, not processed yet.
+    f.guest.post(0);
+    std::thread::sleep(Duration::from_millis(20));
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Direct));
+    {
+        let s = f.dev.state();
+        let (d, a, u) = ring(0);
+        assert_eq!(
+            (s.rings[0].desc, s.rings[0].avail, s.rings[0].used),
+            (d, a, u)
+        );
+        assert_eq!(s.rings[0].base, 7, "restarted at the guest's used index");
+        assert_eq!(
+            s.rings[0].kick_fd, f.kick_fds[0],
+            "the frontend's kick fd again"
+        );
+    }
+    let before = f.counters.get();
+    assert_eq!(f.dev.process(0, 10, 100), 1, "the in-flight buffer, once");
+    assert_eq!(f.guest.used_idx(0), 8);
+    assert_eq!(f.counters.get(), before, "direct again: nothing through us");
+    for q in 0..2 {
+        assert_eq!(
+            f.guest.used_heads(q),
+            f.guest.posted[q][..f.guest.used_idx(q) as usize].to_vec()
+        );
+    }
+    assert_eq!(f.guest.used_heads(0).len(), 8);
+}
+
+#[test]
+fn switch_to_shadow_and_back_by_reset() {
+    switch_cycle(0);
+}
+
+#[test]
+fn switch_to_shadow_and_back_with_suspend() {
+    switch_cycle(crate::device::BACKEND_F_SUSPEND);
+}
+
+#[test]
+fn get_vring_base_stops_and_reattach_starts_again() {
+    let mut f = setup(0);
+    for _ in 0..2 {
+        f.guest.post(0);
+    }
+    f.dev.process(0, 1, 64);
+    let base = f.session.get_vring_base(0).unwrap();
+    let num = base.num;
+    assert_eq!(num, 1, "the guest's used index");
+    assert_eq!(f.session.mode(), None);
+    assert_eq!(f.dev.state().status, 0, "device reset");
+    let num = f.session.get_vring_base(1).unwrap().num;
+    assert_eq!(num, 0);
+
+    // The frontend goes away: the next one finds a clean device and starts it.
+    let dev = f.session.into_device();
+    assert!(dev.state().iotlb.is_empty(), "guest memory unmapped");
+    let counters = Arc::new(TestCounters::default());
+    let mut s = Session::new("t", dev.clone(), counters)
+        .map_err(|e| e.0)
+        .unwrap();
+    let mut guest = Guest::new();
+    attach(&mut s, &guest, VERSION_1 | PROTOCOL_FEATURES);
+    assert_eq!(s.mode(), Some(Mode::Direct));
+    guest.post(0);
+    assert_eq!(dev.process(0, 4, 64), 1);
+    assert_eq!(guest.used_idx(0), 1);
+}
+
+#[test]
+fn bad_guest_avail_index_stops_only_the_relay_of_that_queue() {
+    let mut f = setup(0);
+    let log = memfd(PAGE);
+    f.session
+        .set_log_base(&VhostUserLog::new(PAGE, 0), log.try_clone().unwrap())
+        .unwrap();
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap();
+    // A guest writes a nonsense avail index on rx.
+    f.guest
+        .mem
+        .write_obj(1000u16, GuestAddress(ring(0).1 + 2))
+        .unwrap();
+    let _ = f.guest.kick[0].write(1);
+    f.guest.post(1);
+    assert!(wait(|| {
+        f.dev.process(1, 1, 0);
+        f.guest.used_idx(1) == 1
+    }));
+    assert_eq!(
+        f.dev.process(0, 10, 64),
+        0,
+        "nothing forwarded from the bad ring"
+    );
+}
+
+#[test]
+fn need_event_follows_the_virtio_rule() {
+    use crate::shadow::need_event;
+    // The other side asked to hear about index 5: moving 4 -> 6 passes it, 5 -> 7 does not.
+    assert!(need_event(5, 6, 4));
+    assert!(!need_event(5, 7, 6));
+    assert!(need_event(5, 6, 5));
+    // Across the u16 wrap.
+    assert!(need_event(0xffff, 1, 0xfffe));
+    assert!(!need_event(3, 1, 0xfffe));
+}
+
+/// EVENT_IDX through the shadow rings: the guest learns where to kick (avail_event in its
+/// used ring), and is interrupted only when its used_event is passed.
+#[test]
+fn shadow_queue_honours_event_idx() {
+    use crate::shadow::{RingAddr, ShadowQueue};
+    let guest = Guest::new();
+    let (desc, avail, used) = ring(0);
+    let mem = guest_mem_with_dirty_bitmap(&guest);
+    let mut sq = ShadowQueue::new(0, NUM, RingAddr { desc, avail, used }, 0, 0, true).unwrap();
+    let mut g = guest;
+    for _ in 0..3 {
+        g.post(0);
+    }
+    assert_eq!(sq.forward_avail(&mem).unwrap(), 3);
+    let avail_event: u16 = g
+        .mem
+        .read_obj(GuestAddress(used + 4 + 8 * u64::from(NUM)))
+        .unwrap();
+    assert_eq!(avail_event, 3, "guest told to kick for its next entry");
+    // The guest wants an interrupt only after the second completion (used_event = 1).
+    g.mem
+        .write_obj(1u16, GuestAddress(avail + 4 + 2 * u64::from(NUM)))
+        .unwrap();
+    device_complete(&sq, 0, 0);
+    let b = sq.forward_used(&mem).unwrap();
+    assert_eq!(
+        (b.entries, b.notify),
+        (1, false),
+        "used 0 -> 1 does not pass event 1"
+    );
+    device_complete(&sq, 1, 1);
+    let b = sq.forward_used(&mem).unwrap();
+    assert_eq!(
+        (b.entries, b.notify),
+        (1, true),
+        "used 1 -> 2 passes event 1"
+    );
+}
+
+/// Writes used entry `slot` = head into a shadow queue's used ring as a device would.
+fn device_complete(sq: &crate::shadow::ShadowQueue, slot: u16, head: u32) {
+    let used = (sq.used_iova() - sq.iova) as usize;
+    let base = sq.mem.va() as *mut u8;
+    // SAFETY: inside the shadow ring mapping (used ring of NUM entries).
+    unsafe {
+        let e = base.add(used + 4 + 8 * usize::from(slot));
+        std::ptr::write_volatile(e as *mut u32, head);
+        std::ptr::write_volatile(e.add(4) as *mut u32, 0);
+        std::ptr::write_volatile(base.add(used + 2) as *mut u16, slot + 1);
+    }
+}
+
+fn guest_mem_with_dirty_bitmap(guest: &Guest) -> crate::shadow::GuestMem {
+    vm_memory::GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM as usize,
+        Some(vm_memory::FileOffset::new(
+            guest.file.try_clone().unwrap(),
+            0,
+        )),
+    )])
+    .unwrap()
+}
+
+/// A new memory table under a running device (memory hot-plug): the device is stopped,
+/// remapped from the new mapping and restarted where the guest was.
+#[test]
+fn memory_table_change_while_running_remaps_and_resumes() {
+    let mut f = setup(0);
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+    let old_va = f.dev.state().iotlb[0].2;
+    let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    f.session
+        .set_mem_table(&[region], vec![f.guest.file.try_clone().unwrap()], None)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Direct));
+    {
+        let s = f.dev.state();
+        assert_eq!(s.iotlb.len(), 1, "old mapping gone, new one in");
+        assert_ne!(s.iotlb[0].2, old_va, "the new mapping of guest memory");
+        assert_eq!(s.rings[0].base, 1, "restarted at the guest's used index");
+    }
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+    assert_eq!(f.guest.used_heads(0), f.guest.posted[0]);
+}
+
+/// A device that fails to start on the shadow rings: the error says so, the shadow rings'
+/// IOVAs are unmapped again, and the port recovers in direct mode when logging stops.
+#[test]
+fn failed_switch_to_shadow_leaves_no_stale_mapping() {
+    let mut f = setup(0);
+    let log = memfd(PAGE);
+    f.session
+        .set_log_base(&VhostUserLog::new(PAGE, 0), log.try_clone().unwrap())
+        .unwrap();
+    f.dev.state().fail_driver_ok = true;
+    let err = f
+        .session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("DRIVER_OK"), "{err}");
+    assert_eq!(f.session.mode(), None);
+    assert_eq!(
+        f.dev.state().iotlb.len(),
+        1,
+        "only guest memory stays mapped"
+    );
+    f.dev.state().fail_driver_ok = false;
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Direct));
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+}
+
+/// The frontend goes away in the middle of a migration: the relay stops, the device is
+/// reset, and neither guest memory nor the shadow rings stay mapped.
+#[test]
+fn disconnect_while_shadowed_leaves_a_clean_device() {
+    let mut f = setup(0);
+    let log = memfd(PAGE);
+    f.session
+        .set_log_base(&VhostUserLog::new(PAGE, 0), log.try_clone().unwrap())
+        .unwrap();
+    f.session
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap();
+    assert_eq!(f.session.mode(), Some(Mode::Shadow));
+    assert_eq!(
+        f.dev.state().iotlb.len(),
+        3,
+        "guest memory and two shadow rings"
+    );
+    f.guest.post(0);
+    assert!(wait(
+        || f.dev.process(0, 1, 64) == 1 || f.guest.used_idx(0) == 1
+    ));
+    let dev = f.session.into_device();
+    let s = dev.state();
+    assert_eq!(s.status, 0);
+    assert!(s.iotlb.is_empty(), "nothing left mapped: {:?}", s.iotlb);
+    assert_eq!(
+        f.guest.used_idx(0),
+        1,
+        "the completed buffer reached the guest"
+    );
+}
