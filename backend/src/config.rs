@@ -10,6 +10,7 @@
 //! queues = 2                            # queue pairs; QEMU's -netdev vhost-user,queues=N
 //! client = false                        # true: QEMU listens, we connect and reconnect
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
+//! busy_poll_us = 50                      # optional: longest busy-poll of an idle pair (0: off)
 //! vf_mode = "auto"                      # optional: af-packet (default), af-xdp or auto
 //! ```
 //!
@@ -69,9 +70,15 @@ pub struct PortConfig {
     pub queues: usize,
     /// CPU for each queue pair's worker, if pinned.
     pub cpus: Vec<usize>,
+    /// Longest busy-poll of an idle queue pair before it sleeps on its eventfds.
+    pub busy_poll: std::time::Duration,
     /// Socket kind on the VF (ignored for loopback ports).
     pub vf_mode: VfMode,
 }
+
+/// Upper bound of `busy_poll_us`: beyond this a pair is better off pinned and polling
+/// for good, which is not what this knob is for.
+pub const MAX_BUSY_POLL_US: u64 = 100_000;
 
 /// One `[[port]]` table as written; unknown keys are errors, so a typo cannot pass silently.
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +95,7 @@ pub struct PortSpec {
     #[serde(default)]
     pub client: bool,
     pub cpus: Option<String>,
+    pub busy_poll_us: Option<u64>,
     pub vf_mode: Option<String>,
 }
 
@@ -168,6 +176,14 @@ impl PortSpec {
             Some(list) => parse_cpu_list(&list)?,
             None => Vec::new(),
         };
+        let busy_poll_us = self
+            .busy_poll_us
+            .unwrap_or(crate::queue_pair::DEFAULT_BUSY_POLL.as_micros() as u64);
+        if busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(bad(format!(
+                "busy-poll time must be at most {MAX_BUSY_POLL_US} us, not {busy_poll_us}"
+            )));
+        }
         let vf_mode = match (self.vf_mode.as_deref(), &link) {
             (None, _) => VfMode::default(),
             (Some(_), LinkConfig::Loopback) => {
@@ -195,6 +211,7 @@ impl PortSpec {
             link,
             queues,
             cpus,
+            busy_poll: std::time::Duration::from_micros(busy_poll_us),
             vf_mode,
         })
     }
@@ -292,6 +309,7 @@ mod tests {
             vf = "veth1"
             queues = 2
             cpus = "0-1"
+            busy_poll_us = 0
             vf_mode = "auto"
             [[port]]
             name = "lb"
@@ -314,6 +332,8 @@ mod tests {
         assert_eq!(ports[0].link, LinkConfig::Vf("veth1".into()));
         assert_eq!(ports[0].queues, 2);
         assert_eq!(ports[0].cpus, vec![0, 1]);
+        assert_eq!(ports[0].busy_poll, std::time::Duration::ZERO);
+        assert_eq!(ports[1].busy_poll, crate::queue_pair::DEFAULT_BUSY_POLL);
         assert_eq!(ports[0].vf_mode, VfMode::Auto);
         assert_eq!(ports[1].vf_mode, VfMode::AfPacket, "the default");
         assert_eq!(
@@ -364,6 +384,10 @@ mod tests {
             (
                 "[[port]]\nsocket='/a'\nvf='x'\ncpus='3-1'\n",
                 "goes backwards",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nbusy_poll_us=100001\n",
+                "busy-poll time must be at most 100000 us",
             ),
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nvf_mode='dpdk'\n",

@@ -24,6 +24,7 @@ pub mod signals;
 pub mod stats;
 pub mod tx;
 pub mod vf;
+pub mod vring;
 
 #[cfg(test)]
 mod mock_guest;

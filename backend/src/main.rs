@@ -55,12 +55,17 @@ struct Cli {
     /// CPUs for the queue-pair workers, one per pair in order, e.g. "2-3".
     #[arg(long, value_name = "LIST")]
     cpu_list: Option<String>,
+    /// Longest time an idle queue pair keeps polling before it sleeps (microseconds, default
+    /// 50; 0 turns busy-polling off). The actual spin adapts below it to how often polling
+    /// finds work.
+    #[arg(long, value_name = "US")]
+    busy_poll_us: Option<u64>,
     /// Socket kind on the VF: af-packet (default), af-xdp, or auto (AF_XDP if the interface
     /// allows it, else AF_PACKET; the choice and the reason are logged).
     #[arg(long, value_name = "MODE", conflicts_with = "loopback")]
     vf_mode: Option<String>,
     /// Serve every [[port]] of a TOML file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode", "busy_poll_us"])]
     config: Option<PathBuf>,
     /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
     #[arg(long)]
@@ -195,6 +200,7 @@ fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError
         queues: cli.queues,
         client: cli.client,
         cpus: cli.cpu_list,
+        busy_poll_us: cli.busy_poll_us,
         vf_mode: cli.vf_mode,
     };
     let port = spec.validate(origin)?;

@@ -8,10 +8,11 @@
 //! GET_VRING_BASE and friends) is never starved; when it runs out the worker pokes its
 //! reschedule eventfd, so the epoll loop comes straight back.
 
+use std::time::{Duration, Instant};
+
 use log::{error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::offload::RxOffloads;
@@ -19,10 +20,13 @@ use crate::rx::{vf_to_guest, RxRing, RxStop};
 use crate::stats::PairStats;
 use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch};
 use crate::vf::VfSocket;
+use crate::vring::needs_notification;
 use crate::GuestMemoryMmapB;
 
 /// Rounds (each at most one TX batch and one RX batch) before yielding to the epoll loop.
 const ROUNDS_PER_RUN: usize = 16;
+/// How long an idle worker keeps polling before it sleeps on the eventfds by default.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 /// Frames taken from the VF per RX batch.
 const RX_BATCH: usize = 64;
 
@@ -62,6 +66,56 @@ pub struct QueuePair {
     pub cpu: Option<usize>,
     /// Whether the current worker thread is pinned already (workers are per connection).
     pinned: bool,
+    /// Adaptive busy-polling of an idle pair (`--busy-poll-us`).
+    spin: Spin,
+    /// When the worker last went to sleep, for the spin's adaptation.
+    slept_at: Option<Instant>,
+}
+
+/// How long an idle worker spins before it sleeps, adapted to the traffic. What decides is
+/// how long the worker then slept: woken again within the longest spin, it would have done
+/// better to keep polling (a kick and a wake-up cost more than the spin), so the next spin
+/// doubles; asleep for longer, the spin was wasted and halves (down to [`MIN_SPIN`]). Work
+/// found while spinning also doubles it. Steady traffic with short gaps so keeps the worker
+/// polling and the frontend free of kicks; sparse traffic (pings) costs a few microseconds
+/// of spinning per packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Spin {
+    max: Duration,
+    current: Duration,
+}
+
+/// The shortest adaptive spin (when any).
+const MIN_SPIN: Duration = Duration::from_micros(2);
+
+impl Spin {
+    pub fn new(max: Duration) -> Self {
+        Spin { max, current: max }
+    }
+
+    /// The spin to do now.
+    pub fn budget(&self) -> Duration {
+        self.current
+    }
+
+    /// Work arrived while spinning.
+    pub fn hit(&mut self) {
+        self.current = (self.current * 2).max(MIN_SPIN).min(self.max);
+    }
+
+    /// The worker slept `slept` after its spin ran out.
+    pub fn woke_after(&mut self, slept: Duration) {
+        if slept < self.max {
+            self.hit();
+        } else {
+            self.miss();
+        }
+    }
+
+    /// The spin was wasted.
+    pub fn miss(&mut self) {
+        self.current = (self.current / 2).max(MIN_SPIN).min(self.max);
+    }
 }
 
 impl QueuePair {
@@ -78,7 +132,14 @@ impl QueuePair {
             resched: EventFd::new(EFD_NONBLOCK)?,
             cpu: None,
             pinned: false,
+            spin: Spin::new(DEFAULT_BUSY_POLL),
+            slept_at: None,
         })
+    }
+
+    /// Sets the longest busy-poll (zero: sleep as soon as idle).
+    pub fn set_busy_poll(&mut self, max: Duration) {
+        self.spin = Spin::new(max);
     }
 
     /// Forgets what a previous connection marked broken.
@@ -87,6 +148,7 @@ impl QueuePair {
         self.rx_broken = false;
         self.tx_broken = false;
         self.pinned = false;
+        self.slept_at = None;
         let _ = self.resched.read();
     }
 
@@ -163,6 +225,9 @@ impl QueuePair {
             self.pin();
         }
         let _ = self.resched.read();
+        if let Some(t) = self.slept_at.take() {
+            self.spin.woke_after(t.elapsed());
+        }
         let mut rx_state = rx_vring.get_mut();
         let mut tx_state = tx_vring.get_mut();
         let rx_on = !self.rx_broken && rx_state.get_queue().ready() && rx_state.is_enabled();
@@ -183,31 +248,49 @@ impl QueuePair {
             }
         }
 
-        for _ in 0..ROUNDS_PER_RUN {
+        // We poll from here on: ask the guest not to kick us (without event idx this sets
+        // VRING_USED_F_NO_NOTIFY; with it, the avail event simply stays behind). A frontend
+        // that polls its own side then never makes a syscall for us.
+        if tx_on && !self.tx_broken {
+            let _ = tx_state.get_queue_mut().disable_notification(mem);
+        }
+        if rx_on && !self.rx_broken && self.rx_waiting {
+            let _ = rx_state.get_queue_mut().disable_notification(mem);
+        }
+
+        let mut rounds = 0usize;
+        let mut idle_since: Option<Instant> = None;
+        loop {
             let mut progress = 0usize;
-            let mut rx_signal = false;
-            let mut tx_signal = false;
+            let tx_before = tx_state.get_queue().next_used();
+            let rx_before = rx_state.get_queue().next_used();
 
             if tx_on && !self.tx_broken {
-                let tx_queue = tx_state.get_queue_mut();
+                let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
                 let result = match &mut self.link {
                     Link::Vf(vf) => {
                         guest_to_vf(tx_queue, mem, neg.hdr_len, vf, &mut self.batch, &stats.tx)
                     }
                     Link::Loopback if rx_on && !self.rx_broken => {
-                        let mut ring =
-                            RxRing::new(rx_state.get_queue_mut(), mem, neg.mergeable, neg.hdr_len);
-                        let r = guest_to_guest(
-                            tx_queue,
-                            &mut ring,
-                            mem,
-                            neg.offloads,
-                            &mut self.batch,
-                            &mut self.bufs,
-                            (&stats.tx, &stats.rx),
-                        );
-                        rx_signal |= ring.take_added() > 0 && notify_wanted(&mut ring);
-                        r
+                        match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
+                            Ok(mut ring) => guest_to_guest(
+                                tx_queue,
+                                &mut ring,
+                                mem,
+                                neg.offloads,
+                                &mut self.batch,
+                                &mut self.bufs,
+                                (&stats.tx, &stats.rx),
+                            ),
+                            Err(e) => {
+                                error!(
+                                    "{}: {e}; queue stopped until the device is reset",
+                                    self.rx_label()
+                                );
+                                self.rx_broken = true;
+                                Ok(0)
+                            }
+                        }
                     }
                     Link::Loopback => {
                         // RX side unusable: the packets are lost, like on a NIC with its
@@ -222,10 +305,7 @@ impl QueuePair {
                     }
                 };
                 match result {
-                    Ok(n) => {
-                        progress += n;
-                        tx_signal |= n > 0;
-                    }
+                    Ok(n) => progress += n,
                     Err(e) => {
                         error!(
                             "{}: {e}; queue stopped until the device is reset",
@@ -238,70 +318,85 @@ impl QueuePair {
 
             if rx_on && !self.rx_broken {
                 if let Link::Vf(vf) = &mut self.link {
-                    let mut ring =
-                        RxRing::new(rx_state.get_queue_mut(), mem, neg.mergeable, neg.hdr_len);
-                    let (n, stop) = vf_to_guest(
-                        vf,
-                        &mut ring,
-                        neg.offloads,
-                        &mut self.bufs.scratch,
-                        &stats.rx,
-                        RX_BATCH,
-                    );
-                    progress += n;
-                    self.rx_waiting = stop == RxStop::GuestFull;
-                    rx_signal |= ring.take_added() > 0 && notify_wanted(&mut ring);
+                    match RxRing::new(rx_state.get_queue_mut(), mem, neg.mergeable, neg.hdr_len) {
+                        Ok(mut ring) => {
+                            let (n, stop) = vf_to_guest(
+                                vf,
+                                &mut ring,
+                                neg.offloads,
+                                &mut self.bufs.scratch,
+                                &stats.rx,
+                                RX_BATCH,
+                            );
+                            progress += n;
+                            self.rx_waiting = stop == RxStop::GuestFull;
+                        }
+                        Err(e) => {
+                            error!(
+                                "{}: {e}; queue stopped until the device is reset",
+                                self.rx_label()
+                            );
+                            self.rx_broken = true;
+                        }
+                    }
                 }
             }
 
-            if tx_signal && tx_on {
-                signal(&mut tx_state, &self.tx_label(), mem);
+            // At most one interrupt per queue and round, and only if the guest wants it.
+            if tx_on && needs_notification(tx_state.get_queue(), mem, tx_before) {
+                if let Err(e) = tx_state.signal_used_queue() {
+                    warn!("{}: cannot signal the guest: {e}", self.tx_label());
+                }
             }
-            if rx_signal {
+            if rx_on && needs_notification(rx_state.get_queue(), mem, rx_before) {
                 if let Err(e) = rx_state.signal_used_queue() {
                     warn!("{}: cannot signal the guest: {e}", self.rx_label());
                 }
             }
 
-            if progress == 0 {
-                // Idle: ask to be woken, then look once more to close the race with a guest
-                // that added work just before notifications were turned on.
-                let more_tx = tx_on
-                    && !self.tx_broken
-                    && arm(&mut tx_state, mem, &self.tx_label(), &mut self.tx_broken);
-                let more_rx = rx_on
-                    && !self.rx_broken
-                    && self.rx_waiting
-                    && arm(&mut rx_state, mem, &self.rx_label(), &mut self.rx_broken);
-                if !more_tx && !more_rx {
-                    return;
+            if progress > 0 {
+                if idle_since.take().is_some() {
+                    self.spin.hit();
                 }
+                rounds += 1;
+                if rounds >= ROUNDS_PER_RUN {
+                    break;
+                }
+                continue;
+            }
+            // Idle. Busy-poll a bounded while first: under load the next packets are
+            // microseconds away, and sleeping costs a kick, an epoll wake-up and a context
+            // switch each time (and makes the frontend kick at all).
+            let budget = self.spin.budget();
+            if budget > Duration::ZERO {
+                let now = Instant::now();
+                let since = *idle_since.get_or_insert(now);
+                if now.duration_since(since) < budget {
+                    std::hint::spin_loop();
+                    continue;
+                }
+            }
+            // Ask to be woken, then look once more to close the race with a guest that added
+            // work just before notifications were turned on.
+            let more_tx = tx_on
+                && !self.tx_broken
+                && arm(&mut tx_state, mem, &self.tx_label(), &mut self.tx_broken);
+            let more_rx = rx_on
+                && !self.rx_broken
+                && self.rx_waiting
+                && arm(&mut rx_state, mem, &self.rx_label(), &mut self.rx_broken);
+            if !more_tx && !more_rx {
+                self.slept_at = Some(Instant::now());
+                return;
+            }
+            idle_since = None;
+            rounds += 1;
+            if rounds >= ROUNDS_PER_RUN {
+                break;
             }
         }
         // Budget spent with work left: come back through the epoll loop.
         let _ = self.resched.write(1);
-    }
-}
-
-/// Whether the guest asked to be interrupted for what was just added.
-fn notify_wanted<M: GuestMemoryBackend>(ring: &mut RxRing<'_, M>) -> bool {
-    ring.needs_notification().unwrap_or(true)
-}
-
-/// Signals TX completions if the guest wants them.
-fn signal(
-    state: &mut vhost_user_backend::VringState<crate::GuestMemoryAtomicB>,
-    label: &str,
-    mem: &GuestMemoryMmapB,
-) {
-    let wanted = state
-        .get_queue_mut()
-        .needs_notification(mem)
-        .unwrap_or(true);
-    if wanted {
-        if let Err(e) = state.signal_used_queue() {
-            warn!("{label}: cannot signal the guest: {e}");
-        }
     }
 }
 
@@ -337,5 +432,39 @@ fn arm(
             *broken = true;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spin_adapts_between_its_bounds() {
+        let us = Duration::from_micros;
+        let mut s = Spin::new(us(50));
+        assert_eq!(s.budget(), us(50));
+        for _ in 0..20 {
+            s.miss();
+        }
+        assert_eq!(s.budget(), MIN_SPIN);
+        s.hit();
+        assert_eq!(s.budget(), us(4));
+        for _ in 0..20 {
+            s.hit();
+        }
+        assert_eq!(s.budget(), us(50));
+        // Woken soon after sleeping: the spin should have covered it.
+        s.miss();
+        s.woke_after(us(30));
+        assert_eq!(s.budget(), us(50));
+        s.woke_after(us(500));
+        assert_eq!(s.budget(), us(25));
+        // Off stays off.
+        let mut off = Spin::new(Duration::ZERO);
+        off.hit();
+        off.woke_after(Duration::ZERO);
+        off.miss();
+        assert_eq!(off.budget(), Duration::ZERO);
     }
 }

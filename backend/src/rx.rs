@@ -12,15 +12,14 @@
 //! buffer wakes us. All guest memory is written through vm-memory, so the dirty bitmap sees
 //! every byte we write when migration turns logging on.
 
-use std::ops::Deref;
-
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{ByteValued, GuestMemoryBackend};
 
 use crate::net_hdr::{VirtioNetHdr, VnetHdr, VIRTIO_NET_HDR_LEN};
 use crate::offload::{adapt_for_guest, RxOffloads};
 use crate::stats::QueueStats;
 use crate::vf::VfSocket;
+use crate::vring::Vring;
 
 /// Why a packet could not be placed in guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +37,15 @@ pub enum RxError {
     },
     #[error("rx queue: packet of {len} bytes is larger than the {room}-byte buffer and mergeable buffers are off")]
     TooBig { len: usize, room: usize },
+    #[error("rx queue: chain at head {head}: {source}")]
+    Chain {
+        head: u16,
+        source: crate::vring::RingError,
+    },
     #[error("rx queue: {0}")]
-    Ring(#[from] virtio_queue::Error),
+    Ring(#[from] crate::vring::RingError),
+    #[error("rx queue: {0}")]
+    Queue(#[from] virtio_queue::Error),
 }
 
 /// What [`RxRing::deliver`] did with a packet.
@@ -51,10 +57,10 @@ pub enum Delivery {
     NoBuffers,
 }
 
-/// The guest's RX queue, borrowed for one batch.
+/// The guest's RX queue, borrowed for one batch. Used entries are published when it is
+/// dropped (or [`RxRing::flush`]ed): one used-index update per batch.
 pub struct RxRing<'a, M: GuestMemoryBackend> {
-    queue: &'a mut Queue,
-    mem: &'a M,
+    ring: Vring<'a, M>,
     /// VIRTIO_NET_F_MRG_RXBUF: a packet may span several buffers (chains).
     mergeable: bool,
     /// Guest header length: 12 with VERSION_1 or MRG_RXBUF, 10 for a legacy guest without.
@@ -63,19 +69,30 @@ pub struct RxRing<'a, M: GuestMemoryBackend> {
     used: Vec<(u16, u32)>,
     /// Used entries added since the last [`RxRing::take_added`].
     added: usize,
+    /// Packets left before the next descriptor prefetch.
+    prefetched: u16,
 }
+
+/// RX descriptors prefetched at a time.
+const PREFETCH_AHEAD: u16 = 8;
 
 impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
     /// `hdr_len` is the guest's header length (see [`crate::net_hdr::guest_header_len`]).
-    pub fn new(queue: &'a mut Queue, mem: &'a M, mergeable: bool, hdr_len: usize) -> Self {
-        RxRing {
-            queue,
-            mem,
+    /// Fails if the queue's rings are not usable (outside guest memory, misaligned).
+    pub fn new(
+        queue: &'a mut Queue,
+        mem: &'a M,
+        mergeable: bool,
+        hdr_len: usize,
+    ) -> Result<Self, RxError> {
+        Ok(RxRing {
+            ring: Vring::new(queue, mem)?,
             mergeable,
             hdr_len: hdr_len.clamp(crate::net_hdr::VNET_HDR_LEN, VIRTIO_NET_HDR_LEN),
             used: Vec::with_capacity(64),
             added: 0,
-        }
+            prefetched: 0,
+        })
     }
 
     /// The guest's header length this ring writes.
@@ -88,19 +105,21 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         std::mem::take(&mut self.added)
     }
 
-    /// Whether the guest wants an interrupt for what was added (event-idx aware).
-    pub fn needs_notification(&mut self) -> Result<bool, RxError> {
-        Ok(self.queue.needs_notification(self.mem)?)
+    /// Makes what was delivered so far visible to the guest.
+    pub fn flush(&mut self) {
+        self.ring.sync();
     }
 
     /// Turns guest notifications for new RX buffers on; returns true if buffers arrived
     /// meanwhile (so the caller should go on instead of sleeping).
     pub fn enable_notification(&mut self) -> Result<bool, RxError> {
-        Ok(self.queue.enable_notification(self.mem)?)
+        let mem = self.ring.map.mem();
+        Ok(self.ring.queue().enable_notification(mem)?)
     }
 
     pub fn disable_notification(&mut self) -> Result<(), RxError> {
-        Ok(self.queue.disable_notification(self.mem)?)
+        let mem = self.ring.map.mem();
+        Ok(self.ring.queue().disable_notification(mem)?)
     }
 
     /// Places one packet (`hdr` then `data`) into guest buffers.
@@ -109,38 +128,50 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
     /// with length 0 (the guest counts a length error and reuses it): a bad chain costs one
     /// packet, never the ring.
     pub fn deliver(&mut self, hdr: &VnetHdr, data: &[u8]) -> Result<Delivery, RxError> {
+        self.deliver_segments(hdr, &[data])
+    }
+
+    /// [`RxRing::deliver`] for a packet scattered over `segs` (loopback delivers straight
+    /// from the guest's TX buffers: one copy).
+    pub fn deliver_segments(&mut self, hdr: &VnetHdr, segs: &[&[u8]]) -> Result<Delivery, RxError> {
         let head = VirtioNetHdr {
             hdr: *hdr,
             num_buffers: 1,
         };
-        let total = self.hdr_len + data.len();
-        let start = self.queue.next_avail();
+        let data_len: usize = segs.iter().map(|s| s.len()).sum();
+        let total = self.hdr_len + data_len;
+        let start = self.ring.next_avail();
+        if self.prefetched == 0 {
+            // Descriptors of the next few buffers, fetched while this packet is copied.
+            self.ring.prefetch_ahead(PREFETCH_AHEAD);
+            self.prefetched = PREFETCH_AHEAD;
+        }
+        self.prefetched -= 1;
         self.used.clear();
         let mut written = 0usize;
         // Guest addresses of the two bytes of `num_buffers`, known once the header is placed.
-        let mut num_buffers_at: [Option<GuestAddress>; 2] = [None, None];
+        let mut num_buffers_at: [Option<u64>; 2] = [None, None];
 
         while written < total {
-            let Some(chain) = self.queue.pop_descriptor_chain(self.mem) else {
+            let Some(head_index) = self.ring.pop()? else {
                 // Not enough buffers for the whole packet: put back what we took.
-                self.queue.set_next_avail(start);
+                self.ring.set_next_avail(start);
                 return Ok(Delivery::NoBuffers);
             };
-            let head_index = chain.head_index();
-            match self.fill_chain(chain, &head, data, written, total, &mut num_buffers_at) {
+            match self.fill_chain(head_index, &head, segs, written, total, &mut num_buffers_at) {
                 Ok(n) => {
                     written += n;
                     self.used.push((head_index, n as u32));
                 }
                 Err(e) => {
                     self.used.push((head_index, 0));
-                    self.return_taken_empty()?;
+                    self.return_taken_empty();
                     return Err(e);
                 }
             }
             if !self.mergeable && written < total {
                 // A single buffer is all we may use: leave it for a smaller packet.
-                self.queue.set_next_avail(start);
+                self.ring.set_next_avail(start);
                 return Err(RxError::TooBig {
                     len: total,
                     room: written,
@@ -153,97 +184,151 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             let bytes = buffers.to_le_bytes();
             for (addr, byte) in num_buffers_at.iter().zip(bytes) {
                 if let Some(addr) = addr {
-                    self.mem
-                        .write_obj(byte, *addr)
+                    self.ring
+                        .map
+                        .write(*addr, &[byte])
                         .map_err(|source| RxError::BadAddress {
                             head: self.used[0].0,
-                            addr: addr.raw_value(),
+                            addr: *addr,
                             len: 1,
                             source,
                         })?;
                 }
             }
         }
-        for i in 0..self.used.len() {
-            let (h, n) = self.used[i];
-            self.queue.add_used(self.mem, h, n)?;
+        for &(h, n) in &self.used {
+            self.ring.add_used(h, n);
         }
         self.added += self.used.len();
         Ok(Delivery::Delivered(buffers))
     }
 
     /// Returns every chain taken for the current packet with length 0.
-    fn return_taken_empty(&mut self) -> Result<(), RxError> {
-        for i in 0..self.used.len() {
-            let (h, _) = self.used[i];
-            self.queue.add_used(self.mem, h, 0)?;
+    fn return_taken_empty(&mut self) {
+        for &(h, _) in &self.used {
+            self.ring.add_used(h, 0);
         }
         self.added += self.used.len();
-        Ok(())
     }
 
-    /// Copies bytes `written..` of the packet (the header, then `data`) into one chain;
+    /// Copies bytes `written..` of the packet (the header, then `segs`) into one chain;
     /// returns how many bytes went in.
-    fn fill_chain<D>(
+    fn fill_chain(
         &self,
-        chain: virtio_queue::DescriptorChain<D>,
+        head_index: u16,
         head: &VirtioNetHdr,
-        data: &[u8],
+        segs: &[&[u8]],
         mut written: usize,
         total: usize,
-        num_buffers_at: &mut [Option<GuestAddress>; 2],
-    ) -> Result<usize, RxError>
-    where
-        D: Deref,
-        D::Target: GuestMemory,
-    {
-        let head_index = chain.head_index();
+        num_buffers_at: &mut [Option<u64>; 2],
+    ) -> Result<usize, RxError> {
         let hdr_len = self.hdr_len;
         let hdr_bytes = &head.as_slice()[..hdr_len];
         let first = written;
         let mut room = 0usize;
-        for desc in chain {
+        let mut chain = self.ring.chain(head_index);
+        // Where the data copy stands: segment index and offset into it, for `written`.
+        let (mut seg, mut seg_off) = (0usize, 0usize);
+        let mut skip = written.saturating_sub(hdr_len);
+        while skip > 0 {
+            let Some(s) = segs.get(seg) else { break };
+            if skip < s.len() {
+                seg_off = skip;
+                break;
+            }
+            skip -= s.len();
+            seg += 1;
+        }
+        while let Some(desc) = self
+            .ring
+            .next_desc(&mut chain)
+            .map_err(|source| RxError::Chain {
+                head: head_index,
+                source,
+            })?
+        {
             if !desc.is_write_only() {
                 return Err(RxError::ReadOnlyDescriptor { head: head_index });
             }
-            let len = desc.len() as usize;
+            let len = desc.len as usize;
             room += len;
             let n = len.min(total - written);
+            if written == 0 && n == total {
+                // The usual case: the whole packet fits the first buffer, which lies in one
+                // memory region. Header and data go straight in, marked dirty once.
+                if let Some(p) = self.ring.map.host(desc.addr, total) {
+                    // SAFETY: `host` checked that `total` bytes from `p` are inside a live
+                    // mapping; sources are our header and the caller's slices, whose lengths
+                    // add up to `total`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(hdr_bytes.as_ptr(), p, hdr_len);
+                        let mut at = p.add(hdr_len);
+                        for s in segs {
+                            std::ptr::copy_nonoverlapping(s.as_ptr(), at, s.len());
+                            at = at.add(s.len());
+                        }
+                    }
+                    // TEST ONLY (`test-no-rx-log`): the packet data goes unlogged, so the
+                    // migration harness can prove it notices; the header still logs.
+                    #[cfg(not(feature = "test-no-rx-log"))]
+                    self.ring.map.mark_dirty(desc.addr, total);
+                    #[cfg(feature = "test-no-rx-log")]
+                    self.ring.map.mark_dirty(desc.addr, hdr_len);
+                    if hdr_len == VIRTIO_NET_HDR_LEN {
+                        let at = desc.addr.wrapping_add(VIRTIO_NET_HDR_LEN as u64 - 2);
+                        *num_buffers_at = [Some(at), Some(at.wrapping_add(1))];
+                    }
+                    return Ok(total);
+                }
+            }
             let mut off = 0usize;
+            let mut unmarked = false;
             while off < n {
                 let pos = written + off;
-                let dst = desc.addr().unchecked_add(off as u64);
+                let dst = desc.addr.wrapping_add(off as u64);
                 let src = if pos < hdr_len {
                     // Remember where num_buffers (header bytes 10 and 11) landed.
                     for (i, slot) in num_buffers_at.iter_mut().enumerate() {
                         let at = VIRTIO_NET_HDR_LEN - 2 + i;
                         if at < hdr_len && slot.is_none() && (pos..pos + (n - off)).contains(&at) {
-                            *slot = Some(dst.unchecked_add((at - pos) as u64));
+                            *slot = Some(dst.wrapping_add((at - pos) as u64));
                         }
                     }
                     &hdr_bytes[pos..hdr_len.min(pos + n - off)]
                 } else {
-                    &data[pos - hdr_len..pos - hdr_len + (n - off)]
-                };
-                // One region lookup for the usual case; `copy_from` marks the pages dirty in
-                // the migration bitmap like every other vm-memory write.
-                match self.mem.get_slice(dst, src.len()) {
-                    #[cfg(not(feature = "test-no-rx-log"))]
-                    Ok(slice) => slice.copy_from(src),
-                    #[cfg(feature = "test-no-rx-log")]
-                    Ok(slice) => unlogged_copy(&slice, src),
-                    Err(_) => {
-                        self.mem
-                            .write_slice(src, dst)
-                            .map_err(|source| RxError::BadAddress {
-                                head: head_index,
-                                addr: desc.addr().raw_value(),
-                                len,
-                                source,
-                            })?
+                    let Some(s) = segs.get(seg) else { break };
+                    let take = (s.len() - seg_off).min(n - off);
+                    let src = &s[seg_off..seg_off + take];
+                    seg_off += take;
+                    if seg_off == s.len() {
+                        seg += 1;
+                        seg_off = 0;
                     }
+                    src
+                };
+                // Buffers outside memory get vm-memory's error.
+                let fast = self.ring.map.write_unmarked(dst, src).map_err(|source| {
+                    RxError::BadAddress {
+                        head: head_index,
+                        addr: desc.addr,
+                        len,
+                        source,
+                    }
+                })?;
+                if cfg!(feature = "test-no-rx-log") {
+                    // TEST ONLY: packet data is left unmarked, the header is marked.
+                    if fast && pos < hdr_len {
+                        self.ring.map.mark_dirty(dst, src.len());
+                    }
+                } else {
+                    unmarked |= fast;
                 }
                 off += src.len();
+            }
+            if unmarked {
+                // What we wrote to this buffer, marked dirty for migration at once (vm-memory
+                // marks its own writes).
+                self.ring.map.mark_dirty(desc.addr, n);
             }
             written += n;
             if written == total {
@@ -255,21 +340,6 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         }
         Ok(written - first)
     }
-}
-
-/// TEST ONLY (`test-no-rx-log`): copies packet data into guest memory through the raw
-/// pointer, which the dirty bitmap does not see, so the migration harness can prove that it
-/// detects pages a backend wrote without logging them. Never enabled in a real build.
-#[cfg(feature = "test-no-rx-log")]
-fn unlogged_copy<B: vm_memory::bitmap::BitmapSlice>(
-    slice: &vm_memory::VolatileSlice<'_, B>,
-    src: &[u8],
-) {
-    let guard = slice.ptr_guard_mut();
-    let n = src.len().min(guard.len());
-    // SAFETY: the guard maps `guard.len()` bytes of guest memory for writing and `n` does not
-    // exceed it or `src`; guest memory never overlaps our own buffers.
-    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), guard.as_ptr(), n) };
 }
 
 /// Why an RX batch stopped.
@@ -323,17 +393,7 @@ pub fn deliver_adapted<M: GuestMemoryBackend>(
     stats: &QueueStats,
 ) -> Delivery {
     if offloads.accepts(hdr) {
-        return match ring.deliver(hdr, frame) {
-            Ok(Delivery::Delivered(n)) => {
-                stats.add_packets(1, frame.len() as u64);
-                Delivery::Delivered(n)
-            }
-            Ok(Delivery::NoBuffers) => Delivery::NoBuffers,
-            Err(e) => {
-                count_error(stats, &e);
-                Delivery::Delivered(0)
-            }
-        };
+        return deliver_counted(ring, hdr, &[frame], stats);
     }
     // The guest cannot take this frame as it is: split it / finish its checksum. A guest that
     // runs out of buffers half way through loses the rest of the super-frame (counted), since
@@ -363,6 +423,28 @@ pub fn deliver_adapted<M: GuestMemoryBackend>(
         crate::warn_limited!("rx: dropping a frame the guest cannot take: {e}");
     }
     Delivery::Delivered(0)
+}
+
+/// Delivers a packet the guest accepts as it is (scattered over `segs`), counting it; errors
+/// are counted and the packet dropped (reported as delivered so the caller moves on).
+pub fn deliver_counted<M: GuestMemoryBackend>(
+    ring: &mut RxRing<'_, M>,
+    hdr: &VnetHdr,
+    segs: &[&[u8]],
+    stats: &QueueStats,
+) -> Delivery {
+    match ring.deliver_segments(hdr, segs) {
+        Ok(Delivery::Delivered(n)) => {
+            let len: usize = segs.iter().map(|s| s.len()).sum();
+            stats.add_packets(1, len as u64);
+            Delivery::Delivered(n)
+        }
+        Ok(Delivery::NoBuffers) => Delivery::NoBuffers,
+        Err(e) => {
+            count_error(stats, &e);
+            Delivery::Delivered(0)
+        }
+    }
 }
 
 fn count_error(stats: &QueueStats, e: &RxError) {
@@ -406,12 +488,15 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 2048)]);
         let mut q = gq.queue();
         let pkt = pattern(100, 1);
-        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
         );
         assert_eq!(ring.take_added(), 1);
+        // Nothing is visible before the batch is published (on flush, or drop).
+        assert_eq!(gq.used_idx(), 0);
+        ring.flush();
         assert_eq!(gq.used_idx(), 1);
         assert_eq!(gq.used(0), (0, 112));
         assert_eq!(read(&mem, BUFFERS, 12), header_bytes(&gso_hdr(), 1));
@@ -425,7 +510,7 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 2048)]);
         let mut q = gq.queue();
         let pkt = pattern(64, 4);
-        let mut ring = RxRing::new(&mut q, &mem, false, 10);
+        let mut ring = RxRing::new(&mut q, &mem, false, 10).unwrap();
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -449,7 +534,7 @@ mod tests {
         ]);
         let mut q = gq.queue();
         let pkt = pattern(300, 2);
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -474,11 +559,12 @@ mod tests {
         }
         let mut q = gq.queue();
         let pkt = pattern(2500, 3);
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pkt).unwrap(),
             Delivery::Delivered(3)
         );
+        ring.flush();
         assert_eq!(gq.used_idx(), 3);
         assert_eq!(gq.used(0), (0, 1000));
         assert_eq!(gq.used(1), (1, 1000));
@@ -495,6 +581,7 @@ mod tests {
         .concat();
         assert_eq!(got, pkt);
         // The fourth buffer is still there for the next packet.
+        drop(ring);
         assert_eq!(q.next_avail(), 3);
     }
 
@@ -505,7 +592,7 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 11), wbuf(BUFFERS + 0x100, 50)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(100, 0)).unwrap(),
             Delivery::Delivered(2)
@@ -521,16 +608,17 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 100)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(500, 0)).unwrap(),
             Delivery::NoBuffers
         );
         assert_eq!(ring.take_added(), 0);
+        drop(ring);
         assert_eq!(q.next_avail(), 0);
         assert_eq!(gq.used_idx(), 0);
         // A packet that fits still goes through afterwards.
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(50, 0)).unwrap(),
             Delivery::Delivered(1)
@@ -542,7 +630,7 @@ mod tests {
         let mem = memory();
         let gq = GuestQueue::new(&mem, 0, 16);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &[1, 2, 3]).unwrap(),
             Delivery::NoBuffers
@@ -555,7 +643,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add(&[wbuf(BUFFERS, 1526)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN).unwrap();
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(4000, 0))
             .unwrap_err();
@@ -569,6 +657,7 @@ mod tests {
             ),
             "{err}"
         );
+        drop(ring);
         assert_eq!(q.next_avail(), 0);
         assert_eq!(gq.used_idx(), 0);
     }
@@ -580,7 +669,7 @@ mod tests {
         gq.add(&[rbuf(BUFFERS, 2048)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 2048)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(60, 0))
             .unwrap_err();
@@ -603,7 +692,7 @@ mod tests {
         gq.add(&[wbuf((16 << 20) - 8, 2048)]);
         gq.add(&[wbuf(u64::MAX - 16, 2048)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         for head in 0..2u16 {
             let err = ring
                 .deliver(&VnetHdr::default(), &pattern(60, 0))
@@ -613,6 +702,7 @@ mod tests {
                 "{err}"
             );
         }
+        ring.flush();
         assert_eq!(gq.used_idx(), 2);
         assert_eq!(gq.used(1), (1, 0));
     }
@@ -623,7 +713,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add(&[wbuf(BUFFERS, 0)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(60, 0))
             .unwrap_err();
@@ -637,7 +727,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add_loop(wbuf(BUFFERS, 64));
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN).unwrap();
         // The chain is cut after a ring's worth of descriptors: 16 * 64 bytes of room.
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(9000, 0))
@@ -651,7 +741,7 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add_indirect(&[wbuf(BUFFERS, 12), wbuf(BUFFERS + 0x100, 100)], 0x30_0000);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         let pkt = pattern(80, 9);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pkt).unwrap(),

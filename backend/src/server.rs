@@ -130,6 +130,7 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
             source,
         })?;
         pair.cpu = cfg.cpus.get(i).copied();
+        pair.set_busy_poll(cfg.busy_poll);
         pairs.push(pair);
     }
     Ok(Arc::new(Port::new(&cfg.name, pairs, stats)))

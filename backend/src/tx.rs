@@ -16,14 +16,15 @@
 
 use std::ops::Range;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryBackend};
+use virtio_queue::Queue;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_LEN, VNET_HDR_LEN};
 use crate::offload::RxOffloads;
-use crate::rx::{deliver_adapted, Delivery, RxRing};
+use crate::rx::{deliver_adapted, deliver_counted, Delivery, RxRing};
 use crate::stats::QueueStats;
 use crate::vf::VfSocket;
+use crate::vring::{prefetch, Vring};
 
 /// Chains handled per batch: one `sendmmsg`, one notification.
 pub const TX_BATCH: usize = 64;
@@ -50,8 +51,13 @@ pub enum TxError {
         len: usize,
         source: vm_memory::GuestMemoryError,
     },
+    #[error("tx queue: chain at head {head}: {source}")]
+    Chain {
+        head: u16,
+        source: crate::vring::RingError,
+    },
     #[error("tx queue: {0}")]
-    Ring(#[from] virtio_queue::Error),
+    Ring(#[from] crate::vring::RingError),
 }
 
 /// Reusable storage for one batch: no allocation per packet once it has grown.
@@ -105,16 +111,16 @@ impl TxBatch {
     ) -> Result<usize, TxError> {
         let hdr_len = hdr_len.clamp(VNET_HDR_LEN, VIRTIO_NET_HDR_LEN);
         self.clear();
+        let mut ring = Vring::new(queue, mem)?;
         let mut popped = 0;
         while popped < TX_BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(head) = ring.pop()? else {
                 break;
             };
             popped += 1;
-            let head = chain.head_index();
             let slot = self.pkts.len();
             let first_iov = self.iovs.len();
-            match gather_chain(chain, mem, hdr_len, &mut self.hdrs[slot], &mut self.iovs) {
+            match gather_chain(&ring, head, hdr_len, &mut self.hdrs[slot], &mut self.iovs) {
                 Ok(len) => {
                     self.pkts.push(first_iov..self.iovs.len());
                     self.heads.push(head);
@@ -122,21 +128,33 @@ impl TxBatch {
                 }
                 Err(e) => {
                     self.iovs.truncate(first_iov);
-                    refuse_chain(queue, mem, head, &e, stats)?;
+                    stats.add_errors(1);
+                    if head < ring.size() {
+                        crate::warn_limited!("{e}");
+                        ring.add_used(head, 0);
+                    } else {
+                        // Not a chain the guest can get back: returning it would only corrupt
+                        // its bookkeeping.
+                        crate::warn_limited!(
+                            "tx queue: avail ring names head {head}, past the {}-entry descriptor table; skipped",
+                            ring.size()
+                        );
+                    }
                 }
             }
         }
         Ok(popped)
     }
 
-    /// Returns every gathered chain to the guest.
+    /// Returns every gathered chain to the guest: one used-index update for the batch.
     pub fn complete<M: GuestMemoryBackend>(
         &self,
         queue: &mut Queue,
         mem: &M,
     ) -> Result<(), TxError> {
+        let mut ring = Vring::new(queue, mem)?;
         for &head in &self.heads {
-            queue.add_used(mem, head, 0)?;
+            ring.add_used(head, 0);
         }
         Ok(())
     }
@@ -151,48 +169,16 @@ impl TxBatch {
     }
 }
 
-/// Counts and logs a refused chain and returns it to the guest unused.
-///
-/// A head index past the descriptor table (a driver bug) names no chain: it cannot go in the
-/// used ring (the driver would index its own state out of bounds), so it is only counted.
-/// Failing the batch instead would strand the good chains gathered before it: taken from
-/// avail, never sent nor returned, and past the base a GET_VRING_BASE reports.
-fn refuse_chain<M: GuestMemoryBackend>(
-    queue: &mut Queue,
-    mem: &M,
-    head: u16,
-    e: &TxError,
-    stats: &QueueStats,
-) -> Result<(), TxError> {
-    stats.add_errors(1);
-    if head >= queue.size() {
-        crate::warn_limited!(
-            "tx queue: avail ring names head {head}, past the {}-entry descriptor table; skipped",
-            queue.size()
-        );
-        return Ok(());
-    }
-    crate::warn_limited!("{e}");
-    queue.add_used(mem, head, 0)?;
-    Ok(())
-}
-
 /// Turns one chain into iovecs: first the 10-byte offload header (copied into `hdr`, since the
 /// guest's is 12 bytes and may be split across buffers), then the packet in guest memory.
 /// Returns the packet length without header.
-fn gather_chain<D, M>(
-    chain: DescriptorChain<D>,
-    mem: &M,
+fn gather_chain<M: GuestMemoryBackend>(
+    ring: &Vring<'_, M>,
+    head: u16,
     guest_hdr_len: usize,
     hdr: &mut VnetHdr,
     iovs: &mut Vec<libc::iovec>,
-) -> Result<usize, TxError>
-where
-    D: std::ops::Deref,
-    D::Target: vm_memory::GuestMemory,
-    M: GuestMemoryBackend,
-{
-    let head = chain.head_index();
+) -> Result<usize, TxError> {
     let first_iov = iovs.len();
     let mut raw_hdr = [0u8; VIRTIO_NET_HDR_LEN];
     let mut hdr_len = 0usize;
@@ -207,18 +193,23 @@ where
         len,
         source,
     };
-    for desc in chain {
+    let mut chain = ring.chain(head);
+    while let Some(desc) = ring
+        .next_desc(&mut chain)
+        .map_err(|source| TxError::Chain { head, source })?
+    {
         if desc.is_write_only() {
             return Err(TxError::WritableDescriptor { head });
         }
-        let mut addr = desc.addr();
-        let mut len = desc.len() as usize;
+        let mut addr = desc.addr;
+        let mut len = desc.len as usize;
         if hdr_len < guest_hdr_len {
             let n = len.min(guest_hdr_len - hdr_len);
-            mem.read_slice(&mut raw_hdr[hdr_len..hdr_len + n], addr)
-                .map_err(|e| bad(addr.raw_value(), n, e))?;
+            ring.map
+                .read(addr, &mut raw_hdr[hdr_len..hdr_len + n])
+                .map_err(|e| bad(addr, n, e))?;
             hdr_len += n;
-            addr = addr.unchecked_add(n as u64);
+            addr = addr.wrapping_add(n as u64);
             len -= n;
         }
         if len == 0 {
@@ -237,17 +228,21 @@ where
                 max: MAX_TX_SEGMENTS,
             });
         }
-        // Almost every buffer lies inside one memory region: one lookup, one iovec. Only a
-        // buffer straddling two regions takes the general path.
-        if let Ok(slice) = mem.get_slice(addr, len) {
+        // Almost every buffer lies inside one memory region: one cached lookup, one iovec.
+        // Only a buffer straddling two regions (or outside memory) takes vm-memory's path.
+        if let Some(p) = ring.map.host(addr, len) {
+            // The copy (loopback) or the kernel (VF) reads it after the whole batch is
+            // gathered: start fetching the guest's bytes now.
+            prefetch(p);
             iovs.push(libc::iovec {
-                iov_base: slice.ptr_guard().as_ptr().cast_mut().cast(),
-                iov_len: slice.len(),
+                iov_base: p.cast(),
+                iov_len: len,
             });
             continue;
         }
-        for slice in mem.get_slices(addr, len) {
-            let slice = slice.map_err(|e| bad(addr.raw_value(), len, e))?;
+        let mem = ring.map.mem();
+        for slice in mem.get_slices(GuestAddress(addr), len) {
+            let slice = slice.map_err(|e| bad(addr, len, e))?;
             if iovs.len() - first_iov > MAX_TX_SEGMENTS {
                 return Err(TxError::TooManySegments {
                     head,
@@ -296,6 +291,10 @@ pub fn guest_to_vf<M: GuestMemoryBackend>(
     Ok(popped)
 }
 
+/// Loopback packets in at most this many guest buffers are copied straight into the RX
+/// buffers; more scattered ones are first gathered into one buffer.
+const DIRECT_SEGMENTS: usize = 8;
+
 /// Per-pair packet buffers, reused so no packet allocates once they have grown.
 pub struct PacketBufs {
     /// A whole packet copied out of guest TX buffers (loopback).
@@ -328,19 +327,32 @@ pub fn guest_to_guest<M: GuestMemoryBackend>(
     let (tx_stats, rx_stats) = stats;
     let popped = batch.gather(tx_queue, mem, rx.header_len(), tx_stats)?;
     for (i, range) in batch.pkts.iter().enumerate() {
-        copy.clear();
+        let hdr = &batch.hdrs[i];
         // Skip the header iovec; it is `batch.hdrs[i]`.
-        for iov in &batch.iovs[range.start + 1..range.end] {
-            // SAFETY: gather_chain built these from guest memory slices that stay mapped while
-            // `mem` (the caller's guard) lives, and checked their bounds.
-            let bytes =
-                unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
-            copy.extend_from_slice(bytes);
-        }
-        tx_stats.add_packets(1, copy.len() as u64);
-        if deliver_adapted(rx, offloads, &batch.hdrs[i], copy, scratch, rx_stats)
-            == Delivery::NoBuffers
-        {
+        let iovs = &batch.iovs[range.start + 1..range.end];
+        // SAFETY: gather_chain built these from guest memory it checked to be mapped, and
+        // the mapping stays while `mem` (the caller's guard) lives.
+        let seg = |iov: &libc::iovec| unsafe {
+            std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+        };
+        let delivery = if offloads.accepts(hdr) && iovs.len() <= DIRECT_SEGMENTS {
+            // The usual case: straight from the TX buffers into the RX buffers, one copy.
+            let mut segs: [&[u8]; DIRECT_SEGMENTS] = [&[]; DIRECT_SEGMENTS];
+            for (s, iov) in segs.iter_mut().zip(iovs) {
+                *s = seg(iov);
+            }
+            tx_stats.add_packets(1, batch.lens[i] as u64);
+            deliver_counted(rx, hdr, &segs[..iovs.len()], rx_stats)
+        } else {
+            // Offloads to do in software need the packet in one piece.
+            copy.clear();
+            for iov in iovs {
+                copy.extend_from_slice(seg(iov));
+            }
+            tx_stats.add_packets(1, copy.len() as u64);
+            deliver_adapted(rx, offloads, hdr, copy, scratch, rx_stats)
+        };
+        if delivery == Delivery::NoBuffers {
             rx_stats.add_drops(1);
         }
     }
@@ -353,7 +365,8 @@ mod tests {
     use super::*;
     use crate::mock_guest::*;
     use crate::net_hdr::{VirtioNetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6};
-    use vm_memory::{ByteValued, GuestAddress};
+    use virtio_queue::QueueT;
+    use vm_memory::{ByteValued, Bytes, GuestAddress};
 
     /// Writes a guest TX header at `addr`.
     fn put_hdr(mem: &Mem, addr: u64, hdr: VnetHdr) {
@@ -607,7 +620,7 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         let offloads = RxOffloads::from_features(u64::MAX);
         let n = guest_to_guest(
             &mut tx,
@@ -621,6 +634,7 @@ mod tests {
         .unwrap();
         assert_eq!(n, 2);
         assert_eq!(txq.used_idx(), 2);
+        drop(ring);
         assert_eq!(rxq.used_idx(), 2);
         assert_eq!(read(&mem, 0x80_0000 + 12, 60), p1);
         assert_eq!(read(&mem, 0x80_1000 + 12, 1400), p2);
@@ -641,7 +655,7 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN);
+        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
         guest_to_guest(
             &mut tx,
             &mut ring,
@@ -654,5 +668,103 @@ mod tests {
         .unwrap();
         assert_eq!(txq.used_idx(), 1);
         assert_eq!(rx_stats.snapshot().drops, 1);
+    }
+
+    /// The cost of dirty-page logging on the loopback data path: the same batches of 64
+    /// packets of 64 bytes with LOG_ALL off and on (a memfd log attached as SET_LOG_BASE does),
+    /// alternating, timing only the backend's work. The bar: logging on keeps at
+    /// least 80% of the throughput. `scripts/bench.sh` runs it in release and reports it.
+    #[test]
+    #[ignore = "a benchmark; scripts/bench.sh runs it in release"]
+    fn dirty_logging_cost() {
+        use migration::{DirtyBitmap, DirtyLog, LogMemory};
+        use std::os::fd::{AsFd, FromRawFd};
+        use std::time::{Duration, Instant};
+        use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+
+        const SIZE: u64 = 16 << 20;
+        const BATCH: u16 = 64;
+        let mem: vm_memory::GuestMemoryMmap<DirtyBitmap> =
+            vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SIZE as usize)]).unwrap();
+        let log = DirtyLog::new("bench");
+        log.update_memory(&mem).unwrap();
+        // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"bench-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let log_len = SIZE / 4096 / 8;
+        file.set_len(log_len).unwrap();
+        log.set_log_base(&mem, LogMemory::map(file.as_fd(), 0, log_len).unwrap())
+            .unwrap();
+
+        let pkt = pattern(64, 1);
+        for i in 0..u64::from(BATCH) {
+            let mut b = vec![0u8; VIRTIO_NET_HDR_LEN];
+            b.extend_from_slice(&pkt);
+            mem.write_slice(&b, GuestAddress(BUFFERS + i * 0x800))
+                .unwrap();
+        }
+        let tx_descs: Vec<RawDescriptor> = (0..u64::from(BATCH))
+            .map(|i| RawDescriptor::from(Descriptor::new(BUFFERS + i * 0x800, 76, 0, 0)))
+            .collect();
+        let rx_descs: Vec<RawDescriptor> = (0..u64::from(BATCH))
+            .map(|i| {
+                RawDescriptor::from(Descriptor::new(
+                    0x80_0000 + i * 0x800,
+                    2048,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        let offloads = RxOffloads::from_features(u64::MAX);
+        let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
+        let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
+        // Per-batch times: the median is immune to the worker being preempted mid-batch.
+        let mut times: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..40 {
+            let on = round % 2 == 1;
+            log.set_log_all(on).unwrap();
+            for _ in 0..200 {
+                // The guest's side, untimed: fresh rings full of work.
+                let txq = MockSplitQueue::create(&mem, GuestAddress(0), 256);
+                let rxq = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 256);
+                txq.add_desc_chains(&tx_descs, 0).unwrap();
+                rxq.add_desc_chains(&rx_descs, 0).unwrap();
+                let mut tx: Queue = txq.create_queue().unwrap();
+                let mut rx: Queue = rxq.create_queue().unwrap();
+                let t = Instant::now();
+                let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+                let n = guest_to_guest(
+                    &mut tx,
+                    &mut ring,
+                    &mem,
+                    offloads,
+                    &mut batch,
+                    &mut bufs,
+                    (&tx_stats, &rx_stats),
+                )
+                .unwrap();
+                drop(ring);
+                times[usize::from(on)].push(t.elapsed());
+                assert_eq!(n, usize::from(BATCH));
+                assert_eq!(rx.next_used(), BATCH);
+            }
+        }
+        log.set_log_all(false).unwrap();
+        let ns = |i: usize| {
+            let v = &mut times[i].clone();
+            v.sort();
+            v[v.len() / 2].as_nanos() as f64 / f64::from(BATCH)
+        };
+        let (off, on) = (ns(0), ns(1));
+        println!(
+            "dirty-log-bench: batches={} off_ns_per_packet={off:.1} on_ns_per_packet={on:.1} throughput_ratio={:.3}",
+            times[0].len() + times[1].len(),
+            off / on
+        );
     }
 }

@@ -284,6 +284,54 @@ impl Backend {
         Ok(b)
     }
 
+    /// DPDK testpmd as the benchmark's peer backend: `net_vhost` on `socket` with io
+    /// forwarding on `core` (of 0 and 1), 1024-descriptor rings, either looped back onto
+    /// itself (`ns` = `None`) or relayed to `net_af_packet` on the namespace's VF end.
+    pub fn testpmd_bench(
+        ns: Option<&NetNs>,
+        socket: &Path,
+        core: u8,
+        workdir: &Path,
+    ) -> Result<Self> {
+        let prefix = util::unique_name("vrt-pmdb");
+        let mut cmd = match ns {
+            Some(ns) => ns.command("dpdk-testpmd"),
+            None => Command::new("dpdk-testpmd"),
+        };
+        cmd.args([
+            "--no-huge",
+            "-m",
+            "1024",
+            "--no-pci",
+            "--file-prefix",
+            &prefix,
+            "-l",
+            "0-1",
+            "--main-lcore",
+            if core == 0 { "1" } else { "0" },
+        ])
+        .arg("--vdev")
+        .arg(format!("net_vhost0,iface={},queues=1", socket.display()));
+        if let Some(ns) = ns {
+            cmd.arg("--vdev")
+                .arg(format!("net_af_packet0,iface={}", ns.vf()));
+        }
+        cmd.args([
+            "--",
+            "--forward-mode=io",
+            "--stats-period",
+            "100",
+            "--total-num-mbufs=16384",
+            "--nb-cores=1",
+            "--rxd=1024",
+            "--txd=1024",
+        ]);
+        let mut b = Self::spawn("testpmd-bench", cmd, workdir, 0)?;
+        b.leftover = Some(dpdk_runtime_dir(&prefix));
+        b.wait_for_socket(socket, Duration::from_secs(30))?;
+        Ok(b)
+    }
+
     /// The backend's PID.
     pub fn pid(&self) -> u32 {
         self.child.id()

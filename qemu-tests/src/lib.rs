@@ -30,7 +30,7 @@ pub use error::{ensure, Error, Result};
 pub use guest_image::{GuestBinary, GuestImage};
 pub use netns::{NetNs, GUEST_IP, PEER_IP};
 pub use qemu::{Qemu, QemuConfig, SocketMode};
-pub use testpmd::TestpmdFrontend;
+pub use testpmd::{FrontendOptions, TestpmdFrontend};
 pub use util::ScratchDir;
 
 /// How long a TCG guest may take to boot to its shell (normally ~5-10 s; generous for a loaded

@@ -50,6 +50,19 @@ pub fn parse_port_stats(text: &str) -> Result<PortStats> {
     })
 }
 
+/// How to start a [`TestpmdFrontend`].
+#[derive(Clone, Debug, Default)]
+pub struct FrontendOptions {
+    /// Queue pairs (0 is taken as 1).
+    pub queues: u16,
+    /// Descriptors per ring (`queue_size`, `--rxd`, `--txd`); testpmd's default if `None`.
+    pub ring_size: Option<u16>,
+    /// Appended to the `virtio_user0,...` device arguments, e.g. `,mrg_rxbuf=0`.
+    pub vdev_extra: String,
+    /// The CPU the forwarding thread runs on (of 0 and 1); testpmd's choice if `None`.
+    pub forwarding_core: Option<u8>,
+}
+
 /// An interactive `dpdk-testpmd -i` with one `virtio_user` port; killed by PID on drop.
 #[derive(Debug)]
 pub struct TestpmdFrontend {
@@ -61,8 +74,21 @@ pub struct TestpmdFrontend {
 impl TestpmdFrontend {
     /// Starts testpmd connecting to the backend listening on `socket`, and waits for its prompt.
     pub fn spawn(socket: &Path, queues: u16, workdir: &Path) -> Result<Self> {
+        Self::spawn_with(
+            socket,
+            &FrontendOptions {
+                queues,
+                ..FrontendOptions::default()
+            },
+            workdir,
+        )
+    }
+
+    /// [`TestpmdFrontend::spawn`] with ring sizes, extra `virtio_user` arguments and the
+    /// forwarding core chosen (the benchmark puts it on the core the backend does not use).
+    pub fn spawn_with(socket: &Path, opts: &FrontendOptions, workdir: &Path) -> Result<Self> {
         let prefix = util::unique_name("vrt-vu");
-        let q = queues.max(1).to_string();
+        let q = opts.queues.max(1).to_string();
         let err_path = workdir.join(format!("{prefix}.stderr"));
         let stderr = std::fs::File::create(&err_path)
             .map_err(|e| Error::io(format!("creating {}", err_path.display()), e))?;
@@ -80,13 +106,26 @@ impl TestpmdFrontend {
             &prefix,
             "-l",
             "0-1",
-        ])
-        .arg("--vdev")
-        .arg(format!("virtio_user0,path={},queues={q}", socket.display()))
-        .args(["--", "-i", "--total-num-mbufs=16384", "--nb-cores=1"])
-        .arg(format!("--rxq={q}"))
-        .arg(format!("--txq={q}"))
-        .stderr(stderr);
+        ]);
+        if let Some(core) = opts.forwarding_core {
+            // The other core runs the prompt (idle); forwarding goes to `core`.
+            cmd.arg("--main-lcore")
+                .arg(if core == 0 { "1" } else { "0" });
+        }
+        let mut vdev = format!("virtio_user0,path={},queues={q}", socket.display());
+        if let Some(n) = opts.ring_size {
+            vdev.push_str(&format!(",queue_size={n}"));
+        }
+        vdev.push_str(&opts.vdev_extra);
+        cmd.arg("--vdev")
+            .arg(vdev)
+            .args(["--", "-i", "--total-num-mbufs=16384", "--nb-cores=1"])
+            .arg(format!("--rxq={q}"))
+            .arg(format!("--txq={q}"));
+        if let Some(n) = opts.ring_size {
+            cmd.arg(format!("--rxd={n}")).arg(format!("--txd={n}"));
+        }
+        cmd.stderr(stderr);
         let (child, console) = Console::spawn(
             "testpmd",
             &mut cmd,
