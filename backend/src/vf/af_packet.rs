@@ -79,6 +79,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use super::sockopt::{self, last_err, setsockopt};
 use super::sys::{self, Tpacket2Hdr, TPACKET2_HDRLEN};
 use super::{interface_info, VfError};
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN};
@@ -331,28 +332,6 @@ pub struct PacketSocket {
 // socket's own mapping, or are scratch values rewritten before each use; nothing is tied to the
 // creating thread. `PacketSocket` is not `Sync` (the `Cell`s), so no two threads use it at once.
 unsafe impl Send for PacketSocket {}
-
-fn last_err() -> io::Error {
-    io::Error::last_os_error()
-}
-
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> io::Result<()> {
-    // SAFETY: `val` points to a live `T` of `size_of::<T>()` bytes, which the kernel only reads.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (val as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(last_err())
-    } else {
-        Ok(())
-    }
-}
 
 fn fanout_arg(group: u16) -> u32 {
     u32::from(group) | ((sys::PACKET_FANOUT_HASH | sys::PACKET_FANOUT_FLAG_IGNORE_OUTGOING) << 16)
@@ -1047,28 +1026,9 @@ impl PacketSocket {
         }
     }
 
-    /// Reads and clears the socket's pending error (`SO_ERROR`), e.g. `ENETDOWN` after the link
-    /// went down. Call it when epoll reports `EPOLLERR`, which otherwise stays set.
+    /// Reads and clears the socket's pending error (see [`sockopt::take_error`]).
     pub fn take_error(&self) -> Option<io::Error> {
-        let mut val: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `val`/`len` are valid and writable.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut val as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc < 0 {
-            Some(last_err())
-        } else if val != 0 {
-            Some(io::Error::from_raw_os_error(val))
-        } else {
-            None
-        }
+        sockopt::take_error(self.fd.as_raw_fd())
     }
 }
 

@@ -47,6 +47,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use super::sockopt::{self, last_err, setsockopt};
 use super::xdp_prog::{self, XdpProgram};
 use super::{VfError, VfStats};
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
@@ -67,10 +68,6 @@ const TX_FRAMES: u32 = 1024;
 const MAX_GATHER: usize = 65536 + 256;
 /// Bound on `sendto` kicks per batch: copy mode sends at most 32 frames per call.
 const MAX_KICKS: usize = 256;
-
-fn last_err() -> io::Error {
-    io::Error::last_os_error()
-}
 
 /// An anonymous mapping, unmapped on drop.
 struct Mapping {
@@ -211,24 +208,6 @@ pub struct XdpSocket {
 // tied to the creating thread. Not `Sync`: one worker uses a socket at a time.
 unsafe impl Send for XdpSocket {}
 
-fn setsockopt<T>(fd: RawFd, name: libc::c_int, val: &T) -> io::Result<()> {
-    // SAFETY: `val` points to a live `T` of `size_of::<T>()` bytes, which the kernel only reads.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_XDP,
-            name,
-            (val as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(last_err())
-    } else {
-        Ok(())
-    }
-}
-
 impl XdpSocket {
     /// Opens the socket for netdev queue `queue` of `ifname` and adds it to `prog`'s map. With
     /// `zero_copy` it binds with `XDP_ZEROCOPY` (which only a native program allows) and fails if
@@ -258,15 +237,21 @@ impl XdpSocket {
         reg.len = umem.len as u64;
         reg.chunk_size = FRAME_SIZE as u32;
         reg.headroom = 0;
-        setsockopt(s, libc::XDP_UMEM_REG, &reg).map_err(|e| fail("setsockopt(XDP_UMEM_REG)", e))?;
+        setsockopt(s, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)
+            .map_err(|e| fail("setsockopt(XDP_UMEM_REG)", e))?;
         let size = |n: u32| n as libc::c_int;
-        setsockopt(s, libc::XDP_UMEM_FILL_RING, &size(RX_FRAMES))
+        setsockopt(s, libc::SOL_XDP, libc::XDP_UMEM_FILL_RING, &size(RX_FRAMES))
             .map_err(|e| fail("setsockopt(XDP_UMEM_FILL_RING)", e))?;
-        setsockopt(s, libc::XDP_UMEM_COMPLETION_RING, &size(TX_FRAMES))
-            .map_err(|e| fail("setsockopt(XDP_UMEM_COMPLETION_RING)", e))?;
-        setsockopt(s, libc::XDP_RX_RING, &size(RX_FRAMES))
+        setsockopt(
+            s,
+            libc::SOL_XDP,
+            libc::XDP_UMEM_COMPLETION_RING,
+            &size(TX_FRAMES),
+        )
+        .map_err(|e| fail("setsockopt(XDP_UMEM_COMPLETION_RING)", e))?;
+        setsockopt(s, libc::SOL_XDP, libc::XDP_RX_RING, &size(RX_FRAMES))
             .map_err(|e| fail("setsockopt(XDP_RX_RING)", e))?;
-        setsockopt(s, libc::XDP_TX_RING, &size(TX_FRAMES))
+        setsockopt(s, libc::SOL_XDP, libc::XDP_TX_RING, &size(TX_FRAMES))
             .map_err(|e| fail("setsockopt(XDP_TX_RING)", e))?;
 
         // SAFETY: xdp_mmap_offsets is plain old data; zero is valid.
@@ -772,27 +757,9 @@ impl XdpSocket {
         out
     }
 
-    /// Reads and clears the socket's pending error (`SO_ERROR`).
+    /// Reads and clears the socket's pending error (see [`sockopt::take_error`]).
     pub fn take_error(&self) -> Option<io::Error> {
-        let mut val: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: `val`/`len` are valid and writable.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut val as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc < 0 {
-            Some(last_err())
-        } else if val != 0 {
-            Some(io::Error::from_raw_os_error(val))
-        } else {
-            None
-        }
+        sockopt::take_error(self.fd.as_raw_fd())
     }
 }
 

@@ -19,6 +19,7 @@
 pub mod af_packet;
 pub mod af_xdp;
 mod socket;
+mod sockopt;
 mod sys;
 #[cfg(test)]
 mod testnet;
