@@ -661,22 +661,7 @@ impl TestFrontend {
         self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
         assert_eq!(bases.len(), self.queues.len(), "one base per ring");
         for (q, &base) in bases.iter().enumerate() {
-            let index = self.queues[q].index;
-            let cfg = self.ring_config(self.layout(q), false);
-            self.fe
-                .set_vring_num(index, QUEUE_SIZE)
-                .expect("SET_VRING_NUM");
-            self.fe.set_vring_base(index, base).expect("SET_VRING_BASE");
-            self.fe.set_vring_addr(index, &cfg).expect("SET_VRING_ADDR");
-            self.fe
-                .set_vring_kick(index, &self.queues[q].kick)
-                .expect("SET_VRING_KICK");
-            self.fe
-                .set_vring_call(index, &self.queues[q].call)
-                .expect("SET_VRING_CALL");
-            self.fe
-                .set_vring_enable(index, true)
-                .expect("SET_VRING_ENABLE");
+            self.restart_ring(q, base);
         }
     }
 
