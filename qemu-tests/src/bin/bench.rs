@@ -142,6 +142,9 @@ struct Scenario {
     vf: bool,
     size: u16,
     mergeable: bool,
+    /// vhost-relay's `--vf-mode` in a vf-relay scenario (the peer always uses
+    /// `net_af_packet`); `None` is the default (AF_PACKET).
+    vf_mode: Option<&'static str>,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -156,16 +159,23 @@ fn scenarios() -> Vec<Scenario> {
                 vf: false,
                 size,
                 mergeable,
+                vf_mode: None,
             });
         }
     }
-    for size in [64u16, 1518] {
-        v.push(Scenario {
-            name: format!("vf-relay {size} B"),
-            vf: true,
-            size,
-            mergeable: true,
-        });
+    for vf_mode in [None, Some("af-xdp")] {
+        for size in [64u16, 1518] {
+            v.push(Scenario {
+                name: match vf_mode {
+                    Some(m) => format!("vf-relay {size} B {m}"),
+                    None => format!("vf-relay {size} B"),
+                },
+                vf: true,
+                size,
+                mergeable: true,
+                vf_mode,
+            });
+        }
     }
     v
 }
@@ -301,7 +311,13 @@ fn bench(opts: &Opts) -> Result<()> {
 }
 
 /// Starts the backend of `side`, either looped back or relaying to `ns`'s VF.
-fn start_backend(side: Side, ns: Option<&NetNs>, socket: &Path, dir: &Path) -> Result<Backend> {
+fn start_backend(
+    side: Side,
+    ns: Option<&NetNs>,
+    vf_mode: Option<&str>,
+    socket: &Path,
+    dir: &Path,
+) -> Result<Backend> {
     match side {
         Side::Peer => Backend::testpmd_bench(ns, socket, BACKEND_CPU, dir),
         Side::Ours => {
@@ -311,6 +327,9 @@ fn start_backend(side: Side, ns: Option<&NetNs>, socket: &Path, dir: &Path) -> R
             match ns {
                 Some(ns) => args.extend(["--vf", ns.vf()]),
                 None => args.push("--loopback"),
+            }
+            if let (Some(_), Some(mode)) = (ns, vf_mode) {
+                args.extend(["--vf-mode", mode]);
             }
             let mut b = Backend::vhost_relay(ns, &args, dir, 1)?;
             b.wait_for_socket(socket, Duration::from_secs(10))?;
@@ -335,7 +354,7 @@ fn hairpin_netns() -> Result<NetNs> {
 fn throughput(sc: &Scenario, side: Side, opts: &Opts, dir: &Path) -> Result<Sample> {
     let ns = if sc.vf { Some(hairpin_netns()?) } else { None };
     let socket = dir.join(util::unique_name("b").replace('-', "") + ".sock");
-    let mut backend = start_backend(side, ns.as_ref(), &socket, dir)?;
+    let mut backend = start_backend(side, ns.as_ref(), sc.vf_mode, &socket, dir)?;
     let fe_opts = FrontendOptions {
         queues: 1,
         ring_size: Some(RING),
@@ -385,7 +404,7 @@ fn sample(s0: &PortStats, s1: &PortStats, dt: f64) -> Sample {
 fn latency(side: Side, count: u32, dir: &Path) -> Result<Vec<f64>> {
     let ns = NetNs::new("vrt-lat")?;
     let socket = dir.join(util::unique_name("l").replace('-', "") + ".sock");
-    let mut backend = start_backend(side, Some(&ns), &socket, dir)?;
+    let mut backend = start_backend(side, Some(&ns), None, &socket, dir)?;
     let fe_opts = FrontendOptions {
         queues: 1,
         ring_size: Some(RING),
