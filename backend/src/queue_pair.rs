@@ -70,6 +70,15 @@ pub struct QueuePair {
     spin: Spin,
     /// When the worker last went to sleep, for the spin's adaptation.
     slept_at: Option<Instant>,
+    /// The used index this worker last published on the RX and TX queue, while the ring runs
+    /// (`None` until its first run, and again after a stop or reset). vhost-user-backend's
+    /// SET_VRING_ADDR re-derives `next_used` from the used index in guest memory in two steps
+    /// (read it, then store it, each under its own lock), so a worker run that publishes in
+    /// between is rolled back, and the next batch would overwrite used entries the guest has
+    /// already seen. QEMU re-sends SET_VRING_ADDR to every running ring when a migration
+    /// turns logging on or off, so this happens under traffic. Only a stop (GET_VRING_BASE)
+    /// or reset may move a running ring's used index; otherwise ours stands.
+    published_used: [Option<u16>; 2],
 }
 
 /// How long an idle worker spins before it sleeps, adapted to the traffic. What decides is
@@ -134,6 +143,7 @@ impl QueuePair {
             pinned: false,
             spin: Spin::new(DEFAULT_BUSY_POLL),
             slept_at: None,
+            published_used: [None; 2],
         })
     }
 
@@ -149,6 +159,7 @@ impl QueuePair {
         self.tx_broken = false;
         self.pinned = false;
         self.slept_at = None;
+        self.published_used = [None; 2];
         let _ = self.resched.read();
     }
 
@@ -161,6 +172,7 @@ impl QueuePair {
         } else {
             self.tx_broken = false;
         }
+        self.published_used[queue % 2] = None;
     }
 
     /// Logs (rate-limited) an error the kernel reported on the VF socket, e.g. the VF
@@ -232,6 +244,12 @@ impl QueuePair {
         let mut tx_state = tx_vring.get_mut();
         let rx_on = !self.rx_broken && rx_state.get_queue().ready() && rx_state.is_enabled();
         let tx_on = !self.tx_broken && tx_state.get_queue().ready() && tx_state.is_enabled();
+        if rx_on {
+            self.keep_used_index(0, rx_state.get_queue_mut());
+        }
+        if tx_on {
+            self.keep_used_index(1, tx_state.get_queue_mut());
+        }
         log::trace!(
             "port {} pair {}: run (rx {}, tx {})",
             self.port,
@@ -387,6 +405,10 @@ impl QueuePair {
                 && arm(&mut rx_state, mem, &self.rx_label(), &mut self.rx_broken);
             if !more_tx && !more_rx {
                 self.slept_at = Some(Instant::now());
+                self.published_used = [
+                    rx_on.then(|| rx_state.get_queue().next_used()),
+                    tx_on.then(|| tx_state.get_queue().next_used()),
+                ];
                 return;
             }
             idle_since = None;
@@ -396,7 +418,26 @@ impl QueuePair {
             }
         }
         // Budget spent with work left: come back through the epoll loop.
+        self.published_used = [
+            rx_on.then(|| rx_state.get_queue().next_used()),
+            tx_on.then(|| tx_state.get_queue().next_used()),
+        ];
         let _ = self.resched.write(1);
+    }
+
+    /// Restores the used index of a running ring (`which`: 0 RX, 1 TX) if something other
+    /// than a stop or reset moved it since our last run (see `published_used`).
+    fn keep_used_index(&self, which: usize, queue: &mut virtio_queue::Queue) {
+        if let Some(ours) = self.published_used[which] {
+            let theirs = queue.next_used();
+            if theirs != ours {
+                log::debug!(
+                    "{}: used index {theirs} set behind our back (SET_VRING_ADDR racing a batch); keeping {ours}",
+                    if which == 0 { self.rx_label() } else { self.tx_label() }
+                );
+                queue.set_next_used(ours);
+            }
+        }
     }
 }
 
