@@ -196,6 +196,32 @@ impl Backend {
         Ok(b)
     }
 
+    /// [`Backend::vhost_relay_port`] with `--vf-mode MODE`, checking that the relay's log names
+    /// the socket kind it opened (`AF_XDP (` or `AF_PACKET (`). For `af-xdp` the peer's
+    /// transmit offloads are turned off first: its stack must finish its own TCP checksums,
+    /// since AF_XDP frames carry no "checksum still to do" mark (see docs/usage.md).
+    pub fn vhost_relay_port_in_mode(
+        ns: &NetNs,
+        socket: &Path,
+        queues: u16,
+        workdir: &Path,
+        mode: &str,
+    ) -> Result<Self> {
+        if mode == "af-xdp" {
+            ns.sh(&format!("ethtool -K {} tx off >/dev/null", ns.peer()))?;
+        }
+        let b = Self::vhost_relay_port_with(ns, socket, queues, workdir, &["--vf-mode", mode])?;
+        let kind = if mode == "af-xdp" {
+            "AF_XDP ("
+        } else {
+            "AF_PACKET ("
+        };
+        crate::error::ensure(b.output().contains(kind), || {
+            format!("the relay log does not name {kind}: {}", b.output())
+        })?;
+        Ok(b)
+    }
+
     /// Like [`Backend::vhost_relay_port`] with a given binary (e.g. a test-only build) and VF
     /// (a namespace may hold several, e.g. one per simulated host).
     pub fn vhost_relay_port_on(

@@ -107,22 +107,8 @@ fn bulk(name: &str, mode: &str) {
     };
     e2e_test(name, tools, |env| {
         let ns = NetNs::new("vrt")?;
-        if mode == "af-xdp" {
-            // The peer's stack must finish its own TCP checksums: AF_XDP frames carry no
-            // "checksum still to do" mark (see docs/usage.md).
-            ns.sh(&format!("ethtool -K {} tx off >/dev/null", ns.peer()))?;
-        }
         let sock = env.dir.join("bulk.sock");
-        let mut relay =
-            Backend::vhost_relay_port_with(&ns, &sock, 1, env.dir.path(), &["--vf-mode", mode])?;
-        let kind = if mode == "af-xdp" {
-            "AF_XDP ("
-        } else {
-            "AF_PACKET ("
-        };
-        ensure(relay.output().contains(kind), || {
-            format!("the relay log does not name {kind}: {}", relay.output())
-        })?;
+        let mut relay = Backend::vhost_relay_port_in_mode(&ns, &sock, 1, env.dir.path(), mode)?;
         let mut qemu = Qemu::boot(
             &QemuConfig::new(&env.image, &sock, env.dir.path()),
             BOOT_TIMEOUT,

@@ -77,21 +77,8 @@ fn two_pairs(name: &str, mode: &str) {
     let tools: &[&str] = if mode == "af-xdp" { &["ethtool"] } else { &[] };
     e2e_test(name, tools, |env| {
         let ns = NetNs::with_queues("vrt", 2)?;
-        if mode == "af-xdp" {
-            // The peer's stack must finish its own TCP checksums (see docs/usage.md).
-            ns.sh(&format!("ethtool -K {} tx off >/dev/null", ns.peer()))?;
-        }
         let sock = env.dir.join("mq.sock");
-        let mut relay =
-            Backend::vhost_relay_port_with(&ns, &sock, 2, env.dir.path(), &["--vf-mode", mode])?;
-        let kind = if mode == "af-xdp" {
-            "AF_XDP ("
-        } else {
-            "AF_PACKET ("
-        };
-        ensure(relay.output().contains(kind), || {
-            format!("the relay log does not name {kind}: {}", relay.output())
-        })?;
+        let mut relay = Backend::vhost_relay_port_in_mode(&ns, &sock, 2, env.dir.path(), mode)?;
         let cfg = QemuConfig::new(&env.image, &sock, env.dir.path()).queues(2);
         let mut qemu = Qemu::boot(&cfg, BOOT_TIMEOUT)?;
         env.step("guest ready (2 CPUs, 2 queue pairs)");
