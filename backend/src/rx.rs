@@ -19,7 +19,7 @@ use crate::net_hdr::{VirtioNetHdr, VnetHdr, VIRTIO_NET_HDR_LEN};
 use crate::offload::{adapt_for_guest, RxOffloads};
 use crate::stats::QueueStats;
 use crate::vf::VfSocket;
-use crate::vring::Vring;
+use crate::vring::{GuestSlice, Vring};
 
 /// Why a packet could not be placed in guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -128,12 +128,16 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
     /// with length 0 (the guest counts a length error and reuses it): a bad chain costs one
     /// packet, never the ring.
     pub fn deliver(&mut self, hdr: &VnetHdr, data: &[u8]) -> Result<Delivery, RxError> {
-        self.deliver_segments(hdr, &[data])
+        self.deliver_segments(hdr, &[GuestSlice::new(data)])
     }
 
     /// [`RxRing::deliver`] for a packet scattered over `segs` (loopback delivers straight
-    /// from the guest's TX buffers: one copy).
-    pub fn deliver_segments(&mut self, hdr: &VnetHdr, segs: &[&[u8]]) -> Result<Delivery, RxError> {
+    /// from the guest's TX buffers: one copy, which may overlap the RX buffers).
+    pub fn deliver_segments(
+        &mut self,
+        hdr: &VnetHdr,
+        segs: &[GuestSlice<'_>],
+    ) -> Result<Delivery, RxError> {
         let head = VirtioNetHdr {
             hdr: *hdr,
             num_buffers: 1,
@@ -217,7 +221,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         &self,
         head_index: u16,
         head: &VirtioNetHdr,
-        segs: &[&[u8]],
+        segs: &[GuestSlice<'_>],
         mut written: usize,
         total: usize,
         num_buffers_at: &mut [Option<u64>; 2],
@@ -259,14 +263,18 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                 if let Some(p) = self.ring.map.host(desc.addr, total) {
                     // SAFETY: `host` checked that `total` bytes from `p` are inside a live
                     // mapping; sources are our header and the caller's slices, whose lengths
-                    // add up to `total`.
+                    // add up to `total`. The slices may be guest memory overlapping the
+                    // buffer (loopback): memmoves, the data before the header, so the header
+                    // never overwrites packet bytes still to be copied. (A guest aliasing one
+                    // TX segment with the RX room of an earlier one gets its own overwritten
+                    // bytes, as a NIC would give it: garbage, not UB.)
                     unsafe {
-                        std::ptr::copy_nonoverlapping(hdr_bytes.as_ptr(), p, hdr_len);
                         let mut at = p.add(hdr_len);
                         for s in segs {
-                            std::ptr::copy_nonoverlapping(s.as_ptr(), at, s.len());
+                            s.copy_to(at);
                             at = at.add(s.len());
                         }
+                        std::ptr::copy(hdr_bytes.as_ptr(), p, hdr_len);
                     }
                     // TEST ONLY (`test-no-rx-log`): the packet data goes unlogged, so the
                     // migration harness can prove it notices; the header still logs.
@@ -294,11 +302,11 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                             *slot = Some(dst.wrapping_add((at - pos) as u64));
                         }
                     }
-                    &hdr_bytes[pos..hdr_len.min(pos + n - off)]
+                    GuestSlice::new(&hdr_bytes[pos..hdr_len.min(pos + n - off)])
                 } else {
                     let Some(s) = segs.get(seg) else { break };
                     let take = (s.len() - seg_off).min(n - off);
-                    let src = &s[seg_off..seg_off + take];
+                    let src = s.sub(seg_off, take);
                     seg_off += take;
                     if seg_off == s.len() {
                         seg += 1;
@@ -393,7 +401,7 @@ pub fn deliver_adapted<M: GuestMemoryBackend>(
     stats: &QueueStats,
 ) -> Delivery {
     if offloads.accepts(hdr) {
-        return deliver_counted(ring, hdr, &[frame], stats);
+        return deliver_counted(ring, hdr, &[GuestSlice::new(frame)], stats);
     }
     // The guest cannot take this frame as it is: split it / finish its checksum. A guest that
     // runs out of buffers half way through loses the rest of the super-frame (counted), since
@@ -430,7 +438,7 @@ pub fn deliver_adapted<M: GuestMemoryBackend>(
 pub fn deliver_counted<M: GuestMemoryBackend>(
     ring: &mut RxRing<'_, M>,
     hdr: &VnetHdr,
-    segs: &[&[u8]],
+    segs: &[GuestSlice<'_>],
     stats: &QueueStats,
 ) -> Delivery {
     match ring.deliver_segments(hdr, segs) {

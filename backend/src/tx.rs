@@ -24,7 +24,7 @@ use crate::offload::RxOffloads;
 use crate::rx::{deliver_adapted, deliver_counted, Delivery, RxRing};
 use crate::stats::QueueStats;
 use crate::vf::VfSocket;
-use crate::vring::{prefetch, Vring};
+use crate::vring::{prefetch, GuestSlice, Vring};
 
 /// Chains handled per batch: one `sendmmsg`, one notification.
 pub const TX_BATCH: usize = 64;
@@ -331,23 +331,25 @@ pub fn guest_to_guest<M: GuestMemoryBackend>(
         // Skip the header iovec; it is `batch.hdrs[i]`.
         let iovs = &batch.iovs[range.start + 1..range.end];
         // SAFETY: gather_chain built these from guest memory it checked to be mapped, and
-        // the mapping stays while `mem` (the caller's guard) lives.
+        // the mapping stays while `mem` (the caller's guard) lives. No `&[u8]`: the guest may
+        // have posted the same memory as RX buffer, which the delivery writes.
         let seg = |iov: &libc::iovec| unsafe {
-            std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
+            GuestSlice::from_raw(iov.iov_base as *const u8, iov.iov_len)
         };
         let delivery = if offloads.accepts(hdr) && iovs.len() <= DIRECT_SEGMENTS {
             // The usual case: straight from the TX buffers into the RX buffers, one copy.
-            let mut segs: [&[u8]; DIRECT_SEGMENTS] = [&[]; DIRECT_SEGMENTS];
+            let mut segs = [GuestSlice::new(&[]); DIRECT_SEGMENTS];
             for (s, iov) in segs.iter_mut().zip(iovs) {
                 *s = seg(iov);
             }
             tx_stats.add_packets(1, batch.lens[i] as u64);
             deliver_counted(rx, hdr, &segs[..iovs.len()], rx_stats)
         } else {
-            // Offloads to do in software need the packet in one piece.
+            // Offloads to do in software need the packet in one piece, and parse it: from a
+            // private copy, which the guest cannot change under the parser.
             copy.clear();
             for iov in iovs {
-                copy.extend_from_slice(seg(iov));
+                seg(iov).append_to(copy);
             }
             tx_stats.add_packets(1, copy.len() as u64);
             deliver_adapted(rx, offloads, hdr, copy, scratch, rx_stats)
@@ -387,9 +389,8 @@ mod tests {
         let mut out = Vec::new();
         for iov in &batch.iovs[r.start + 1..r.end] {
             // SAFETY: test memory outlives the batch; iovecs were bounds-checked by gather.
-            out.extend_from_slice(unsafe {
-                std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len)
-            });
+            unsafe { GuestSlice::from_raw(iov.iov_base as *const u8, iov.iov_len) }
+                .append_to(&mut out);
         }
         out
     }
@@ -668,6 +669,66 @@ mod tests {
         .unwrap();
         assert_eq!(txq.used_idx(), 1);
         assert_eq!(rx_stats.snapshot().drops, 1);
+    }
+
+    /// Loops one packet back from TX chain `tx` to RX chain `rx` (mergeable, every offload)
+    /// and checks it arrived whole: the RX queue's used entry, and `data` right after the
+    /// header at `data_at`.
+    fn loop_back_one(mem: &Mem, tx: &[Buf], rx: &[Buf], data: &[u8], data_at: u64) {
+        let mut txq = GuestQueue::new(mem, 0, 16);
+        let mut rxq = GuestQueue::new(mem, 0x10_0000, 16);
+        txq.add(tx);
+        rxq.add(rx);
+        let (mut tx, mut rx) = (txq.queue(), rxq.queue());
+        let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
+        let mut ring = RxRing::new(&mut rx, mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        guest_to_guest(
+            &mut tx,
+            &mut ring,
+            mem,
+            RxOffloads::from_features(u64::MAX),
+            &mut TxBatch::default(),
+            &mut PacketBufs::default(),
+            (&tx_stats, &rx_stats),
+        )
+        .unwrap();
+        drop(ring);
+        assert_eq!(rx_stats.snapshot().packets, 1);
+        assert_eq!(rxq.used(0), (0, (VIRTIO_NET_HDR_LEN + data.len()) as u32));
+        assert_eq!(read(mem, data_at, data.len()), data);
+    }
+
+    /// A guest may post the same memory as TX and RX buffer. Each copy then has overlapping
+    /// source and destination: it must be a memmove (a debug build aborts on
+    /// `copy_nonoverlapping`'s precondition, a release build has UB), and the packet arrives
+    /// as sent as long as each piece is copied before anything overwrites it.
+    #[test]
+    fn loopback_into_the_same_guest_memory_moves_the_bytes() {
+        let mem = memory();
+        let x = BUFFERS + 0x1_0000;
+        let data = pattern(300, 7);
+        let one_buffer = [rbuf(x, 312)];
+        // (RX chain, where its data starts)
+        let cases: [(Vec<Buf>, u64); 5] = [
+            // The very same buffer, header and data in place.
+            (vec![wbuf(x, 2048)], x + 12),
+            // Partly overlapping: the RX buffer starts inside the TX one, and before it.
+            (vec![wbuf(x + 4, 2048)], x + 16),
+            (vec![wbuf(x - 20, 2048)], x - 8),
+            // Header and data in separate RX descriptors over the TX buffer.
+            (vec![wbuf(x, 12), wbuf(x + 12, 2000)], x + 12),
+            (vec![wbuf(x - 40, 12), wbuf(x - 28, 2000)], x - 28),
+        ];
+        for (rx, data_at) in cases {
+            put_hdr(&mem, x, VnetHdr::default());
+            put(&mem, x + 12, &data);
+            loop_back_one(&mem, &one_buffer, &rx, &data, data_at);
+        }
+        // Header and data in separate TX buffers, the RX buffer exactly over the data.
+        put_hdr(&mem, BUFFERS, VnetHdr::default());
+        put(&mem, x, &data);
+        let split = [rbuf(BUFFERS, 12), rbuf(x, 300)];
+        loop_back_one(&mem, &split, &[wbuf(x - 12, 2048)], &data, x);
     }
 
     /// The cost of dirty-page logging on the loopback data path: the same batches of 64

@@ -18,8 +18,16 @@
 //! buffers that are not in one region (or not in memory at all) fall back to vm-memory,
 //! which produces the precise error. Every byte written into guest memory marks the region's
 //! dirty bitmap, as vm-memory's own writes do, so live migration sees it.
+//!
+//! Guest memory is never borrowed as a Rust reference (`&[u8]`, `&AtomicU16`): the guest
+//! changes it under us, and one guest buffer may be both a TX source and an RX destination
+//! (loopback), so a shared reference's promise that the bytes stay unchanged would be a lie.
+//! It is reached through raw pointers ([`GuestSlice`], ring pointers) and copied with
+//! `ptr::copy` (memmove), which is as fast as memcpy for disjoint ranges and defined for
+//! overlapping ones.
 
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::marker::PhantomData;
+use std::sync::atomic::{fence, Ordering};
 
 use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
@@ -30,6 +38,80 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
     MemoryRegionAddress,
 };
+
+/// Bytes to copy that the guest, or another path of ours, may change meanwhile (a guest
+/// buffer, or our own bytes): a pointer and a length. Deliberately no `Deref` to `&[u8]`;
+/// the only ways out are overlap-safe copies.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestSlice<'a> {
+    ptr: *const u8,
+    len: usize,
+    _mem: PhantomData<&'a [u8]>,
+}
+
+impl<'a> GuestSlice<'a> {
+    /// Our own bytes.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        GuestSlice {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+            _mem: PhantomData,
+        }
+    }
+
+    /// `len` bytes at `ptr`, e.g. a guest buffer resolved through [`GuestMap::host`].
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must stay mapped and readable for `'a` (its bytes may change).
+    pub unsafe fn from_raw(ptr: *const u8, len: usize) -> Self {
+        GuestSlice {
+            ptr,
+            len,
+            _mem: PhantomData,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `off..off + len`, cut to what this slice holds.
+    pub fn sub(&self, off: usize, len: usize) -> Self {
+        let off = off.min(self.len);
+        GuestSlice {
+            // In bounds: off <= self.len.
+            ptr: self.ptr.wrapping_add(off),
+            len: len.min(self.len - off),
+            _mem: PhantomData,
+        }
+    }
+
+    /// Copies the bytes to `dst`, which may overlap them (memmove).
+    ///
+    /// # Safety
+    /// `dst..dst + self.len()` must be mapped and writable.
+    #[inline]
+    pub unsafe fn copy_to(&self, dst: *mut u8) {
+        // SAFETY: the source is readable (`new`/`from_raw`), the destination writable (the
+        // caller); ptr::copy is defined for overlapping ranges.
+        unsafe { std::ptr::copy(self.ptr, dst, self.len) };
+    }
+
+    /// Appends the bytes to `out` (a private copy: slices of it are fine).
+    pub fn append_to(&self, out: &mut Vec<u8>) {
+        out.reserve(self.len);
+        // SAFETY: `reserve` made room for `len` bytes after the vector's initialised part,
+        // and the copy initialises exactly them.
+        unsafe {
+            self.copy_to(out.as_mut_ptr().add(out.len()));
+            out.set_len(out.len() + self.len);
+        }
+    }
+}
 
 /// Regions kept in the translation table; QEMU guests have one to three. Buffers in further
 /// regions still work, through vm-memory.
@@ -130,44 +212,57 @@ impl<'a, M: GuestMemoryBackend> GuestMap<'a, M> {
             Some((p, _, _)) => {
                 // SAFETY: `lookup` checked that the range is inside a live mapping; guest
                 // memory is plain bytes, and the guest racing us only changes their values.
-                unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+                unsafe { GuestSlice::from_raw(p, buf.len()).copy_to(buf.as_mut_ptr()) };
                 Ok(())
             }
             None => self.mem.read_slice(buf, GuestAddress(addr)),
         }
     }
 
-    /// Writes `src` at guest `addr` and marks it dirty for migration.
+    /// Writes `src` (our own bytes) at guest `addr` and marks it dirty for migration.
     #[inline]
     pub fn write(&self, addr: u64, src: &[u8]) -> Result<(), GuestMemoryError> {
-        match self.lookup(addr, src.len()) {
-            Some((p, region, off)) => {
-                // SAFETY: as in `read`; `src` is our own memory, never guest memory overlapping
-                // it in a way that matters (a guest aliasing its buffers gets garbage, not UB
-                // in this process: both are plain byte copies).
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
-                region.bitmap().mark_dirty(off, src.len());
-                Ok(())
-            }
-            None => self.mem.write_slice(src, GuestAddress(addr)),
+        if self.write_unmarked(addr, GuestSlice::new(src))? {
+            self.mark_dirty(addr, src.len());
         }
+        Ok(())
     }
 
-    /// Like [`GuestMap::write`], but leaves the dirty marking to the caller when it took the
+    /// Like [`GuestMap::write`], from bytes that may be guest memory overlapping the
+    /// destination (loopback), and leaving the dirty marking to the caller when it took the
     /// fast path (returns true then): the RX path marks a whole buffer once after writing
     /// header and data into it, half the marks (each an atomic in the log) per packet.
     #[inline]
-    pub fn write_unmarked(&self, addr: u64, src: &[u8]) -> Result<bool, GuestMemoryError> {
+    pub fn write_unmarked(&self, addr: u64, src: GuestSlice<'_>) -> Result<bool, GuestMemoryError> {
         match self.lookup(addr, src.len()) {
             Some((p, _, _)) => {
-                // SAFETY: as in `write`.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+                // SAFETY: `lookup` checked that the destination is inside a live mapping;
+                // `copy_to` is a memmove, so a source overlapping it is fine.
+                unsafe { src.copy_to(p) };
                 Ok(true)
             }
-            None => self
-                .mem
-                .write_slice(src, GuestAddress(addr))
-                .map(|()| false),
+            None => self.write_bounced(addr, src).map(|()| false),
+        }
+    }
+
+    /// vm-memory's write, for a destination outside the table (across regions, or not in
+    /// memory: its precise error). Its API takes `&[u8]`, which must not be built over guest
+    /// memory, so the source goes through a small private bounce buffer.
+    #[cold]
+    fn write_bounced(&self, addr: u64, src: GuestSlice<'_>) -> Result<(), GuestMemoryError> {
+        let mut bounce = [0u8; 512];
+        let mut off = 0;
+        loop {
+            let piece = src.sub(off, bounce.len());
+            let buf = &mut bounce[..piece.len()];
+            // SAFETY: `buf` is our own `piece.len()` bytes.
+            unsafe { piece.copy_to(buf.as_mut_ptr()) };
+            let at = GuestAddress(addr.wrapping_add(off as u64));
+            self.mem.write_slice(buf, at)?;
+            off += piece.len();
+            if off >= src.len() {
+                return Ok(());
+            }
         }
     }
 
@@ -281,9 +376,8 @@ impl<'a, M: GuestMemoryBackend> Vring<'a, M> {
     pub fn pop(&mut self) -> Result<Option<u16>, RingError> {
         if self.next_avail == self.avail_idx {
             // SAFETY: `avail` points at a mapped, 2-aligned avail ring of this size; the
-            // index is at offset 2. Acquire pairs with the guest's release of its entries.
-            let idx = unsafe { &*(self.avail.add(2) as *const AtomicU16) }.load(Ordering::Acquire);
-            let avail = u16::from_le(idx);
+            // index is at offset 2.
+            let avail = unsafe { load_acquire_u16(self.avail.add(2)) };
             let pending = avail.wrapping_sub(self.next_avail);
             if pending > self.size {
                 return Err(RingError::AvailIndex {
@@ -413,10 +507,8 @@ impl<'a, M: GuestMemoryBackend> Vring<'a, M> {
         if self.published == self.next_used {
             return;
         }
-        // SAFETY: the used index is at offset 2 of the mapped, 4-aligned used ring. Release
-        // orders the entries (and the packet bytes) before it.
-        unsafe { &*(self.used.add(2) as *const AtomicU16) }
-            .store(self.next_used.to_le(), Ordering::Release);
+        // SAFETY: the used index is at offset 2 of the mapped, 4-aligned used ring.
+        unsafe { store_release_u16(self.used.add(2), self.next_used) };
         self.published = self.next_used;
         self.map
             .mark_dirty(self.used_addr, 6 + 8 * usize::from(self.size));
@@ -440,6 +532,32 @@ impl<M: GuestMemoryBackend> Drop for Vring<'_, M> {
     fn drop(&mut self) {
         self.sync();
     }
+}
+
+/// Loads a little-endian ring index the guest publishes, with acquire ordering: the entries
+/// read after it are at least as new. A volatile load and a fence, as Linux's
+/// `virt_load_acquire` does, rather than an `&AtomicU16` over guest memory.
+///
+/// # Safety
+/// `p` must point at 2 mapped bytes, 2-aligned.
+#[inline]
+unsafe fn load_acquire_u16(p: *const u8) -> u16 {
+    // SAFETY: as the caller guarantees.
+    let v = unsafe { std::ptr::read_volatile(p.cast::<u16>()) };
+    fence(Ordering::Acquire);
+    u16::from_le(v)
+}
+
+/// Stores a little-endian ring index for the guest, with release ordering: the entries and
+/// packet bytes written before it are visible first (see [`load_acquire_u16`]).
+///
+/// # Safety
+/// `p` must point at 2 mapped, writable bytes, 2-aligned.
+#[inline]
+unsafe fn store_release_u16(p: *mut u8, v: u16) {
+    fence(Ordering::Release);
+    // SAFETY: as the caller guarantees.
+    unsafe { std::ptr::write_volatile(p.cast::<u16>(), v.to_le()) };
 }
 
 /// A little-endian u16 of guest memory (a ring field), through the cached translation.
@@ -637,6 +755,31 @@ mod tests {
         q.set_next_used(2);
         guest_suppression(&mem, &q, 0, 0xffff);
         assert!(needs_notification(&q, &mem, 0xfffe));
+    }
+
+    /// A buffer across two regions is not in the table: vm-memory writes it, from a private
+    /// bounce buffer a few hundred bytes at a time, since its API wants a `&[u8]`.
+    #[test]
+    fn writes_across_regions_are_bounced_whole() {
+        let mem: Mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .unwrap();
+        let map = GuestMap::new(&mem);
+        let bytes = crate::mock_guest::pattern(1500, 3);
+        let at = 0x1_0000 - 700;
+        assert!(!map.write_unmarked(at, GuestSlice::new(&bytes)).unwrap());
+        assert_eq!(read(&mem, at, 1500), bytes);
+        // A piece of a slice, as the RX path writes them.
+        let piece = GuestSlice::new(&bytes).sub(1000, 600);
+        assert_eq!(piece.len(), 500);
+        assert!(!map.write_unmarked(at + 400, piece).unwrap());
+        assert_eq!(read(&mem, at + 400, 500), bytes[1000..]);
+        // Running off the end of memory: vm-memory's error.
+        assert!(map
+            .write_unmarked(0x2_0000 - 100, GuestSlice::new(&bytes))
+            .is_err());
     }
 
     #[test]
