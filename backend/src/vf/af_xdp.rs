@@ -52,6 +52,7 @@ use super::xdp_prog::{self, XdpProgram};
 use super::{VfError, VfStats};
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
 use crate::offload;
+use crate::vring::GuestSlice;
 
 /// Bytes per UMEM frame (chunk); the page size, the largest chunk the kernel allows in aligned
 /// mode.
@@ -649,9 +650,11 @@ impl XdpSocket {
         }
         self.gather.clear();
         for v in body {
-            // SAFETY: the caller guarantees the iovecs are readable for the call.
-            let s = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-            self.gather.extend_from_slice(s);
+            // SAFETY: the caller guarantees the iovecs are readable for the call. They are
+            // guest memory the guest may change: copied, never borrowed as `&[u8]`, and the
+            // segmenter parses the private copy.
+            unsafe { GuestSlice::from_raw(v.iov_base as *const u8, v.iov_len) }
+                .append_to(&mut self.gather);
         }
         // Enough frames for every segment (the whole length over the MSS bounds the count, headers
         // included), so a super-frame is never cut short half way; more than the pool holds can
