@@ -28,6 +28,10 @@ pub enum RxError {
     ReadOnlyDescriptor { head: u16 },
     #[error("rx queue: descriptor chain at head {head} has no room at all")]
     EmptyChain { head: u16 },
+    #[error(
+        "rx queue: avail ring names head {head}, past the {size}-entry descriptor table; skipped"
+    )]
+    HeadOutOfRange { head: u16, size: u16 },
     #[error("rx queue: buffer {addr:#x}+{len} of chain {head} is outside guest memory: {source}")]
     BadAddress {
         head: u16,
@@ -126,7 +130,8 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
     ///
     /// On `Err` the packet is dropped, and any chain it had taken is returned to the guest
     /// with length 0 (the guest counts a length error and reuses it): a bad chain costs one
-    /// packet, never the ring.
+    /// packet, never the ring. An avail head past the descriptor table names no chain and is
+    /// never returned.
     pub fn deliver(&mut self, hdr: &VnetHdr, data: &[u8]) -> Result<Delivery, RxError> {
         self.deliver_segments(hdr, &[GuestSlice::new(data)])
     }
@@ -162,6 +167,15 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                 self.ring.set_next_avail(start);
                 return Ok(Delivery::NoBuffers);
             };
+            if head_index >= self.ring.size() {
+                // Names no chain: publishing it would make the guest (Linux) mark the queue
+                // broken. As on TX, its avail entry stays consumed and it is never returned.
+                self.return_taken_empty();
+                return Err(RxError::HeadOutOfRange {
+                    head: head_index,
+                    size: self.ring.size(),
+                });
+            }
             match self.fill_chain(head_index, &head, segs, written, total, &mut num_buffers_at) {
                 Ok(n) => {
                     written += n;
@@ -713,6 +727,45 @@ mod tests {
         ring.flush();
         assert_eq!(gq.used_idx(), 2);
         assert_eq!(gq.used(1), (1, 0));
+    }
+
+    /// An avail head past the descriptor table names no chain: writing it into the used
+    /// ring makes a Linux guest mark its RX queue broken. Like TX, the entry is consumed and
+    /// counted, the head never published, and the next buffer works; in a mergeable packet
+    /// the chains taken before it go back empty.
+    #[test]
+    fn out_of_range_head_is_never_returned() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        gq.add_raw_head(16);
+        let first = gq.add(&[wbuf(BUFFERS, 100)]);
+        gq.add_raw_head(999);
+        let good = gq.add(&[wbuf(BUFFERS + 0x1000, 2048)]);
+        let mut q = gq.queue();
+        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let hdr = VnetHdr::default();
+        // Head 16 alone: the packet is dropped, nothing is used.
+        let err = ring.deliver(&hdr, &[1, 2, 3]).unwrap_err();
+        assert!(
+            matches!(err, RxError::HeadOutOfRange { head: 16, size: 16 }),
+            "{err}"
+        );
+        // `first` taken for a packet too big for it, then 999: `first` goes back empty.
+        let err = ring.deliver(&hdr, &pattern(500, 0)).unwrap_err();
+        assert!(
+            matches!(err, RxError::HeadOutOfRange { head: 999, .. }),
+            "{err}"
+        );
+        // The next good buffer takes the next packet.
+        assert_eq!(
+            ring.deliver(&hdr, &[1, 2, 3]).unwrap(),
+            Delivery::Delivered(1)
+        );
+        drop(ring);
+        assert_eq!(gq.used_idx(), 2);
+        assert_eq!(gq.used(0), (u32::from(first), 0));
+        assert_eq!(gq.used(1), (u32::from(good), 15));
+        assert_eq!(q.next_avail(), 4);
     }
 
     #[test]
