@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 use vhost::VhostBackend;
@@ -187,6 +187,22 @@ fn resources(pid: u32) -> (usize, usize) {
     (threads, fds)
 }
 
+/// Threads and fds of `pid` once they have stopped changing for 300 ms.
+fn settled_resources(pid: u32) -> (usize, usize) {
+    let mut last = resources(pid);
+    let mut stable_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stable_since.elapsed() < Duration::from_millis(300) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = resources(pid);
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+    }
+    last
+}
+
 #[test]
 fn reconnects_leak_neither_threads_nor_fds() {
     let dir = temp_dir("fe-leak");
@@ -200,13 +216,18 @@ fn reconnects_leak_neither_threads_nor_fds() {
         f.kick(3);
         assert_eq!(f.wait_used(2, 1, T).len(), 1, "round {round}");
         drop(f);
-        // Let the session wind down, then measure between connections.
-        std::thread::sleep(Duration::from_millis(100));
-        let now = resources(pid);
+        // A session winds down on its own threads after the disconnect: measure once it has
+        // (a loaded machine may take far longer than usual), never after a fixed sleep.
         if round == 4 {
-            baseline = Some(now);
+            baseline = Some(settled_resources(pid));
         }
         if let Some((threads, fds)) = baseline {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut now = resources(pid);
+            while !(now.0 <= threads && now.1 <= fds) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                now = resources(pid);
+            }
             assert!(
                 now.0 <= threads && now.1 <= fds,
                 "round {round}: {now:?} grew from {:?}",
