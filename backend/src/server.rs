@@ -268,7 +268,7 @@ fn run_session(
     let announcer = port.clone();
     let on_rarp: protocol_shim::RarpHandler =
         Box::new(move |mac| crate::announce::announce_logged(&announcer, mac));
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
+    let shim = protocol_shim::spawn(&cfg.name, 2 * cfg.queues, frontend, shim_end, on_rarp)
         .map_err(|e| io_err("cannot start the protocol shim", e))?;
     match daemon.wait() {
         Ok(()) => info!("port {}: frontend disconnected", cfg.name),
@@ -325,8 +325,14 @@ fn run_vdpa_session(
     let on_rarp: protocol_shim::RarpHandler = Box::new(move |_mac| {
         warn!("port {port_name}: SEND_RARP ignored: a vDPA port does not offer RARP");
     });
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
-        .map_err(|e| io_err("cannot start the protocol shim", e))?;
+    let shim = protocol_shim::spawn(
+        &cfg.name,
+        vdpa::session::NUM_QUEUES,
+        frontend,
+        shim_end,
+        on_rarp,
+    )
+    .map_err(|e| io_err("cannot start the protocol shim", e))?;
     let mut handler = BackendReqHandler::from_stream(ours, session.clone());
     loop {
         match handler.handle_request() {
