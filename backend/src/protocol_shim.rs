@@ -124,7 +124,8 @@ impl Filter {
                 None => Verdict::Drop("SET_MEM_TABLE without a region count".into()),
             },
             Ok(FrontendReq::ADD_MEM_REG) => self.set_mem_slots(self.mem_slots + 1),
-            // One too many is refused by the backend, which then ends the connection.
+            // Removing a region the backend lacks fails there and ends the connection, so
+            // counting down never lets the backend hold more than we count.
             Ok(FrontendReq::REM_MEM_REG) => self.set_mem_slots(self.mem_slots.saturating_sub(1)),
             _ => Verdict::Forward,
         }
@@ -668,6 +669,40 @@ mod tests {
                 ack: true
             }
         );
+    }
+
+    #[test]
+    fn fds_with_a_message_that_is_not_forwarded_are_closed() {
+        let (qemu, fe) = UnixStream::pair().unwrap();
+        let (be, _lib) = UnixStream::pair().unwrap();
+        let handle = spawn("t", 2, fe, be, Box::new(|_| {})).unwrap();
+        let mut qemu_w = qemu.try_clone().unwrap();
+        // Answered by the shim, each with an fd it should not carry.
+        for (request, payload) in [
+            (FrontendReq::SET_VRING_ENABLE, enable(0, 1)),
+            (FrontendReq::GET_MAX_MEM_SLOTS, Vec::new()),
+        ] {
+            let (mut kept, passed) = UnixStream::pair().unwrap();
+            let mut m = Vec::new();
+            m.extend_from_slice(&(request as u32).to_le_bytes());
+            m.extend_from_slice(
+                &(FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits()).to_le_bytes(),
+            );
+            m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            m.extend_from_slice(&payload);
+            send_with_fds(&mut qemu_w, &m, &[OwnedFd::from(passed)]).unwrap();
+            let mut reply = [0u8; 20];
+            (&qemu).read_exact(&mut reply).unwrap();
+            assert_eq!(&reply[0..4], &(request as u32).to_le_bytes());
+            // The shim's copy was the last one: its end is closed.
+            kept.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut b = [0u8; 1];
+            assert_eq!(kept.read(&mut b).unwrap(), 0, "{request:?}'s fd closed");
+        }
+        drop(qemu_w);
+        drop(qemu);
+        handle.join().unwrap();
     }
 
     #[test]
