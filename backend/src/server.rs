@@ -354,12 +354,15 @@ fn run_vdpa_session(
     let dev = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     match dev {
         Some(dev) => serve_vdpa_device(cfg, slot, dev, port.stats.clone(), ours),
-        None => warn!(
-            "port {}: the vDPA device is still held by the last session",
-            cfg.name
-        ),
+        None => {
+            warn!(
+                "port {}: the vDPA device is still held by the last session",
+                cfg.name
+            );
+            drop(ours);
+        }
     }
-    // Dropping our end (if not done yet) makes the shim close the frontend's.
+    // Our end is closed by now, so the shim closes the frontend's and ends.
     let _ = shim.join();
     Ok(())
 }
