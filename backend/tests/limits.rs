@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -12,7 +12,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use support::*;
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 
@@ -207,4 +207,30 @@ fn a_frontend_waiting_while_accept_runs_out_of_fds_is_served_later() {
         "{lines} lines in {starved:?}: {}",
         ports.log_text()
     );
+}
+
+#[test]
+fn an_early_enable_of_a_ring_the_port_lacks_drops_the_frontend() {
+    let ports = TwoPorts::start("limits-rings");
+    let mut s = UnixStream::connect(&ports.a).expect("connect to port a");
+    s.set_read_timeout(Some(T)).unwrap();
+    // SET_VRING_ENABLE of ring 2, with NEED_REPLY, before any SET_FEATURES: the port has
+    // one queue pair, rings 0 and 1.
+    let request = FrontendReq::SET_VRING_ENABLE as u32;
+    let flags = 0x1 | VhostUserHeaderFlag::NEED_REPLY.bits();
+    let mut m = Vec::new();
+    for word in [request, flags, 8, 2, 1] {
+        m.extend_from_slice(&word.to_le_bytes());
+    }
+    s.write_all(&m).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).expect("closed, not left hanging");
+    assert!(reply.is_empty(), "no ack for a ring it lacks: {reply:?}");
+    assert!(
+        wait_for(T, || ports.log_text().contains("for ring 2 of 2")),
+        "one line says why: {}",
+        ports.log_text()
+    );
+    let mut fa = TestFrontend::connect(&ports.a, 1, VIRTIO_NET_F_MRG_RXBUF);
+    round_trip(&mut fa, 1);
 }
