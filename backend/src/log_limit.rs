@@ -41,19 +41,36 @@ impl Default for Limiter {
     }
 }
 
-/// `warn!`, at most once a second per call site.
+/// `log!` at `$level`, at most once a second per call site (shared by every thread that
+/// passes there), saying how many lines it held back.
 #[macro_export]
-macro_rules! warn_limited {
-    ($($arg:tt)*) => {{
+macro_rules! log_limited {
+    ($level:expr, $($arg:tt)*) => {{
         static LIMITER: $crate::log_limit::Limiter = $crate::log_limit::Limiter::new();
         if let Some(held) = LIMITER.check() {
             if held > 0 {
-                log::warn!("{} (and {} more like it)", format_args!($($arg)*), held);
+                log::log!($level, "{} (and {} more like it)", format_args!($($arg)*), held);
             } else {
-                log::warn!($($arg)*);
+                log::log!($level, $($arg)*);
             }
         }
     }};
+}
+
+/// `warn!`, at most once a second per call site.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)*) => {
+        $crate::log_limited!(log::Level::Warn, $($arg)*)
+    };
+}
+
+/// `error!`, at most once a second per call site.
+#[macro_export]
+macro_rules! error_limited {
+    ($($arg:tt)*) => {
+        $crate::log_limited!(log::Level::Error, $($arg)*)
+    };
 }
 
 #[cfg(test)]

@@ -25,24 +25,26 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use log::{debug, warn};
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
 
 /// Message header: request, flags, payload size (all u32, little-endian on the wire).
 const HDR_LEN: usize = 12;
-/// Largest payload we relay; the biggest real message (a memory table of 8 regions, or a
-/// config space) is far below this.
-const MAX_PAYLOAD: usize = 64 * 1024;
+/// Largest payload we relay: the vhost crate refuses anything bigger on either end, so a
+/// frontend claiming more is dropped here before we allocate for it.
+const MAX_PAYLOAD: usize = vhost::vhost_user::message::MAX_MSG_SIZE;
 /// Most fds one message carries (a memory table with the maximum number of regions).
 const MAX_FDS: usize = 32;
+/// Memory regions one connection may have mapped at once, as answered to GET_MAX_MEM_SLOTS
+/// and enforced on SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG. Every region keeps an fd
+/// and a mapping open in the process, so this bounds what one frontend can hold (the
+/// library would answer 509 and enforce nothing). QEMU needs one slot per RAM section of
+/// the guest (a handful, more with DIMMs or virtio-mem) and takes any value it is given;
+/// 32 is also the most regions one SET_MEM_TABLE can carry (MAX_FDS).
+pub const MAX_MEM_SLOTS: usize = MAX_FDS;
 
-const REQ_SET_FEATURES: u32 = 2;
-const REQ_RESET_OWNER: u32 = 4;
-const REQ_SET_VRING_ENABLE: u32 = 18;
-const REQ_SEND_RARP: u32 = 19;
-const REQ_RESET_DEVICE: u32 = 34;
+/// The protocol version in every message's flags (VhostUserHeaderFlag::VERSION is its mask).
 const FLAG_VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// One message, as read from the frontend.
 struct Message {
@@ -68,60 +70,119 @@ enum Verdict {
         mac: Option<[u8; 6]>,
         ack: bool,
     },
+    /// Answer with this u64 here; never forwarded.
+    Reply(u64),
+    /// A protocol error or a frontend over its limits: close the connection.
+    Drop(String),
 }
 
 /// The filter's state for one connection.
-#[derive(Default)]
 struct Filter {
     /// PROTOCOL_FEATURES acked by a SET_FEATURES that reached the backend.
     protocol_features_acked: bool,
-    /// Latest deferred enable state per ring index, in arrival order of first mention.
-    deferred: Vec<(u32, u32)>,
+    /// Latest deferred enable state of each ring of the port (sized once: a frontend
+    /// cannot make it grow, and finding a ring costs nothing).
+    deferred: Box<[Option<u32>]>,
+    /// Memory regions the backend holds after the messages forwarded so far. Exact, as
+    /// the backend ends the connection on any SET_MEM_TABLE, ADD_MEM_REG or REM_MEM_REG
+    /// it fails.
+    mem_slots: usize,
+}
+
+/// The little-endian u32 at `at` in `payload`, if it is long enough.
+fn u32_at(payload: &[u8], at: usize) -> Option<u32> {
+    let b = payload.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(b.try_into().ok()?))
 }
 
 impl Filter {
+    /// The state for a connection to a port with `rings` virtqueues.
+    fn new(rings: usize) -> Filter {
+        Filter {
+            protocol_features_acked: false,
+            deferred: vec![None; rings].into_boxed_slice(),
+            mem_slots: 0,
+        }
+    }
+
     fn judge(&mut self, request: u32, flags: u32, payload: &[u8]) -> Verdict {
-        match request {
-            REQ_SET_FEATURES => {
-                let features = payload
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(0);
-                self.protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
-                if self.protocol_features_acked && !self.deferred.is_empty() {
-                    Verdict::ForwardThenReplay(std::mem::take(&mut self.deferred))
-                } else {
-                    Verdict::Forward
-                }
-            }
-            REQ_SEND_RARP => Verdict::Rarp {
+        let ack = flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0;
+        match FrontendReq::try_from(request) {
+            Ok(FrontendReq::SET_FEATURES) => self.set_features(payload),
+            Ok(FrontendReq::SEND_RARP) => Verdict::Rarp {
                 mac: crate::announce::mac_from_payload(payload),
-                ack: flags & FLAG_NEED_REPLY != 0,
+                ack,
             },
-            REQ_RESET_OWNER | REQ_RESET_DEVICE => {
+            Ok(FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE) => {
                 self.protocol_features_acked = false;
                 Verdict::Forward
             }
-            REQ_SET_VRING_ENABLE if !self.protocol_features_acked => {
-                let word = |i: usize| {
-                    payload
-                        .get(i..i + 4)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u32::from_le_bytes)
-                };
-                if let (Some(index), Some(enable)) = (word(0), word(4)) {
-                    match self.deferred.iter_mut().find(|(i, _)| *i == index) {
-                        Some(slot) => slot.1 = enable,
-                        None => self.deferred.push((index, enable)),
-                    }
-                }
-                Verdict::Absorb {
-                    ack: flags & FLAG_NEED_REPLY != 0,
-                }
-            }
+            Ok(FrontendReq::SET_VRING_ENABLE) => self.set_vring_enable(payload, ack),
+            Ok(FrontendReq::GET_MAX_MEM_SLOTS) => Verdict::Reply(MAX_MEM_SLOTS as u64),
+            Ok(FrontendReq::SET_MEM_TABLE) => match u32_at(payload, 0) {
+                Some(n) => self.set_mem_slots(n as usize),
+                None => Verdict::Drop("SET_MEM_TABLE without a region count".into()),
+            },
+            Ok(FrontendReq::ADD_MEM_REG) => self.set_mem_slots(self.mem_slots + 1),
+            // Removing a region the backend lacks fails there and ends the connection, so
+            // counting down never lets the backend hold more than we count.
+            Ok(FrontendReq::REM_MEM_REG) => self.set_mem_slots(self.mem_slots.saturating_sub(1)),
             _ => Verdict::Forward,
         }
+    }
+
+    fn set_features(&mut self, payload: &[u8]) -> Verdict {
+        let features = payload
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0);
+        self.protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
+        if !self.protocol_features_acked {
+            return Verdict::Forward;
+        }
+        let states: Vec<(u32, u32)> = (0u32..)
+            .zip(self.deferred.iter_mut())
+            .filter_map(|(index, state)| Some((index, state.take()?)))
+            .collect();
+        if states.is_empty() {
+            Verdict::Forward
+        } else {
+            Verdict::ForwardThenReplay(states)
+        }
+    }
+
+    fn set_vring_enable(&mut self, payload: &[u8], ack: bool) -> Verdict {
+        let (Some(index), Some(enable)) = (u32_at(payload, 0), u32_at(payload, 4)) else {
+            // Too short: the backend refuses it once it gets it; deferred, nothing to keep.
+            return if self.protocol_features_acked {
+                Verdict::Forward
+            } else {
+                Verdict::Absorb { ack }
+            };
+        };
+        let Some(state) = self.deferred.get_mut(index as usize) else {
+            return Verdict::Drop(format!(
+                "SET_VRING_ENABLE for ring {index} of {}",
+                self.deferred.len()
+            ));
+        };
+        if self.protocol_features_acked {
+            return Verdict::Forward;
+        }
+        *state = Some(enable);
+        Verdict::Absorb { ack }
+    }
+
+    /// The backend is about to hold `n` regions: fine within the limit we advertise.
+    fn set_mem_slots(&mut self, n: usize) -> Verdict {
+        if n > MAX_MEM_SLOTS {
+            return Verdict::Drop(format!(
+                "{n} memory regions, over the {MAX_MEM_SLOTS} advertised"
+            ));
+        }
+        self.mem_slots = n;
+        Verdict::Forward
     }
 }
 
@@ -130,8 +191,11 @@ pub type RarpHandler = Box<dyn Fn([u8; 6]) + Send>;
 
 /// Relays between `frontend` (QEMU) and `backend` (the library's end) until either side
 /// closes; then closes both, so each side sees the disconnect it would have seen directly.
+/// `rings` is the number of virtqueues the port serves (2 per queue pair): a frontend
+/// naming another ring is dropped.
 pub fn spawn(
     port: &str,
+    rings: usize,
     frontend: UnixStream,
     backend: UnixStream,
     on_rarp: RarpHandler,
@@ -145,7 +209,9 @@ pub fn spawn(
         let fe_write = fe_write.clone();
         let label = label.clone();
         move || {
-            if let Err(e) = frontend_to_backend(&label, frontend, backend, &fe_write, &on_rarp) {
+            if let Err(e) =
+                frontend_to_backend(&label, rings, frontend, backend, &fe_write, &on_rarp)
+            {
                 debug!("port {label}: frontend side: {e}");
             }
             let _ = fe_shut.shutdown(std::net::Shutdown::Both);
@@ -176,13 +242,15 @@ pub fn spawn(
 
 fn frontend_to_backend(
     port: &str,
+    rings: usize,
     mut frontend: UnixStream,
     mut backend: UnixStream,
     fe_write: &Mutex<UnixStream>,
     on_rarp: &RarpHandler,
 ) -> io::Result<()> {
-    let mut filter = Filter::default();
+    let mut filter = Filter::new(rings);
     loop {
+        // The message (and any fd it carries) is dropped, so closed, unless forwarded.
         let Some(msg) = read_message(&mut frontend)? else {
             return Ok(());
         };
@@ -198,21 +266,12 @@ fn frontend_to_backend(
             }
             Verdict::ForwardThenReplay(states) => {
                 send_with_fds(&mut backend, &msg.bytes, &msg.fds)?;
-                for (index, enable) in states {
-                    debug!("port {port}: replaying deferred SET_VRING_ENABLE {index} {enable}");
-                    let mut m = Vec::with_capacity(HDR_LEN + 8);
-                    m.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
-                    m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
-                    m.extend_from_slice(&8u32.to_le_bytes());
-                    m.extend_from_slice(&index.to_le_bytes());
-                    m.extend_from_slice(&enable.to_le_bytes());
-                    backend.write_all(&m)?;
-                }
+                replay_enables(port, &mut backend, &states)?;
             }
             Verdict::Absorb { ack } => {
                 debug!("port {port}: SET_VRING_ENABLE before SET_FEATURES deferred");
                 if ack {
-                    send_ack(fe_write, msg.request)?;
+                    send_u64_reply(fe_write, msg.request, 0)?;
                 }
             }
             Verdict::Rarp { mac, ack } => {
@@ -221,20 +280,40 @@ fn frontend_to_backend(
                     None => warn!("port {port}: SEND_RARP without a MAC address; ignored"),
                 }
                 if ack {
-                    send_ack(fe_write, msg.request)?;
+                    send_u64_reply(fe_write, msg.request, 0)?;
                 }
+            }
+            Verdict::Reply(value) => send_u64_reply(fe_write, msg.request, value)?,
+            Verdict::Drop(why) => {
+                warn!("port {port}: frontend dropped: {why}");
+                return Ok(());
             }
         }
     }
 }
 
-/// The REPLY_ACK answer "done" (u64 0) to `request`.
-fn send_ack(fe_write: &Mutex<UnixStream>, request: u32) -> io::Result<()> {
+/// Sends the deferred SET_VRING_ENABLE states to the backend, as the frontend would have.
+fn replay_enables(port: &str, backend: &mut UnixStream, states: &[(u32, u32)]) -> io::Result<()> {
+    for (index, enable) in states {
+        debug!("port {port}: replaying deferred SET_VRING_ENABLE {index} {enable}");
+        let mut m = Vec::with_capacity(HDR_LEN + 8);
+        m.extend_from_slice(&(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes());
+        m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&index.to_le_bytes());
+        m.extend_from_slice(&enable.to_le_bytes());
+        backend.write_all(&m)?;
+    }
+    Ok(())
+}
+
+/// A u64 reply to `request`: for a REPLY_ACK, 0 means "done".
+fn send_u64_reply(fe_write: &Mutex<UnixStream>, request: u32, value: u64) -> io::Result<()> {
     let mut reply = Vec::with_capacity(HDR_LEN + 8);
     reply.extend_from_slice(&request.to_le_bytes());
-    reply.extend_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    reply.extend_from_slice(&(FLAG_VERSION | VhostUserHeaderFlag::REPLY.bits()).to_le_bytes());
     reply.extend_from_slice(&8u32.to_le_bytes());
-    reply.extend_from_slice(&0u64.to_le_bytes());
+    reply.extend_from_slice(&value.to_le_bytes());
     fe_write
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -396,89 +475,234 @@ mod tests {
 
     #[test]
     fn deferred_enables_are_replayed_after_set_features() {
-        let mut f = Filter::default();
+        let mut f = Filter::new(4);
         for (i, on) in [(0, 1), (1, 1), (2, 1), (3, 1), (2, 0), (3, 0)] {
             assert!(matches!(
-                f.judge(REQ_SET_VRING_ENABLE, 1, &enable(i, on)),
+                f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(i, on)),
                 Verdict::Absorb { .. }
             ));
         }
         assert_eq!(
-            f.judge(REQ_SET_FEATURES, 1, &set_features(PROTOCOL_FEATURES_BIT)),
+            f.judge(
+                FrontendReq::SET_FEATURES as u32,
+                1,
+                &set_features(PROTOCOL_FEATURES_BIT)
+            ),
             Verdict::ForwardThenReplay(vec![(0, 1), (1, 1), (2, 0), (3, 0)])
         );
         // Replayed once only.
         assert_eq!(
-            f.judge(REQ_SET_FEATURES, 1, &set_features(PROTOCOL_FEATURES_BIT)),
+            f.judge(
+                FrontendReq::SET_FEATURES as u32,
+                1,
+                &set_features(PROTOCOL_FEATURES_BIT)
+            ),
             Verdict::Forward
         );
     }
 
     #[test]
     fn early_enable_is_absorbed_until_features_are_set() {
-        let mut f = Filter::default();
+        let mut f = Filter::new(4);
         assert_eq!(
             f.judge(
-                REQ_SET_VRING_ENABLE,
-                FLAG_VERSION | FLAG_NEED_REPLY,
+                FrontendReq::SET_VRING_ENABLE as u32,
+                FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits(),
                 &[0; 8]
             ),
             Verdict::Absorb { ack: true }
         );
         // A short payload is absorbed without a deferred state, not a panic.
         assert!(matches!(
-            f.judge(REQ_SET_VRING_ENABLE, 1, &[1]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[1]),
             Verdict::Absorb { .. }
         ));
         assert_eq!(
-            f.judge(REQ_SET_VRING_ENABLE, FLAG_VERSION, &[0; 8]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, FLAG_VERSION, &[0; 8]),
             Verdict::Absorb { ack: false }
         );
         // Without PROTOCOL_FEATURES the library enables rings itself; still absorb.
         assert_eq!(
-            f.judge(REQ_SET_FEATURES, FLAG_VERSION, &set_features(1 << 32)),
+            f.judge(
+                FrontendReq::SET_FEATURES as u32,
+                FLAG_VERSION,
+                &set_features(1 << 32)
+            ),
             Verdict::Forward
         );
         assert!(matches!(
-            f.judge(REQ_SET_VRING_ENABLE, 1, &[0; 8]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[0; 8]),
             Verdict::Absorb { .. }
         ));
         assert_eq!(
             f.judge(
-                REQ_SET_FEATURES,
+                FrontendReq::SET_FEATURES as u32,
                 FLAG_VERSION,
                 &set_features(1 << 32 | PROTOCOL_FEATURES_BIT)
             ),
             Verdict::ForwardThenReplay(vec![(0, 0)])
         );
-        assert_eq!(f.judge(REQ_SET_VRING_ENABLE, 1, &[0; 8]), Verdict::Forward);
-        assert_eq!(f.judge(REQ_RESET_DEVICE, 1, &[]), Verdict::Forward);
+        assert_eq!(
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[0; 8]),
+            Verdict::Forward
+        );
+        assert_eq!(
+            f.judge(FrontendReq::RESET_DEVICE as u32, 1, &[]),
+            Verdict::Forward
+        );
         assert!(matches!(
-            f.judge(REQ_SET_VRING_ENABLE, 1, &[0; 8]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[0; 8]),
             Verdict::Absorb { .. }
         ));
         // A short SET_FEATURES payload counts as no features, not a panic.
-        assert_eq!(f.judge(REQ_SET_FEATURES, 1, &[1, 2]), Verdict::Forward);
+        assert_eq!(
+            f.judge(FrontendReq::SET_FEATURES as u32, 1, &[1, 2]),
+            Verdict::Forward
+        );
+    }
+
+    fn region_count(n: u32) -> Vec<u8> {
+        [n.to_le_bytes(), [0; 4]].concat()
+    }
+
+    #[test]
+    fn deferral_is_bounded_by_the_ports_rings() {
+        let mut f = Filter::new(2);
+        // Any number of early enables of the port's rings keeps one state per ring: the
+        // latest, replayed once, in ring order.
+        for n in 0..100_000u32 {
+            assert!(matches!(
+                f.judge(
+                    FrontendReq::SET_VRING_ENABLE as u32,
+                    1,
+                    &enable(1 - n % 2, n % 3)
+                ),
+                Verdict::Absorb { .. }
+            ));
+        }
+        assert_eq!(f.deferred.len(), 2);
+        assert_eq!(
+            f.judge(
+                FrontendReq::SET_FEATURES as u32,
+                1,
+                &set_features(PROTOCOL_FEATURES_BIT)
+            ),
+            Verdict::ForwardThenReplay(vec![(0, 99_999 % 3), (1, 99_998 % 3)])
+        );
+    }
+
+    #[test]
+    fn enable_of_a_ring_the_port_lacks_drops_the_connection() {
+        let mut f = Filter::new(2);
+        for index in [2, 3, u32::MAX] {
+            assert!(matches!(
+                f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(index, 1)),
+                Verdict::Drop(_)
+            ));
+        }
+        // Nothing of them was kept, and it is the same once features are set.
+        assert_eq!(
+            f.judge(
+                FrontendReq::SET_FEATURES as u32,
+                1,
+                &set_features(PROTOCOL_FEATURES_BIT)
+            ),
+            Verdict::Forward
+        );
+        assert!(matches!(
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(2, 1)),
+            Verdict::Drop(_)
+        ));
+        assert_eq!(
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(1, 1)),
+            Verdict::Forward
+        );
+    }
+
+    #[test]
+    fn memory_slots_are_limited_to_what_is_advertised() {
+        let mut f = Filter::new(2);
+        let add = FrontendReq::ADD_MEM_REG as u32;
+        let rem = FrontendReq::REM_MEM_REG as u32;
+        let table = FrontendReq::SET_MEM_TABLE as u32;
+        assert_eq!(
+            f.judge(FrontendReq::GET_MAX_MEM_SLOTS as u32, 1, &[]),
+            Verdict::Reply(MAX_MEM_SLOTS as u64)
+        );
+        assert_eq!(f.judge(table, 1, &region_count(2)), Verdict::Forward);
+        for _ in 2..MAX_MEM_SLOTS {
+            assert_eq!(f.judge(add, 1, &[0; 40]), Verdict::Forward);
+        }
+        assert!(matches!(f.judge(add, 1, &[0; 40]), Verdict::Drop(_)));
+        // A removal makes room for one more; a new table replaces the count.
+        assert_eq!(f.judge(rem, 1, &[0; 40]), Verdict::Forward);
+        assert_eq!(f.judge(add, 1, &[0; 40]), Verdict::Forward);
+        assert!(matches!(f.judge(add, 1, &[0; 40]), Verdict::Drop(_)));
+        assert_eq!(f.judge(table, 1, &region_count(1)), Verdict::Forward);
+        assert_eq!(f.judge(add, 1, &[0; 40]), Verdict::Forward);
+        let over = region_count(MAX_MEM_SLOTS as u32 + 1);
+        assert!(matches!(f.judge(table, 1, &over), Verdict::Drop(_)));
+        assert!(matches!(f.judge(table, 1, &[1, 0]), Verdict::Drop(_)));
+        let full = region_count(MAX_MEM_SLOTS as u32);
+        assert_eq!(f.judge(table, 1, &full), Verdict::Forward);
     }
 
     #[test]
     fn send_rarp_is_answered_here_never_forwarded() {
-        let mut f = Filter::default();
+        let mut f = Filter::new(4);
         let mac = [0x52, 0x54, 0, 1, 2, 3, 0, 0];
         assert_eq!(
-            f.judge(REQ_SEND_RARP, FLAG_VERSION, &mac),
+            f.judge(FrontendReq::SEND_RARP as u32, FLAG_VERSION, &mac),
             Verdict::Rarp {
                 mac: Some([0x52, 0x54, 0, 1, 2, 3]),
                 ack: false
             }
         );
         assert_eq!(
-            f.judge(REQ_SEND_RARP, FLAG_VERSION | FLAG_NEED_REPLY, &mac[..4]),
+            f.judge(
+                FrontendReq::SEND_RARP as u32,
+                FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits(),
+                &mac[..4]
+            ),
             Verdict::Rarp {
                 mac: None,
                 ack: true
             }
         );
+    }
+
+    #[test]
+    fn fds_with_a_message_that_is_not_forwarded_are_closed() {
+        let (qemu, fe) = UnixStream::pair().unwrap();
+        let (be, _lib) = UnixStream::pair().unwrap();
+        let handle = spawn("t", 2, fe, be, Box::new(|_| {})).unwrap();
+        let mut qemu_w = qemu.try_clone().unwrap();
+        // Answered by the shim, each with an fd it should not carry.
+        for (request, payload) in [
+            (FrontendReq::SET_VRING_ENABLE, enable(0, 1)),
+            (FrontendReq::GET_MAX_MEM_SLOTS, Vec::new()),
+        ] {
+            let (mut kept, passed) = UnixStream::pair().unwrap();
+            let mut m = Vec::new();
+            m.extend_from_slice(&(request as u32).to_le_bytes());
+            m.extend_from_slice(
+                &(FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits()).to_le_bytes(),
+            );
+            m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            m.extend_from_slice(&payload);
+            send_with_fds(&mut qemu_w, &m, &[OwnedFd::from(passed)]).unwrap();
+            let mut reply = [0u8; 20];
+            (&qemu).read_exact(&mut reply).unwrap();
+            assert_eq!(&reply[0..4], &(request as u32).to_le_bytes());
+            // The shim's copy was the last one: its end is closed.
+            kept.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut b = [0u8; 1];
+            assert_eq!(kept.read(&mut b).unwrap(), 0, "{request:?}'s fd closed");
+        }
+        drop(qemu_w);
+        drop(qemu);
+        handle.join().unwrap();
     }
 
     #[test]
@@ -489,19 +713,25 @@ mod tests {
         let on_rarp: RarpHandler = Box::new(move |mac| {
             let _ = rarp_tx.send(mac);
         });
-        let handle = spawn("t", fe, be, on_rarp).unwrap();
+        let handle = spawn("t", 2, fe, be, on_rarp).unwrap();
         let mut qemu_w = qemu.try_clone().unwrap();
         // Early SET_VRING_ENABLE with NEED_REPLY: answered by the shim.
         let mut m = Vec::new();
-        m.extend_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
-        m.extend_from_slice(&(FLAG_VERSION | FLAG_NEED_REPLY).to_le_bytes());
+        m.extend_from_slice(&(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes());
+        m.extend_from_slice(&(FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits()).to_le_bytes());
         m.extend_from_slice(&8u32.to_le_bytes());
         m.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0]);
         qemu_w.write_all(&m).unwrap();
         let mut reply = [0u8; 20];
         (&qemu).read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[0..4], &REQ_SET_VRING_ENABLE.to_le_bytes());
-        assert_eq!(&reply[4..8], &(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        assert_eq!(
+            &reply[0..4],
+            &(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes()
+        );
+        assert_eq!(
+            &reply[4..8],
+            &(FLAG_VERSION | VhostUserHeaderFlag::REPLY.bits()).to_le_bytes()
+        );
         assert_eq!(&reply[12..20], &[0u8; 8]);
         // A message with an fd goes through with the fd.
         let (r, w) = UnixStream::pair().unwrap();
@@ -524,15 +754,18 @@ mod tests {
         // SEND_RARP never reaches the library (its dispatcher would drop the connection):
         // the MAC goes to the announcer and, with NEED_REPLY, the shim acks.
         let mut m = Vec::new();
-        m.extend_from_slice(&REQ_SEND_RARP.to_le_bytes());
-        m.extend_from_slice(&(FLAG_VERSION | FLAG_NEED_REPLY).to_le_bytes());
+        m.extend_from_slice(&(FrontendReq::SEND_RARP as u32).to_le_bytes());
+        m.extend_from_slice(&(FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits()).to_le_bytes());
         m.extend_from_slice(&8u32.to_le_bytes());
         m.extend_from_slice(&[0x52, 0x54, 0, 0xab, 0xcd, 0xef, 0, 0]);
         qemu_w.write_all(&m).unwrap();
         let mut reply = [0u8; 20];
         (&qemu).read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[0..4], &REQ_SEND_RARP.to_le_bytes());
-        assert_eq!(&reply[4..8], &(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        assert_eq!(&reply[0..4], &(FrontendReq::SEND_RARP as u32).to_le_bytes());
+        assert_eq!(
+            &reply[4..8],
+            &(FLAG_VERSION | VhostUserHeaderFlag::REPLY.bits()).to_le_bytes()
+        );
         assert_eq!(&reply[12..20], &[0u8; 8]);
         assert_eq!(
             rarp_rx.recv_timeout(std::time::Duration::from_secs(5)),

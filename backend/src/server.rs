@@ -26,6 +26,11 @@ use crate::vf::{interface_info, open_queues, RingConfig};
 
 /// How long a client-mode port waits between attempts to reach its frontend.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// How long a port waits after failing to accept or to set up a session (out of fds,
+/// memory or threads, in practice) before it tries again: long enough not to spin while
+/// resources are short, short enough that the next frontend barely notices once they are
+/// back.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -56,6 +61,11 @@ pub enum ServerError {
     Vdpa {
         port: String,
         source: vdpa::OpenError,
+    },
+    #[error("port {port}: cannot accept connections: {source}")]
+    Accept {
+        port: String,
+        source: std::io::Error,
     },
     #[error("port {port}: {message}: {source}")]
     Io {
@@ -179,7 +189,7 @@ pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
                     Ok(stream) => {
                         warned = false;
                         info!("port {}: connected to {}", cfg.name, path.display());
-                        run_session(cfg, &port, stream)?;
+                        serve_connection(cfg, &port, stream);
                     }
                     Err(e) => {
                         if !warned {
@@ -225,15 +235,41 @@ fn serve_listener(
         match listener.accept() {
             Ok((stream, _)) => {
                 info!("port {}: frontend connected", cfg.name);
-                run_session(cfg, port, stream)?;
+                serve_connection(cfg, port, stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if listener_broken(&e) => {
+                return Err(ServerError::Accept {
+                    port: cfg.name.clone(),
+                    source: e,
+                })
+            }
             Err(e) => {
-                // Out of fds or memory: transient; anything else would repeat forever.
-                error!("port {}: accept failed: {e}", cfg.name);
-                thread::sleep(RECONNECT_DELAY);
+                // Out of fds or memory, or a connection reset before we took it: the
+                // pending connections wait in the backlog until resources are back. Logged
+                // once a second at most, as a flood of frontends can keep this going.
+                crate::error_limited!("port {}: accept failed: {e}", cfg.name);
+                thread::sleep(RETRY_DELAY);
             }
         }
+    }
+}
+
+/// Whether an `accept` error says the listening socket itself is unusable, for good.
+fn listener_broken(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::ENOTSOCK | libc::EINVAL | libc::EOPNOTSUPP)
+    )
+}
+
+/// Serves one connection. A session that cannot be set up (the process out of fds, memory
+/// or threads, maybe because of another port's frontend) costs this connection only: the
+/// port waits a little and goes on serving.
+fn serve_connection(cfg: &PortConfig, port: &Arc<Port>, frontend: UnixStream) {
+    if let Err(e) = run_session(cfg, port, frontend) {
+        crate::error_limited!("{e}; connection closed");
+        thread::sleep(RETRY_DELAY);
     }
 }
 
@@ -268,7 +304,7 @@ fn run_session(
     let announcer = port.clone();
     let on_rarp: protocol_shim::RarpHandler =
         Box::new(move |mac| crate::announce::announce_logged(&announcer, mac));
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
+    let shim = protocol_shim::spawn(&cfg.name, 2 * cfg.queues, frontend, shim_end, on_rarp)
         .map_err(|e| io_err("cannot start the protocol shim", e))?;
     match daemon.wait() {
         Ok(()) => info!("port {}: frontend disconnected", cfg.name),
@@ -290,34 +326,15 @@ fn run_vdpa_session(
     port: &Arc<Port>,
     frontend: UnixStream,
 ) -> Result<(), ServerError> {
-    use std::sync::Mutex;
-    use vhost::vhost_user::{BackendReqHandler, Error as VuError};
-    let io_err = |message: &str, source| ServerError::Io {
-        port: cfg.name.clone(),
-        message: message.into(),
-        source,
-    };
     let Some(slot) = &port.vdpa else {
         return Ok(());
     };
-    let Some(dev) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() else {
-        warn!(
-            "port {}: the vDPA device is still held by the last session",
-            cfg.name
-        );
-        return Ok(());
-    };
-    let counters: Arc<dyn vdpa::Counters> = port.stats.clone();
-    let session = match vdpa::Session::new(&cfg.name, dev, counters) {
-        Ok(s) => Arc::new(Mutex::new(s)),
-        Err((e, dev)) => {
-            error!("{e}");
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
-            return Ok(());
-        }
-    };
-    let (ours, shim_end) =
-        UnixStream::pair().map_err(|e| io_err("cannot set up the backend-side socket", e))?;
+    // The sockets and the shim first: if they cannot be had, the device stays in its slot.
+    let (ours, shim_end) = UnixStream::pair().map_err(|source| ServerError::Io {
+        port: cfg.name.clone(),
+        message: "cannot set up the backend-side socket".into(),
+        source,
+    })?;
     // The vDPA session does not offer the RARP protocol feature (the frames would have to
     // come from the device, which has no way to inject them), so a SEND_RARP is a frontend
     // going beyond what was negotiated: answered, logged, not acted on.
@@ -325,8 +342,50 @@ fn run_vdpa_session(
     let on_rarp: protocol_shim::RarpHandler = Box::new(move |_mac| {
         warn!("port {port_name}: SEND_RARP ignored: a vDPA port does not offer RARP");
     });
-    let shim = protocol_shim::spawn(&cfg.name, frontend, shim_end, on_rarp)
-        .map_err(|e| io_err("cannot start the protocol shim", e))?;
+    let rings = vdpa::session::NUM_QUEUES;
+    let shim =
+        protocol_shim::spawn(&cfg.name, rings, frontend, shim_end, on_rarp).map_err(|source| {
+            ServerError::Io {
+                port: cfg.name.clone(),
+                message: "cannot start the protocol shim".into(),
+                source,
+            }
+        })?;
+    let dev = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match dev {
+        Some(dev) => serve_vdpa_device(cfg, slot, dev, port.stats.clone(), ours),
+        None => {
+            warn!(
+                "port {}: the vDPA device is still held by the last session",
+                cfg.name
+            );
+            drop(ours);
+        }
+    }
+    // Our end is closed by now, so the shim closes the frontend's and ends.
+    let _ = shim.join();
+    Ok(())
+}
+
+/// Runs the vDPA session on `dev` over `ours` until the frontend goes away, then puts the
+/// (reset) device back in `slot`.
+fn serve_vdpa_device(
+    cfg: &PortConfig,
+    slot: &std::sync::Mutex<Option<vdpa::KernelDevice>>,
+    dev: vdpa::KernelDevice,
+    counters: Arc<dyn vdpa::Counters>,
+    ours: UnixStream,
+) {
+    use std::sync::Mutex;
+    use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+    let session = match vdpa::Session::new(&cfg.name, dev, counters) {
+        Ok(s) => Arc::new(Mutex::new(s)),
+        Err((e, dev)) => {
+            error!("{e}");
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+            return;
+        }
+    };
     let mut handler = BackendReqHandler::from_stream(ours, session.clone());
     loop {
         match handler.handle_request() {
@@ -345,7 +404,6 @@ fn run_vdpa_session(
         let _ = conn.shutdown(std::net::Shutdown::Both);
     }
     drop(handler);
-    let _ = shim.join();
     match Arc::try_unwrap(session) {
         Ok(m) => {
             let dev = m
@@ -357,7 +415,6 @@ fn run_vdpa_session(
         }
         Err(_) => error!("port {}: the vDPA session is still referenced", cfg.name),
     }
-    Ok(())
 }
 
 /// A fresh device and daemon, with each pair's VF socket and reschedule event registered in

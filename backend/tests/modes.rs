@@ -11,19 +11,6 @@ use support::*;
 
 const T: Duration = Duration::from_secs(10);
 
-/// One loopback round trip through an established frontend.
-fn round_trip(f: &mut TestFrontend, tag: u8) {
-    let rx = TestFrontend::buf_addr(0, tag as u16 % 64);
-    f.post(0, &[(rx, 2048, true)]);
-    f.kick(0);
-    let data: Vec<u8> = (0..100u8).map(|i| i ^ tag).collect();
-    f.post_tx(1, TestFrontend::buf_addr(1, tag as u16 % 64), &data);
-    f.kick(1);
-    let used = f.wait_used(0, 1, T);
-    assert_eq!(used.len(), 1, "packet {tag} came back");
-    assert_eq!(f.read(rx + 12, 100), data);
-}
-
 #[test]
 fn client_mode_connects_and_reconnects() {
     let dir = temp_dir("mode-client");

@@ -126,17 +126,32 @@ pub struct TestFrontend {
 impl TestFrontend {
     /// Connects and negotiates; `want` is masked with what the backend offers.
     pub fn connect(socket: &Path, pairs: usize, want: u64) -> TestFrontend {
-        let fe = Frontend::connect(socket, (2 * pairs) as u64).expect("connect to backend");
-        Self::negotiate(fe, pairs, want)
+        Self::connect_with(socket, pairs, want, VhostUserProtocolFeatures::empty())
     }
 
-    fn negotiate(fe: Frontend, pairs: usize, want: u64) -> TestFrontend {
+    /// Like [`TestFrontend::connect`], also asking for the protocol features `extra`.
+    pub fn connect_with(
+        socket: &Path,
+        pairs: usize,
+        want: u64,
+        extra: VhostUserProtocolFeatures,
+    ) -> TestFrontend {
+        let fe = Frontend::connect(socket, (2 * pairs) as u64).expect("connect to backend");
+        Self::negotiate(fe, pairs, want, extra)
+    }
+
+    fn negotiate(
+        fe: Frontend,
+        pairs: usize,
+        want: u64,
+        extra: VhostUserProtocolFeatures,
+    ) -> TestFrontend {
         let DriverMemory { memfd, mem, .. } = DriverMemory::new(MEM_SIZE).expect("guest memory");
         let session = VuSession::negotiate_with(
             fe,
             pairs,
             want,
-            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | extra,
         )
         .expect("feature negotiation");
         let mut t = TestFrontend {
@@ -249,6 +264,19 @@ impl TestFrontend {
     }
 }
 
+/// One loopback round trip through an established frontend.
+pub fn round_trip(f: &mut TestFrontend, tag: u8) {
+    let rx = TestFrontend::buf_addr(0, tag as u16 % 64);
+    f.post(0, &[(rx, 2048, true)]);
+    f.kick(0);
+    let data: Vec<u8> = (0..100u8).map(|i| i ^ tag).collect();
+    f.post_tx(1, TestFrontend::buf_addr(1, tag as u16 % 64), &data);
+    f.kick(1);
+    let used = f.wait_used(0, 1, Duration::from_secs(10));
+    assert_eq!(used.len(), 1, "packet {tag} came back");
+    assert_eq!(f.read(rx + 12, 100), data);
+}
+
 /// Writes raw bytes to the backend's socket, as a broken frontend would.
 pub fn send_raw(socket: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
@@ -298,7 +326,7 @@ impl TestFrontend {
         want: u64,
     ) -> TestFrontend {
         let fe = Frontend::from_stream(stream, (2 * pairs) as u64);
-        Self::negotiate(fe, pairs, want)
+        Self::negotiate(fe, pairs, want, VhostUserProtocolFeatures::empty())
     }
 }
 
