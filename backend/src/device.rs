@@ -6,7 +6,7 @@
 //! mutex per queue pair that only that pair's worker thread (and `stop_vring`) ever takes.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -16,7 +16,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Address, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -25,7 +25,7 @@ use vmm_sys_util::event::{
 use crate::offload::RxOffloads;
 use crate::queue_pair::{Negotiated, QueuePair};
 use crate::stats::PortStats;
-use crate::GuestMemoryAtomicB;
+use crate::{GuestMemoryAtomicB, GuestMemoryMmapB};
 
 /// Ring size QEMU may ask for (its `rx_queue_size`/`tx_queue_size` go up to 1024).
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -192,6 +192,27 @@ impl Drop for NetDevice {
     }
 }
 
+/// Defence in depth behind the protocol shim's check ([`crate::region_check`]): every region
+/// must lie inside its file, or the first touch past the file's end raises SIGBUS and kills
+/// the process. The library has mapped the regions already, but nothing has touched them
+/// yet when it tells us; refusing here drops the connection first.
+fn check_region_files(mem: &GuestMemoryMmapB) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        migration::check_file_area(fo.file().as_fd(), fo.start(), region.len()).map_err(|e| {
+            io::Error::other(format!(
+                "memory region {:#x}+{:#x} at file offset {:#x}: {e}",
+                region.start_addr().raw_value(),
+                region.len(),
+                fo.start()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for NetDevice {
     type Bitmap = migration::DirtyBitmap;
     type Vring = VringRwLock<GuestMemoryAtomicB>;
@@ -243,6 +264,7 @@ impl VhostUserBackend for NetDevice {
         // regions a bitmap with no log at all. A log that does not cover a new region fails
         // the message (and the connection) rather than corrupt the migrated guest.
         debug!("port {}: memory table updated", self.port.name);
+        check_region_files(&mem.memory())?;
         self.dirty
             .update_memory(&mem.memory())
             .map_err(io::Error::other)
@@ -297,5 +319,43 @@ impl VhostUserBackend for NetDevice {
             pair.run(rx, tx, &mem, neg, stats);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+        let fd = unsafe { libc::memfd_create(c"device-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd owned by nobody else.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn mem_over(file: File, len: usize) -> GuestMemoryMmapB {
+        // vm-memory maps a region larger than its file without complaint (nothing touches
+        // it here).
+        GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            len,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .unwrap()
+    }
+
+    #[test]
+    fn region_larger_than_file_is_refused() {
+        let err = check_region_files(&mem_over(memfd(4096), 16 << 20)).unwrap_err();
+        assert!(
+            err.to_string().contains("beyond the end of the file"),
+            "{err}"
+        );
+        check_region_files(&mem_over(memfd(16 << 20), 16 << 20)).unwrap();
     }
 }

@@ -18,6 +18,7 @@ pub mod net_hdr;
 pub mod offload;
 pub mod protocol_shim;
 pub mod queue_pair;
+pub mod region_check;
 pub mod rx;
 pub mod server;
 pub mod signals;

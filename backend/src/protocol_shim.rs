@@ -17,6 +17,9 @@
 //! GUEST_ANNOUNCE): neither the vhost crate's dispatcher nor vhost-user-backend knows that
 //! request, and the dispatcher would drop the connection on it. The shim hands the MAC to the
 //! port's announcer (see [`crate::announce`]) and acks if asked to.
+//!
+//! And it refuses memory tables and dirty logs whose files cannot back them (see
+//! [`crate::region_check`]) before the library maps and touches them.
 
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -254,6 +257,10 @@ fn frontend_to_backend(
         let Some(msg) = read_message(&mut frontend)? else {
             return Ok(());
         };
+        if let Err(e) = crate::region_check::check(msg.request, &msg.bytes[HDR_LEN..], &msg.fds) {
+            warn!("port {port}: {e}: refused, closing the connection");
+            return Ok(());
+        }
         match filter.judge(msg.request, msg.flags, &msg.bytes[HDR_LEN..]) {
             Verdict::Forward => {
                 log::trace!(

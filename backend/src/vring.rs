@@ -128,6 +128,12 @@ pub enum RingError {
     },
     #[error("{what} at {addr:#x} is misaligned")]
     Misaligned { what: &'static str, addr: u64 },
+    #[error("{what} at {addr:#x} is mapped at misaligned host address {host:#x}")]
+    HostMisaligned {
+        what: &'static str,
+        addr: u64,
+        host: usize,
+    },
     #[error("guest published avail index {avail} with {pending} pending on a {size}-entry ring")]
     AvailIndex { avail: u16, pending: u16, size: u16 },
     #[error("chain at head {head}: descriptor index {index} is outside its {size}-entry table")]
@@ -333,8 +339,20 @@ impl<'a, M: GuestMemoryBackend> Vring<'a, M> {
             if !addr.is_multiple_of(align) {
                 return Err(RingError::Misaligned { what, addr });
             }
-            map.host(addr, len)
-                .ok_or(RingError::Unmapped { what, addr, len })
+            let host = map
+                .host(addr, len)
+                .ok_or(RingError::Unmapped { what, addr, len })?;
+            // A region whose guest start is not aligned like its mapping shifts an aligned
+            // guest address to a misaligned host one; ring fields are accessed as u16/u32
+            // and atomics, which must be aligned.
+            if !(host as usize as u64).is_multiple_of(align) {
+                return Err(RingError::HostMisaligned {
+                    what,
+                    addr,
+                    host: host as usize,
+                });
+            }
+            Ok(host)
         };
         let desc = resolve("descriptor table", queue.desc_table(), 16 * n, 1)?;
         let avail = resolve("avail ring", queue.avail_ring(), 6 + 2 * n, 2)?;
@@ -673,6 +691,55 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// A ready 16-entry queue with its rings at these guest addresses.
+    fn queue_at(desc: u32, avail: u32, used: u32) -> Queue {
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(desc), Some(0));
+        q.set_avail_ring_address(Some(avail), Some(0));
+        q.set_used_ring_address(Some(used), Some(0));
+        q.set_ready(true);
+        q
+    }
+
+    #[test]
+    fn unaligned_region_start_is_refused() {
+        // Guest memory starting at guest address `start`: aligned guest addresses sit at
+        // host offsets `addr - start` of the (page-aligned) mapping.
+        let at = |start| -> Mem {
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(start), 1 << 20)]).unwrap()
+        };
+        let mem = at(2);
+        let err = Vring::new(&mut queue_at(0x4000, 0x2000, 0x1000), &mem).err();
+        assert!(
+            matches!(
+                err,
+                Some(RingError::HostMisaligned {
+                    what: "used ring",
+                    addr: 0x1000,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        let mem = at(1);
+        let err = Vring::new(&mut queue_at(0x4000, 0x2000, 0x1000), &mem).err();
+        assert!(
+            matches!(
+                err,
+                Some(RingError::HostMisaligned {
+                    what: "avail ring",
+                    addr: 0x2000,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        // Aligned like its mapping: accepted.
+        let mem = at(0x1000);
+        assert!(Vring::new(&mut queue_at(0x4000, 0x2000, 0x1000), &mem).is_ok());
     }
 
     #[test]

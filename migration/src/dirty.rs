@@ -36,6 +36,7 @@ use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::file_area::{check_file_area, FileAreaError};
 use crate::grace;
 
 /// Guest bytes one log bit stands for (`VHOST_LOG_PAGE`).
@@ -106,8 +107,9 @@ unsafe impl Sync for LogMemory {}
 
 impl LogMemory {
     /// Maps `size` bytes of the log file at `offset`, as `SET_LOG_BASE` describes it.
-    /// Refuses an empty area, an offset that is not page-aligned (mmap needs it), and an
-    /// area beyond the end of the file (touching it would raise SIGBUS).
+    /// Refuses what [`check_file_area`] refuses: an empty area, an offset that is not
+    /// page-aligned (mmap needs it), and an area beyond the end of the file or in something
+    /// that is not a file (touching it could raise SIGBUS).
     pub fn map(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<LogMemory, DirtyLogError> {
         let raw = fd.as_raw_fd();
         let bad = |why| DirtyLogError::BadLogArea {
@@ -116,36 +118,20 @@ impl LogMemory {
             size,
             why,
         };
-        if size == 0 {
-            return Err(bad("empty"));
-        }
-        let len = usize::try_from(size)
-            .ok()
-            .filter(|&l| l <= isize::MAX as usize)
-            .ok_or(bad("too large"))?;
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
-        if !offset.is_multiple_of(page) {
-            return Err(bad("offset not page-aligned"));
-        }
-        let end = offset
-            .checked_add(size)
-            .ok_or(bad("offset + size overflows"))?;
         let map_err = |source| DirtyLogError::Map {
             fd: raw,
             offset,
             size,
             source,
         };
-        // SAFETY: fstat writes only into the local stat buffer.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid fd (borrowed) and a valid out pointer.
-        if unsafe { libc::fstat(raw, &mut st) } != 0 {
-            return Err(map_err(io::Error::last_os_error()));
-        }
-        if (st.st_mode & libc::S_IFMT) == libc::S_IFREG && (st.st_size as u64) < end {
-            return Err(bad("beyond the end of the file"));
-        }
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|&l| l <= isize::MAX as usize)
+            .ok_or(bad("too large"))?;
+        check_file_area(fd, offset, size).map_err(|e| match e {
+            FileAreaError::Unusable(why) => bad(why),
+            FileAreaError::Stat(e) => map_err(e),
+        })?;
         let off = libc::off_t::try_from(offset).map_err(|_| bad("offset too large"))?;
         // SAFETY: a fresh shared mapping at an address the kernel picks (no MAP_FIXED), so no
         // existing memory is affected; the result is checked below.

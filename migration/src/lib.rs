@@ -32,8 +32,10 @@
 //! [`Bitmap::mark_dirty`]: vm_memory::bitmap::Bitmap::mark_dirty
 
 mod dirty;
+mod file_area;
 mod grace;
 
 pub use dirty::{
     DirtyBitmap, DirtyBitmapSlice, DirtyLog, DirtyLogError, LogAttachment, LogMemory, LOG_PAGE_SIZE,
 };
+pub use file_area::{check_file_area, check_guest_region, page_size, FileAreaError, RegionDesc};

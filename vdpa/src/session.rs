@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use migration::{DirtyBitmap, DirtyLog, LogMemory};
+use migration::{check_guest_region, DirtyBitmap, DirtyLog, LogMemory, RegionDesc};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -328,7 +328,12 @@ impl<D: VdpaDevice> Session<D> {
     fn to_gpa(&self, user: u64, len: u64) -> Option<u64> {
         self.regions.iter().find_map(|r| {
             let off = user.checked_sub(r.user)?;
-            (off.checked_add(len)? <= r.size).then_some(r.gpa + off)
+            if off.checked_add(len)? > r.size {
+                return None;
+            }
+            // Checked although set_mem_table refuses regions that wrap: these are the
+            // frontend's numbers.
+            r.gpa.checked_add(off)
         })
     }
 
@@ -798,10 +803,31 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() != files.len() {
+            return Err(to_vu(self.invalid(format!(
+                "memory table of {} region(s) with {} fd(s)",
+                ctx.len(),
+                files.len()
+            ))));
+        }
         let mut regions = Vec::new();
         let mut table = Vec::new();
         for (r, file) in ctx.iter().zip(files) {
             let gpa = r.guest_phys_addr;
+            // The protocol shim checked this already; mapping a region larger than its
+            // file would raise SIGBUS at the first touch, so check again where we map.
+            let desc = RegionDesc {
+                guest_phys_addr: gpa,
+                memory_size: r.memory_size,
+                userspace_addr: r.user_addr,
+                mmap_offset: r.mmap_offset,
+            };
+            check_guest_region(file.as_fd(), &desc).map_err(|e| {
+                to_vu(self.invalid(format!(
+                    "memory region {gpa:#x}+{:#x} at file offset {:#x}: {e}",
+                    desc.memory_size, desc.mmap_offset
+                )))
+            })?;
             let mmap = r.mmap_region::<DirtyBitmap>(file)?;
             let region = GuestRegionMmap::new(mmap, GuestAddress(gpa))
                 .ok_or_else(|| to_vu(self.invalid(format!("memory region {gpa:#x} overflows"))))?;

@@ -657,6 +657,41 @@ fn memory_table_change_while_running_remaps_and_resumes() {
     assert_eq!(f.guest.used_heads(0), f.guest.posted[0]);
 }
 
+/// A memory table whose region is larger than its file (touching past the file's end would
+/// raise SIGBUS) or starts unaligned is refused before anything is mapped: the running
+/// device keeps its memory and goes on serving the guest.
+#[test]
+fn region_larger_than_file_is_refused() {
+    let mut f = setup(0);
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+    let before = f.dev.state().iotlb.clone();
+    let small = memfd(PAGE);
+    let oversized = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    let err = f
+        .session
+        .set_mem_table(&[oversized], vec![small], None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("beyond the end of the file"), "{err}");
+    let unaligned = VhostUserMemoryRegion::new(2, MEM - PAGE, USER + 2, 0);
+    let err = f
+        .session
+        .set_mem_table(&[unaligned], vec![f.guest.file.try_clone().unwrap()], None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("guest address not page-aligned"), "{err}");
+    assert_eq!(
+        f.dev.state().iotlb,
+        before,
+        "guest memory mapping untouched"
+    );
+    assert_eq!(f.session.mode(), Some(Mode::Direct));
+    f.guest.post(0);
+    assert_eq!(f.dev.process(0, 4, 64), 1);
+    assert_eq!(f.guest.used_heads(0), f.guest.posted[0]);
+}
+
 /// A device that fails to start on the shadow rings: the error says so, the shadow rings'
 /// IOVAs are unmapped again, and the port recovers in direct mode when logging stops.
 #[test]
