@@ -131,6 +131,7 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
         })?;
         pair.cpu = cfg.cpus.get(i).copied();
         pair.set_busy_poll(cfg.busy_poll);
+        pair.tx_wait = cfg.vf_tx_wait;
         pairs.push(pair);
     }
     Ok(Arc::new(Port::new(&cfg.name, pairs, stats)))

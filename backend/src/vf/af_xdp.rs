@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use super::sockopt::{self, last_err, setsockopt};
 use super::xdp_prog::{self, XdpProgram};
-use super::{VfError, VfStats};
+use super::{TxProgress, VfError, VfStats};
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
 use crate::offload;
 
@@ -536,15 +536,29 @@ impl XdpSocket {
         Ok(())
     }
 
-    /// Sends packets described like [`super::VfSocket::tx_batch`]'s: `pkts[i]` is the range of
-    /// `iovs` forming packet `i`, the first iovec being its 10-byte [`VnetHdr`]. Each packet is
-    /// copied into UMEM frames, segmented / checksummed in software as its header asks. Returns
-    /// how many packets were queued whole; the others were dropped and counted.
+    /// [`XdpSocket::try_tx_batch`], dropping (and counting in [`VfStats::tx_dropped`]) what
+    /// found no free transmit frame. Returns how many packets were queued whole.
     pub fn tx_batch(
         &mut self,
         iovs: &[libc::iovec],
         pkts: &[Range<usize>],
     ) -> Result<usize, VfError> {
+        let p = self.try_tx_batch(iovs, pkts)?;
+        self.stats.tx_dropped += (pkts.len() - p.settled) as u64;
+        Ok(p.accepted)
+    }
+
+    /// Sends packets described like [`super::VfSocket::tx_batch`]'s: `pkts[i]` is the range of
+    /// `iovs` forming packet `i`, the first iovec being its 10-byte [`VnetHdr`]. Each packet is
+    /// copied into UMEM frames, segmented / checksummed in software as its header asks, in
+    /// order, until no transmit frame is free even after reaping completions (the TX ring is
+    /// full): then [`TxProgress::full`] is set and the packets from [`TxProgress::settled`] on
+    /// were not queued.
+    pub fn try_tx_batch(
+        &mut self,
+        iovs: &[libc::iovec],
+        pkts: &[Range<usize>],
+    ) -> Result<TxProgress, VfError> {
         for (i, r) in pkts.iter().enumerate() {
             let bad = |reason| VfError::BadTxBatch {
                 ifname: self.ifname.clone(),
@@ -559,8 +573,7 @@ impl XdpSocket {
             }
         }
         self.reap();
-        let mut accepted = 0;
-        let mut queued_any = false;
+        let mut p = TxProgress::default();
         for r in pkts {
             let mut raw = [0u8; VNET_HDR_LEN];
             // SAFETY: the caller guarantees every iovec describes readable memory for the call;
@@ -585,19 +598,25 @@ impl XdpSocket {
             };
             match result {
                 Ok(()) => {
-                    accepted += 1;
-                    queued_any = true;
+                    p.accepted += 1;
                     self.stats.tx_packets += 1;
                     self.stats.tx_bytes += len as u64;
                 }
-                Err(TxDrop::NoFrame) => self.stats.tx_dropped += 1,
-                Err(TxDrop::Invalid) => self.stats.tx_invalid += 1,
+                Err(TxDrop::NoFrame) => {
+                    p.full = true;
+                    break;
+                }
+                Err(TxDrop::Invalid) => {
+                    p.refused += 1;
+                    self.stats.tx_invalid += 1;
+                }
             }
+            p.settled += 1;
         }
-        if queued_any {
+        if p.accepted > 0 {
             self.kick()?;
         }
-        Ok(accepted)
+        Ok(p)
     }
 
     /// Queues a frame that is already on the wire's scale (completing its checksum if asked).
@@ -765,7 +784,8 @@ impl XdpSocket {
 
 /// Why a transmit packet was not queued.
 enum TxDrop {
-    /// No free transmit frame (counted as a drop, like a full device queue).
+    /// No free transmit frame: the TX ring is full (tried again later, like a full device
+    /// queue).
     NoFrame,
     /// Malformed or oversized for `AF_XDP` (counted as invalid).
     Invalid,

@@ -25,7 +25,7 @@ mod sys;
 mod testnet;
 pub mod xdp_prog;
 
-pub use af_packet::{PacketSocket, RingConfig, VfStats, MAX_RX_PACKET, MAX_TX_BATCH};
+pub use af_packet::{PacketSocket, RingConfig, TxProgress, VfStats, MAX_RX_PACKET, MAX_TX_BATCH};
 pub use af_xdp::XdpSocket;
 pub use socket::{open_af_xdp, open_queues, VfMode, VfSocket};
 
