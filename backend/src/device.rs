@@ -177,6 +177,11 @@ impl NetDevice {
     pub fn resched_event_id(&self) -> u64 {
         self.num_queues() as u64 + 2
     }
+
+    /// Event id of a pair's VF counters timer.
+    pub fn counters_event_id(&self) -> u64 {
+        self.num_queues() as u64 + 3
+    }
 }
 
 impl Drop for NetDevice {
@@ -291,6 +296,12 @@ impl VhostUserBackend for NetDevice {
         let Some(stats) = self.port.stats.pairs.get(thread_id) else {
             return Ok(());
         };
+        if u64::from(device_event) == self.counters_event_id() {
+            if let Some(mut pair) = self.port.pair(thread_id) {
+                pair.count_vf_drops(stats);
+            }
+            return Ok(());
+        }
         let neg = self.negotiated();
         let mem = self.mem.memory();
         if let Some(mut pair) = self.port.pair(thread_id) {

@@ -14,12 +14,13 @@ use log::{error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::offload::RxOffloads;
 use crate::rx::{vf_to_guest, RxRing, RxStop};
 use crate::stats::{DropReason, PairStats};
 use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch};
-use crate::vf::VfSocket;
+use crate::vf::{VfSocket, VfStats};
 use crate::vring::needs_notification;
 use crate::GuestMemoryMmapB;
 
@@ -33,6 +34,8 @@ const RX_BATCH: usize = 64;
 /// default: a NIC drains a 1024-entry ring of full-size frames in about 1.2 ms at 10 Gb/s,
 /// so a queue that stays full longer is stuck, not busy.
 pub const DEFAULT_TX_WAIT: Duration = Duration::from_millis(2);
+/// How often a worker adds the VF socket's kernel counters to the pair's drops.
+pub const VF_COUNTERS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where a pair's packets go.
 pub enum Link {
@@ -66,6 +69,11 @@ pub struct QueuePair {
     tx_broken: bool,
     /// Written when a run ends with work left; registered in the worker's epoll.
     pub resched: EventFd,
+    /// Fires every [`VF_COUNTERS_INTERVAL`]; registered in the worker's epoll, which then
+    /// calls [`QueuePair::count_vf_drops`].
+    pub counters_timer: TimerFd,
+    /// The VF socket's counters as last added to the pair's drops.
+    vf_counted: VfStats,
     /// How long a full VF send queue may take nothing before its packets are dropped
     /// (`--vf-tx-wait-us`).
     pub tx_wait: Duration,
@@ -146,6 +154,12 @@ impl QueuePair {
             rx_broken: false,
             tx_broken: false,
             resched: EventFd::new(EFD_NONBLOCK)?,
+            counters_timer: {
+                let mut t = TimerFd::new()?;
+                t.reset(VF_COUNTERS_INTERVAL, Some(VF_COUNTERS_INTERVAL))?;
+                t
+            },
+            vf_counted: VfStats::default(),
             tx_wait: DEFAULT_TX_WAIT,
             cpu: None,
             pinned: false,
@@ -198,6 +212,31 @@ impl QueuePair {
                 );
             }
         }
+    }
+
+    /// Adds what the VF socket's kernel side lost since the last call to the pair's drops:
+    /// receive ring overflows ([`DropReason::Kernel`]), truncated or impossible frames
+    /// ([`DropReason::KernelTruncated`]) and transmit descriptors the kernel rejected
+    /// ([`DropReason::VfRefused`]). Called on the worker thread (the counters' only writer).
+    pub fn count_vf_drops(&mut self, stats: &PairStats) {
+        let _ = self.counters_timer.wait();
+        let Link::Vf(vf) = &self.link else { return };
+        let now = vf.stats();
+        let was = std::mem::replace(&mut self.vf_counted, now);
+        let truncated = |s: &VfStats| s.rx_truncated + s.rx_invalid + s.rx_copy_failed;
+        let delta = |a: u64, b: u64| a.saturating_sub(b);
+        stats.rx.add_drops(
+            DropReason::Kernel,
+            delta(now.kernel_rx_drops, was.kernel_rx_drops),
+        );
+        stats.rx.add_drops(
+            DropReason::KernelTruncated,
+            delta(truncated(&now), truncated(&was)),
+        );
+        stats.tx.add_drops(
+            DropReason::VfRefused,
+            delta(now.kernel_tx_invalid, was.kernel_tx_invalid),
+        );
     }
 
     /// Pins the calling worker thread to this pair's CPU, once per connection.

@@ -399,6 +399,15 @@ fn new_session(
                 dev.resched_event_id(),
             )
             .map_err(|e| io_err(e, "its reschedule event"))?;
+        if let Link::Vf(_) = &pair.link {
+            handler
+                .register_listener(
+                    pair.counters_timer.as_raw_fd(),
+                    EventSet::IN,
+                    dev.counters_event_id(),
+                )
+                .map_err(|e| io_err(e, "its counters timer"))?;
+        }
     }
     Ok((daemon, dev))
 }

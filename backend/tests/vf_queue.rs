@@ -110,3 +110,94 @@ fn stuck_vf_send_queue_drops_after_the_wait_bound() {
     );
     assert!(stats_field(&line, "retries") > 0, "{line}");
 }
+
+/// `vf0`'s receive counter in the namespace: every frame the veth handed up, which the
+/// relay's socket either got in its ring or saw the kernel drop.
+fn vf0_rx_packets(ns: &NetNs) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name, "cat"])
+        .arg("/sys/class/net/vf0/statistics/rx_packets")
+        .output()
+        .expect("read vf0's counter");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn kernel_ring_overflow_is_counted_af_packet() {
+    kernel_drops_are_counted("af-packet");
+}
+
+#[test]
+fn kernel_ring_overflow_is_counted_af_xdp() {
+    kernel_drops_are_counted("af-xdp");
+}
+
+/// The wire floods the VF while the guest posts no RX buffers: the socket's ring fills and
+/// the kernel drops the rest. Those drops show in the stats lines as `drop_kernel`, and with
+/// what the guest then receives they add up to what reached the VF.
+fn kernel_drops_are_counted(mode: &str) {
+    const N: u64 = 3000;
+    let ns = NetNs::new(&format!("kdrop-{mode}"));
+    // Nothing but the test's frames on the link: no IPv6 autoconfiguration chatter.
+    for dev in ["all", "default", "vf0", "wire0"] {
+        let st = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sysctl", "-qw"])
+            .arg(format!("net.ipv6.conf.{dev}.disable_ipv6=1"))
+            .status()
+            .expect("sysctl");
+        assert!(st.success());
+    }
+    let dir = temp_dir(&format!("kdrop-{mode}"));
+    let be = start(&ns, &dir, "vf0", &["--vf-mode", mode]);
+    let log = dir.join("vr.log");
+    let mut f = TestFrontend::connect(&dir.join("vr.sock"), 1, VIRTIO_NET_F_MRG_RXBUF);
+    let want = if mode == "af-xdp" {
+        "AF_XDP ("
+    } else {
+        "AF_PACKET ("
+    };
+    assert!(wait_for(T, || std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(want)));
+
+    let before = vf0_rx_packets(&ns);
+    ns.enter(|| {
+        let raw = RawSocket::open("wire0", false);
+        for i in 0..N {
+            raw.send(&frame(i as u16, 200));
+        }
+    });
+    let arrived = vf0_rx_packets(&ns) - before;
+    assert!(arrived > 0);
+
+    // Now the guest takes what the ring held.
+    let (mut delivered, mut slot) = (0u64, 0u16);
+    let mut line = String::new();
+    let start = Instant::now();
+    while start.elapsed() < T {
+        while f.queues[0].room() > 0 {
+            f.post(0, &[(TestFrontend::buf_addr(0, slot), 2048, true)]);
+            slot = (slot + 1) % QUEUE_SIZE;
+        }
+        f.kick(0);
+        for (_, len) in f.wait_used(0, 1, Duration::from_millis(50)) {
+            assert!(len > 12);
+            delivered += 1;
+        }
+        line = stats_line(&be.0, &log, 0);
+        if delivered + stats_field(&line, "drop_kernel") >= arrived {
+            break;
+        }
+    }
+    let kernel = stats_field(&line, "drop_kernel");
+    assert!(kernel > 0, "the ring overflowed: {line}");
+    assert_eq!(
+        delivered + kernel,
+        arrived,
+        "every frame that reached the VF was delivered or counted as a kernel drop: {line}"
+    );
+    assert_eq!(stats_field(&line, "drops"), kernel, "{line}");
+}

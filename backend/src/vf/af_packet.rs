@@ -171,8 +171,12 @@ pub struct VfStats {
     pub tx_invalid: u64,
     /// Packets the kernel offered to this socket (`tp_packets`, drops included).
     pub kernel_rx_packets: u64,
-    /// Packets the kernel dropped because the ring was full (`tp_drops`).
+    /// Packets the kernel dropped because the ring was full (`tp_drops`; for `AF_XDP`
+    /// `rx_dropped + rx_ring_full`).
     pub kernel_rx_drops: u64,
+    /// `AF_XDP` transmit descriptors the kernel rejected (`tx_invalid_descs`, also in
+    /// `tx_invalid`); always 0 for `AF_PACKET`, whose refusals are `sendmmsg` errors.
+    pub kernel_tx_invalid: u64,
 }
 
 /// What one transmit attempt did with a list of packets, which it takes in order.

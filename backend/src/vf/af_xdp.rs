@@ -767,11 +767,15 @@ impl XdpSocket {
         };
         let mut out = self.stats;
         if rc == 0 {
-            let drops = st.rx_dropped + st.rx_ring_full + st.rx_fill_ring_empty_descs;
+            // A packet the kernel could not place is counted once, in `rx_dropped` (no free
+            // UMEM frame) or `rx_ring_full`; `rx_fill_ring_empty_descs` counts the same
+            // failed allocations again and is left out.
+            let drops = st.rx_dropped + st.rx_ring_full;
             out.kernel_rx_drops = drops;
             out.kernel_rx_packets = out.rx_packets + drops;
             out.rx_invalid += st.rx_invalid_descs;
             out.tx_invalid += st.tx_invalid_descs;
+            out.kernel_tx_invalid = st.tx_invalid_descs;
         }
         out
     }
