@@ -74,6 +74,10 @@ pub struct QueuePair {
     pub counters_timer: TimerFd,
     /// The VF socket's counters as last added to the pair's drops.
     vf_counted: VfStats,
+    /// The VF is gone (deleted; its sockets are bound to an index that no longer exists):
+    /// the guest's packets are dropped as [`DropReason::VfDown`] until it is re-opened.
+    /// An `AF_XDP` socket would otherwise take them onto its TX ring and lose them unseen.
+    pub vf_gone: bool,
     /// How long a full VF send queue may take nothing before its packets are dropped
     /// (`--vf-tx-wait-us`).
     pub tx_wait: Duration,
@@ -160,6 +164,7 @@ impl QueuePair {
                 t
             },
             vf_counted: VfStats::default(),
+            vf_gone: false,
             tx_wait: DEFAULT_TX_WAIT,
             cpu: None,
             pinned: false,
@@ -212,6 +217,15 @@ impl QueuePair {
                 );
             }
         }
+    }
+
+    /// Serves the pair from `vf` from now on (the VF was re-created); the old socket closes.
+    pub fn replace_vf(&mut self, vf: VfSocket) {
+        self.link = Link::Vf(Box::new(vf));
+        self.vf_counted = VfStats::default();
+        self.vf_gone = false;
+        // Frames may be waiting on the new socket already, with no edge to come for them.
+        let _ = self.resched.write(1);
     }
 
     /// Adds what the VF socket's kernel side lost since the last call to the pair's drops:
@@ -335,6 +349,15 @@ impl QueuePair {
             if tx_on && !self.tx_broken {
                 let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
                 let result = match &mut self.link {
+                    Link::Vf(_) if self.vf_gone => {
+                        let batch = &mut self.batch;
+                        batch
+                            .gather(tx_queue, mem, neg.hdr_len, &stats.tx)
+                            .and_then(|n| {
+                                stats.tx.add_drops(DropReason::VfDown, batch.len() as u64);
+                                batch.complete(tx_queue, mem).map(|()| n)
+                            })
+                    }
                     Link::Vf(vf) => guest_to_vf(
                         tx_queue,
                         mem,

@@ -22,7 +22,8 @@ use crate::device::{NetDevice, Port};
 use crate::protocol_shim;
 use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
-use crate::vf::{interface_info, open_queues, RingConfig};
+use crate::vf::watch::LinkWatch;
+use crate::vf::{if_index, interface_info, open_queues, RingConfig};
 
 /// How long a client-mode port waits between attempts to reach its frontend.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -83,6 +84,7 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
         LinkConfig::Loopback => None,
     };
     let mut pairs = Vec::with_capacity(cfg.queues);
+    let mut vf_index = None;
     if let Some(vf) = vf {
         let vf_err = |source| ServerError::Vf {
             port: cfg.name.clone(),
@@ -90,6 +92,7 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
             source,
         };
         let info = interface_info(vf).map_err(vf_err)?;
+        vf_index = Some(info.index);
         info!(
             "port {}: VF {vf} (index {}, mtu {}, mac {}) with {} queue pair(s), promiscuous",
             cfg.name,
@@ -134,7 +137,91 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
         pair.tx_wait = cfg.vf_tx_wait;
         pairs.push(pair);
     }
-    Ok(Arc::new(Port::new(&cfg.name, pairs, stats)))
+    let port = Arc::new(Port::new(&cfg.name, pairs, stats));
+    if let (Some(vf), Some(index)) = (vf, vf_index) {
+        spawn_vf_watch(cfg.clone(), port.clone(), vf.clone(), index);
+    }
+    Ok(port)
+}
+
+/// Watches the port's VF by name (rtnetlink) and re-opens its sockets, in the same mode and
+/// with a fresh fanout group, when it reappears with another index (deleted and created
+/// again, e.g. by a driver reset). Until then its sockets, bound to the old index, drop what
+/// the guest sends (`vf_down`).
+fn spawn_vf_watch(cfg: PortConfig, port: Arc<Port>, vf: String, index: u32) {
+    let port_name = cfg.name.clone();
+    let name = format!("vf-watch-{port_name}");
+    let spawned = thread::Builder::new().name(name).spawn(move || {
+        let mut watch = match LinkWatch::open() {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(
+                    "port {}: cannot watch VF {vf} for re-creation (rtnetlink): {e}",
+                    cfg.name
+                );
+                return;
+            }
+        };
+        let mut index = index;
+        let mut generation = 0u16;
+        let mut gone = false;
+        loop {
+            let links = match watch.wait() {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!("port {}: VF {vf}: rtnetlink watch ended: {e}", cfg.name);
+                    return;
+                }
+            };
+            // An empty batch may be a lost one: look the name up then too.
+            if !links.is_empty() && !links.iter().any(|l| l.name == vf) {
+                continue;
+            }
+            let Ok(now) = if_index(&vf) else {
+                if !gone {
+                    info!(
+                        "port {}: VF {vf} is gone; dropping its traffic until it is back",
+                        cfg.name
+                    );
+                    port.mark_vf_gone();
+                    gone = true;
+                }
+                continue;
+            };
+            if now == index {
+                continue;
+            }
+            info!(
+                "port {}: VF {vf} re-created (index {index} -> {now}); re-opening its sockets",
+                cfg.name
+            );
+            generation = generation.wrapping_add(1);
+            // The old sockets' group is tied to the old device until they close.
+            let fanout =
+                (cfg.queues > 1).then(|| fanout_group_id(&cfg.name).wrapping_add(generation));
+            match open_queues(
+                &cfg.name,
+                &vf,
+                cfg.queues,
+                cfg.vf_mode,
+                fanout,
+                &RingConfig::default(),
+            ) {
+                Ok(socks) => {
+                    port.replace_vf(socks);
+                    index = now;
+                    gone = false;
+                }
+                Err(e) => warn!(
+                    "port {}: VF {vf}: cannot re-open ({e}); trying again on its next change",
+                    cfg.name
+                ),
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        warn!("port {port_name}: cannot start the VF watch thread: {e}");
+    }
 }
 
 fn fanout_group_id(name: &str) -> u16 {
@@ -276,6 +363,10 @@ fn run_session(
         Err(e) => warn!("port {}: frontend connection ended: {e}", cfg.name),
     }
     stop_workers(&daemon);
+    port.handlers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     if let Some(h) = daemon.shutdown_handle() {
         h.shutdown();
     }
@@ -376,6 +467,8 @@ fn new_session(
         }
     })?;
     let handlers = daemon.get_epoll_handlers();
+    // Held while registering, so a VF re-opened meanwhile is registered here or there.
+    let mut current = port.handlers.lock().unwrap_or_else(|e| e.into_inner());
     for (i, handler) in handlers.iter().enumerate() {
         let Some(pair) = port.pair(i) else { continue };
         let io_err = |source, what: &str| ServerError::Io {
@@ -409,6 +502,8 @@ fn new_session(
                 .map_err(|e| io_err(e, "its counters timer"))?;
         }
     }
+    *current = handlers;
+    drop(current);
     Ok((daemon, dev))
 }
 

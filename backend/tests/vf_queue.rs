@@ -201,3 +201,146 @@ fn kernel_drops_are_counted(mode: &str) {
     );
     assert_eq!(stats_field(&line, "drops"), kernel, "{line}");
 }
+
+#[test]
+fn recreated_vf_is_reopened_af_packet() {
+    recreated_vf_is_reopened("af-packet");
+}
+
+#[test]
+fn recreated_vf_is_reopened_af_xdp() {
+    recreated_vf_is_reopened("af-xdp");
+}
+
+/// Sends guest frame `seq` and waits up to `within` for it on the wire; the chain always
+/// comes back to the guest.
+fn guest_frame_reaches_wire(
+    f: &mut TestFrontend,
+    wire: &std::sync::mpsc::Receiver<Vec<u8>>,
+    seq: u16,
+    within: Duration,
+) -> bool {
+    let p = frame(seq, 100);
+    f.post_tx(1, TestFrontend::buf_addr(1, seq % QUEUE_SIZE), &p);
+    f.kick(1);
+    assert_eq!(f.wait_used(1, 1, T).len(), 1, "the chain comes back");
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Ok(got) = wire.recv_timeout(Duration::from_millis(20)) {
+            if got == p {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Captures test frames on `wire0` into a channel, re-opening its socket whenever the
+/// interface is gone (it goes with its veth peer), until `stop` is set.
+fn capture(
+    ns: &NetNs,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let nsf = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let open = || {
+            let c = std::ffi::CString::new("wire0").unwrap();
+            // SAFETY: a valid C string.
+            (unsafe { libc::if_nametoindex(c.as_ptr()) } > 0)
+                .then(|| RawSocket::open("wire0", false))
+        };
+        let mut sock = None;
+        let mut index = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let c = std::ffi::CString::new("wire0").unwrap();
+            // SAFETY: a valid C string.
+            let now = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            if now != index {
+                sock = open();
+                index = now;
+            }
+            match sock.as_ref().map(|s| s.recv()) {
+                Some(Some(fr)) if is_test_frame(&fr) => {
+                    let _ = tx.send(fr);
+                }
+                Some(_) => {}
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    rx
+}
+
+/// The VF is deleted and created again under the same name (a new index) while the guest
+/// sends: the guest's packets are dropped as `vf_down` meanwhile, and once the VF is back,
+/// the port re-opens its sockets and traffic flows again, on the same connection.
+fn recreated_vf_is_reopened(mode: &str) {
+    let ns = NetNs::new(&format!("recr-{mode}"));
+    let dir = temp_dir(&format!("recr-{mode}"));
+    let be = start(&ns, &dir, "vf0", &["--vf-mode", mode]);
+    let log = dir.join("vr.log");
+    let mut f = TestFrontend::connect(&dir.join("vr.sock"), 1, VIRTIO_NET_F_MRG_RXBUF);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let wire = capture(&ns, stop.clone());
+    let mut seq = 0u16;
+    let mut next = || {
+        seq += 1;
+        seq
+    };
+    assert!(
+        (0..50).any(|_| guest_frame_reaches_wire(
+            &mut f,
+            &wire,
+            next(),
+            Duration::from_millis(200)
+        )),
+        "traffic flows before"
+    );
+
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &ns.name])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["link", "del", "vf0"]);
+    // The relay learns of it from rtnetlink (AF_XDP) or the next send (AF_PACKET).
+    assert!(
+        wait_for(T, || {
+            // Sent and returned; whether it may still leave is what the counter says.
+            let _ = guest_frame_reaches_wire(&mut f, &wire, next(), Duration::ZERO);
+            stats_field(&stats_line(&be.0, &log, 1), "drop_vf_down") > 0
+        }),
+        "what the guest sends while the VF is gone is dropped as vf_down"
+    );
+
+    ip(&[
+        "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
+    ]);
+    ip(&["link", "set", "vf0", "up"]);
+    ip(&["link", "set", "wire0", "up"]);
+    assert!(
+        wait_for(T, || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("re-created")),
+        "the re-creation is logged"
+    );
+    let back = (0..100)
+        .any(|_| guest_frame_reaches_wire(&mut f, &wire, next(), Duration::from_millis(200)));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        back,
+        "traffic flows again: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
