@@ -12,7 +12,7 @@
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
 //! busy_poll_us = 50                      # optional: longest busy-poll of an idle pair (0: off)
 //! vf_mode = "auto"                      # optional: af-packet (default), af-xdp or auto
-//! vf_tx_wait_us = 2000                  # optional: how long a full VF send queue may stall (0: drop)
+//! vf_tx_wait_us = 2000                  # optional: longest stall of a full VF send queue (0: drop)
 //! ```
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
@@ -328,6 +328,7 @@ mod tests {
             cpus = "0-1"
             busy_poll_us = 0
             vf_mode = "auto"
+            vf_tx_wait_us = 500
             [[port]]
             name = "lb"
             socket = "/run/vr/lb.sock"
@@ -351,6 +352,8 @@ mod tests {
         assert_eq!(ports[0].cpus, vec![0, 1]);
         assert_eq!(ports[0].busy_poll, std::time::Duration::ZERO);
         assert_eq!(ports[1].busy_poll, crate::queue_pair::DEFAULT_BUSY_POLL);
+        assert_eq!(ports[0].vf_tx_wait, std::time::Duration::from_micros(500));
+        assert_eq!(ports[1].vf_tx_wait, crate::queue_pair::DEFAULT_TX_WAIT);
         assert_eq!(ports[0].vf_mode, VfMode::Auto);
         assert_eq!(ports[1].vf_mode, VfMode::AfPacket, "the default");
         assert_eq!(
@@ -405,6 +408,10 @@ mod tests {
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nbusy_poll_us=100001\n",
                 "busy-poll time must be at most 100000 us",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nvf_tx_wait_us=10000001\n",
+                "VF transmit wait must be at most 10000000 us",
             ),
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nvf_mode='dpdk'\n",

@@ -150,77 +150,94 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
 /// the guest sends (`vf_down`).
 fn spawn_vf_watch(cfg: PortConfig, port: Arc<Port>, vf: String, index: u32) {
     let port_name = cfg.name.clone();
-    let name = format!("vf-watch-{port_name}");
-    let spawned = thread::Builder::new().name(name).spawn(move || {
+    let state = VfWatch {
+        cfg,
+        port: port.clone(),
+        vf,
+        index,
+        generation: 0,
+        gone: false,
+    };
+    let spawned = thread::Builder::new()
+        .name(format!("vf-watch-{port_name}"))
+        .spawn(move || state.run());
+    if let Err(e) = spawned {
+        warn!("port {}: cannot start the VF watch thread: {e}", port.name);
+    }
+}
+
+/// What the VF watch of one port knows.
+struct VfWatch {
+    cfg: PortConfig,
+    port: Arc<Port>,
+    vf: String,
+    /// The index the port's sockets are bound to.
+    index: u32,
+    /// Re-opens so far, for a fanout group id of its own each time: the old sockets' group
+    /// stays tied to the old device until they close.
+    generation: u16,
+    gone: bool,
+}
+
+impl VfWatch {
+    /// Follows the link messages until the netlink socket fails.
+    fn run(mut self) {
+        let name = self.cfg.name.clone();
         let mut watch = match LinkWatch::open() {
             Ok(w) => w,
             Err(e) => {
-                warn!(
-                    "port {}: cannot watch VF {vf} for re-creation (rtnetlink): {e}",
-                    cfg.name
-                );
+                warn!("port {name}: cannot watch its VF for re-creation (rtnetlink): {e}");
                 return;
             }
         };
-        let mut index = index;
-        let mut generation = 0u16;
-        let mut gone = false;
         loop {
-            let links = match watch.wait() {
-                Ok(l) => l,
+            match watch.wait() {
+                // An empty batch may be a lost one: look the name up then too.
+                Ok(links) if links.is_empty() || links.iter().any(|l| l.name == self.vf) => {
+                    self.check()
+                }
+                Ok(_) => {}
                 Err(e) => {
-                    warn!("port {}: VF {vf}: rtnetlink watch ended: {e}", cfg.name);
+                    warn!("port {name}: rtnetlink watch of its VF ended: {e}");
                     return;
                 }
-            };
-            // An empty batch may be a lost one: look the name up then too.
-            if !links.is_empty() && !links.iter().any(|l| l.name == vf) {
-                continue;
-            }
-            let Ok(now) = if_index(&vf) else {
-                if !gone {
-                    info!(
-                        "port {}: VF {vf} is gone; dropping its traffic until it is back",
-                        cfg.name
-                    );
-                    port.mark_vf_gone();
-                    gone = true;
-                }
-                continue;
-            };
-            if now == index {
-                continue;
-            }
-            info!(
-                "port {}: VF {vf} re-created (index {index} -> {now}); re-opening its sockets",
-                cfg.name
-            );
-            generation = generation.wrapping_add(1);
-            // The old sockets' group is tied to the old device until they close.
-            let fanout =
-                (cfg.queues > 1).then(|| fanout_group_id(&cfg.name).wrapping_add(generation));
-            match open_queues(
-                &cfg.name,
-                &vf,
-                cfg.queues,
-                cfg.vf_mode,
-                fanout,
-                &RingConfig::default(),
-            ) {
-                Ok(socks) => {
-                    port.replace_vf(socks);
-                    index = now;
-                    gone = false;
-                }
-                Err(e) => warn!(
-                    "port {}: VF {vf}: cannot re-open ({e}); trying again on its next change",
-                    cfg.name
-                ),
             }
         }
-    });
-    if let Err(e) = spawned {
-        warn!("port {port_name}: cannot start the VF watch thread: {e}");
+    }
+
+    /// Looks the VF up by name: gone, the same, or re-created (then re-opened).
+    fn check(&mut self) {
+        let name = &self.cfg.name;
+        let vf = &self.vf;
+        let Ok(now) = if_index(vf) else {
+            if !self.gone {
+                info!("port {name}: VF {vf} is gone; dropping its traffic until it is back");
+                self.port.mark_vf_gone();
+                self.gone = true;
+            }
+            return;
+        };
+        if now == self.index {
+            return;
+        }
+        info!(
+            "port {name}: VF {vf} re-created (index {} -> {now}); re-opening its sockets",
+            self.index
+        );
+        self.generation = self.generation.wrapping_add(1);
+        let fanout =
+            (self.cfg.queues > 1).then(|| fanout_group_id(name).wrapping_add(self.generation));
+        let ring = RingConfig::default();
+        match open_queues(name, vf, self.cfg.queues, self.cfg.vf_mode, fanout, &ring) {
+            Ok(socks) => {
+                self.port.replace_vf(socks);
+                self.index = now;
+                self.gone = false;
+            }
+            Err(e) => {
+                warn!("port {name}: VF {vf}: cannot re-open ({e}); trying again on its next change")
+            }
+        }
     }
 }
 
