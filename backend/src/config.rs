@@ -12,6 +12,7 @@
 //! cpus = "2-3"                          # optional: pin queue pair i to the i-th cpu listed
 //! busy_poll_us = 50                      # optional: longest busy-poll of an idle pair (0: off)
 //! vf_mode = "auto"                      # optional: af-packet (default), af-xdp or auto
+//! vf_tx_wait_us = 2000                  # optional: longest stall of a full VF send queue (0: drop)
 //! ```
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
@@ -74,11 +75,17 @@ pub struct PortConfig {
     pub busy_poll: std::time::Duration,
     /// Socket kind on the VF (ignored for loopback ports).
     pub vf_mode: VfMode,
+    /// How long a full VF send queue may take nothing before its packets are dropped.
+    pub vf_tx_wait: std::time::Duration,
 }
 
 /// Upper bound of `busy_poll_us`: beyond this a pair is better off pinned and polling
 /// for good, which is not what this knob is for.
 pub const MAX_BUSY_POLL_US: u64 = 100_000;
+
+/// Upper bound of `vf_tx_wait_us`: a guest's TX queue held longer than this stalls its
+/// TCP retransmission timers rather than sparing them a loss.
+pub const MAX_VF_TX_WAIT_US: u64 = 10_000_000;
 
 /// One `[[port]]` table as written; unknown keys are errors, so a typo cannot pass silently.
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +104,7 @@ pub struct PortSpec {
     pub cpus: Option<String>,
     pub busy_poll_us: Option<u64>,
     pub vf_mode: Option<String>,
+    pub vf_tx_wait_us: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +192,14 @@ impl PortSpec {
                 "busy-poll time must be at most {MAX_BUSY_POLL_US} us, not {busy_poll_us}"
             )));
         }
+        let vf_tx_wait_us = self
+            .vf_tx_wait_us
+            .unwrap_or(crate::queue_pair::DEFAULT_TX_WAIT.as_micros() as u64);
+        if vf_tx_wait_us > MAX_VF_TX_WAIT_US {
+            return Err(bad(format!(
+                "VF transmit wait must be at most {MAX_VF_TX_WAIT_US} us, not {vf_tx_wait_us}"
+            )));
+        }
         let vf_mode = match (self.vf_mode.as_deref(), &link) {
             (None, _) => VfMode::default(),
             (Some(_), LinkConfig::Loopback) => {
@@ -213,6 +229,7 @@ impl PortSpec {
             cpus,
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
             vf_mode,
+            vf_tx_wait: std::time::Duration::from_micros(vf_tx_wait_us),
         })
     }
 }
@@ -311,6 +328,7 @@ mod tests {
             cpus = "0-1"
             busy_poll_us = 0
             vf_mode = "auto"
+            vf_tx_wait_us = 500
             [[port]]
             name = "lb"
             socket = "/run/vr/lb.sock"
@@ -334,6 +352,8 @@ mod tests {
         assert_eq!(ports[0].cpus, vec![0, 1]);
         assert_eq!(ports[0].busy_poll, std::time::Duration::ZERO);
         assert_eq!(ports[1].busy_poll, crate::queue_pair::DEFAULT_BUSY_POLL);
+        assert_eq!(ports[0].vf_tx_wait, std::time::Duration::from_micros(500));
+        assert_eq!(ports[1].vf_tx_wait, crate::queue_pair::DEFAULT_TX_WAIT);
         assert_eq!(ports[0].vf_mode, VfMode::Auto);
         assert_eq!(ports[1].vf_mode, VfMode::AfPacket, "the default");
         assert_eq!(
@@ -388,6 +408,10 @@ mod tests {
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nbusy_poll_us=100001\n",
                 "busy-poll time must be at most 100000 us",
+            ),
+            (
+                "[[port]]\nsocket='/a'\nvf='x'\nvf_tx_wait_us=10000001\n",
+                "VF transmit wait must be at most 10000000 us",
             ),
             (
                 "[[port]]\nsocket='/a'\nvf='x'\nvf_mode='dpdk'\n",

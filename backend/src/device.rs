@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
@@ -23,8 +23,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::offload::RxOffloads;
-use crate::queue_pair::{Negotiated, QueuePair};
+use crate::queue_pair::{Link, Negotiated, QueuePair};
 use crate::stats::PortStats;
+use crate::vf::VfSocket;
 use crate::{GuestMemoryAtomicB, GuestMemoryMmapB};
 
 /// Ring size QEMU may ask for (its `rx_queue_size`/`tx_queue_size` go up to 1024).
@@ -88,11 +89,18 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::RARP
 }
 
+/// A worker's epoll handler (one per queue pair and session).
+pub type Handler = vhost_user_backend::VringEpollHandler<Arc<NetDevice>>;
+
 /// A port's queue pairs and counters: created once, kept across frontend connections.
 pub struct Port {
     pub name: String,
     pub pairs: Vec<Mutex<QueuePair>>,
     pub stats: Arc<PortStats>,
+    /// The current session's worker epoll handlers (empty between sessions), so that VF
+    /// sockets re-opened meanwhile ([`Port::replace_vf`]) are watched by their worker.
+    /// Taken before any pair's lock.
+    pub handlers: Mutex<Vec<Arc<Handler>>>,
     /// vDPA mode: the device, opened (and owned) once for the port's life; a session takes
     /// it and gives it back when its frontend goes away. `None` inside while a session runs.
     pub vdpa: Option<Mutex<Option<vdpa::KernelDevice>>>,
@@ -104,6 +112,7 @@ impl Port {
             name: name.to_string(),
             pairs: pairs.into_iter().map(Mutex::new).collect(),
             stats,
+            handlers: Mutex::new(Vec::new()),
             vdpa: None,
         }
     }
@@ -114,7 +123,45 @@ impl Port {
             name: name.to_string(),
             pairs: Vec::new(),
             stats,
+            handlers: Mutex::new(Vec::new()),
             vdpa: Some(Mutex::new(Some(dev))),
+        }
+    }
+
+    /// Event id of a pair's VF socket in its worker's epoll (ids up to the queue count are
+    /// the library's).
+    pub fn vf_event_id(&self) -> u64 {
+        2 * self.pairs.len() as u64 + 1
+    }
+
+    /// Puts new VF sockets (one per pair, as [`crate::vf::open_queues`] opened them) in
+    /// place of the pairs' old ones, moving the running session's epoll watch over.
+    pub fn replace_vf(&self, socks: Vec<VfSocket>) {
+        let handlers = self.handlers.lock().unwrap_or_else(|e| e.into_inner());
+        let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
+        for (i, sock) in socks.into_iter().enumerate() {
+            let Some(mut pair) = self.pair(i) else { break };
+            if let Some(h) = handlers.get(i) {
+                if let Link::Vf(old) = &pair.link {
+                    let _ = h.unregister_listener(old.as_raw_fd(), events, self.vf_event_id());
+                }
+                if let Err(e) = h.register_listener(sock.as_raw_fd(), events, self.vf_event_id()) {
+                    warn!(
+                        "port {} pair {i}: cannot watch the re-opened VF socket: {e}",
+                        self.name
+                    );
+                }
+            }
+            pair.replace_vf(sock);
+        }
+    }
+
+    /// The VF is gone: every pair drops the guest's packets until [`Port::replace_vf`].
+    pub fn mark_vf_gone(&self) {
+        for i in 0..self.pairs.len() {
+            if let Some(mut pair) = self.pair(i) {
+                pair.vf_gone = true;
+            }
         }
     }
 
@@ -170,12 +217,17 @@ impl NetDevice {
     /// Event id of a pair's VF socket in its worker's epoll (ids up to `num_queues` are the
     /// library's).
     pub fn vf_event_id(&self) -> u64 {
-        self.num_queues() as u64 + 1
+        self.port.vf_event_id()
     }
 
     /// Event id of a pair's reschedule eventfd.
     pub fn resched_event_id(&self) -> u64 {
         self.num_queues() as u64 + 2
+    }
+
+    /// Event id of a pair's VF counters timer.
+    pub fn counters_event_id(&self) -> u64 {
+        self.num_queues() as u64 + 3
     }
 }
 
@@ -313,6 +365,12 @@ impl VhostUserBackend for NetDevice {
         let Some(stats) = self.port.stats.pairs.get(thread_id) else {
             return Ok(());
         };
+        if u64::from(device_event) == self.counters_event_id() {
+            if let Some(mut pair) = self.port.pair(thread_id) {
+                pair.count_vf_drops(stats);
+            }
+            return Ok(());
+        }
         let neg = self.negotiated();
         let mem = self.mem.memory();
         if let Some(mut pair) = self.port.pair(thread_id) {

@@ -64,8 +64,13 @@ struct Cli {
     /// allows it, else AF_PACKET; the choice and the reason are logged).
     #[arg(long, value_name = "MODE", conflicts_with = "loopback")]
     vf_mode: Option<String>,
+    /// How long (microseconds, default 2000) a full VF send queue may take nothing before
+    /// the guest's packets waiting for it are dropped; until then they stay in the guest's
+    /// ring and are sent again (counted as retries). 0 drops at once.
+    #[arg(long, value_name = "US")]
+    vf_tx_wait_us: Option<u64>,
     /// Serve every [[port]] of a TOML file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode", "busy_poll_us"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode", "busy_poll_us", "vf_tx_wait_us"])]
     config: Option<PathBuf>,
     /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
     #[arg(long)]
@@ -202,6 +207,7 @@ fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError
         cpus: cli.cpu_list,
         busy_poll_us: cli.busy_poll_us,
         vf_mode: cli.vf_mode,
+        vf_tx_wait_us: cli.vf_tx_wait_us,
     };
     let port = spec.validate(origin)?;
     if let SocketMode::Listen(path) = &port.socket {

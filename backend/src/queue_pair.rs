@@ -14,12 +14,13 @@ use log::{error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::offload::RxOffloads;
 use crate::rx::{vf_to_guest, RxRing, RxStop};
-use crate::stats::PairStats;
+use crate::stats::{DropReason, PairStats};
 use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch};
-use crate::vf::VfSocket;
+use crate::vf::{VfSocket, VfStats};
 use crate::vring::needs_notification;
 use crate::GuestMemoryMmapB;
 
@@ -29,6 +30,12 @@ const ROUNDS_PER_RUN: usize = 16;
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(50);
 /// Frames taken from the VF per RX batch.
 const RX_BATCH: usize = 64;
+/// How long a full VF send queue may take nothing before what it refuses is dropped by
+/// default: a NIC drains a 1024-entry ring of full-size frames in about 1.2 ms at 10 Gb/s,
+/// so a queue that stays full longer is stuck, not busy.
+pub const DEFAULT_TX_WAIT: Duration = Duration::from_millis(2);
+/// How often a worker adds the VF socket's kernel counters to the pair's drops.
+pub const VF_COUNTERS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where a pair's packets go.
 pub enum Link {
@@ -62,6 +69,18 @@ pub struct QueuePair {
     tx_broken: bool,
     /// Written when a run ends with work left; registered in the worker's epoll.
     pub resched: EventFd,
+    /// Fires every [`VF_COUNTERS_INTERVAL`]; registered in the worker's epoll, which then
+    /// calls [`QueuePair::count_vf_drops`].
+    pub counters_timer: TimerFd,
+    /// The VF socket's counters as last added to the pair's drops.
+    vf_counted: VfStats,
+    /// The VF is gone (deleted; its sockets are bound to an index that no longer exists):
+    /// the guest's packets are dropped as [`DropReason::VfDown`] until it is re-opened.
+    /// An `AF_XDP` socket would otherwise take them onto its TX ring and lose them unseen.
+    pub vf_gone: bool,
+    /// How long a full VF send queue may take nothing before its packets are dropped
+    /// (`--vf-tx-wait-us`).
+    pub tx_wait: Duration,
     /// CPU to pin this pair's worker thread to (`--cpu-list`).
     pub cpu: Option<usize>,
     /// Whether the current worker thread is pinned already (workers are per connection).
@@ -139,6 +158,14 @@ impl QueuePair {
             rx_broken: false,
             tx_broken: false,
             resched: EventFd::new(EFD_NONBLOCK)?,
+            counters_timer: {
+                let mut t = TimerFd::new()?;
+                t.reset(VF_COUNTERS_INTERVAL, Some(VF_COUNTERS_INTERVAL))?;
+                t
+            },
+            vf_counted: VfStats::default(),
+            vf_gone: false,
+            tx_wait: DEFAULT_TX_WAIT,
             cpu: None,
             pinned: false,
             spin: Spin::new(DEFAULT_BUSY_POLL),
@@ -160,6 +187,7 @@ impl QueuePair {
         self.pinned = false;
         self.slept_at = None;
         self.published_used = [None; 2];
+        self.batch.forget();
         let _ = self.resched.read();
     }
 
@@ -171,6 +199,7 @@ impl QueuePair {
             self.rx_waiting = false;
         } else {
             self.tx_broken = false;
+            self.batch.forget();
         }
         self.published_used[queue % 2] = None;
     }
@@ -188,6 +217,40 @@ impl QueuePair {
                 );
             }
         }
+    }
+
+    /// Serves the pair from `vf` from now on (the VF was re-created); the old socket closes.
+    pub fn replace_vf(&mut self, vf: VfSocket) {
+        self.link = Link::Vf(Box::new(vf));
+        self.vf_counted = VfStats::default();
+        self.vf_gone = false;
+        // Frames may be waiting on the new socket already, with no edge to come for them.
+        let _ = self.resched.write(1);
+    }
+
+    /// Adds what the VF socket's kernel side lost since the last call to the pair's drops:
+    /// receive ring overflows ([`DropReason::Kernel`]), truncated or impossible frames
+    /// ([`DropReason::KernelTruncated`]) and transmit descriptors the kernel rejected
+    /// ([`DropReason::VfRefused`]). Called on the worker thread (the counters' only writer).
+    pub fn count_vf_drops(&mut self, stats: &PairStats) {
+        let _ = self.counters_timer.wait();
+        let Link::Vf(vf) = &self.link else { return };
+        let now = vf.stats();
+        let was = std::mem::replace(&mut self.vf_counted, now);
+        let truncated = |s: &VfStats| s.rx_truncated + s.rx_invalid + s.rx_copy_failed;
+        let delta = |a: u64, b: u64| a.saturating_sub(b);
+        stats.rx.add_drops(
+            DropReason::Kernel,
+            delta(now.kernel_rx_drops, was.kernel_rx_drops),
+        );
+        stats.rx.add_drops(
+            DropReason::KernelTruncated,
+            delta(truncated(&now), truncated(&was)),
+        );
+        stats.tx.add_drops(
+            DropReason::VfRefused,
+            delta(now.kernel_tx_invalid, was.kernel_tx_invalid),
+        );
     }
 
     /// Pins the calling worker thread to this pair's CPU, once per connection.
@@ -262,7 +325,7 @@ impl QueuePair {
             // Nobody to deliver to: don't let stale frames pile up for a later guest.
             if let Link::Vf(vf) = &mut self.link {
                 let dropped = vf.rx_batch(usize::MAX, |_, _| true);
-                stats.rx.add_drops(dropped as u64);
+                stats.rx.add_drops(DropReason::QueueOff, dropped as u64);
             }
         }
 
@@ -286,9 +349,24 @@ impl QueuePair {
             if tx_on && !self.tx_broken {
                 let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
                 let result = match &mut self.link {
-                    Link::Vf(vf) => {
-                        guest_to_vf(tx_queue, mem, neg.hdr_len, vf, &mut self.batch, &stats.tx)
+                    Link::Vf(_) if self.vf_gone => {
+                        let batch = &mut self.batch;
+                        batch
+                            .gather(tx_queue, mem, neg.hdr_len, &stats.tx)
+                            .and_then(|n| {
+                                stats.tx.add_drops(DropReason::VfDown, batch.len() as u64);
+                                batch.complete(tx_queue, mem).map(|()| n)
+                            })
                     }
+                    Link::Vf(vf) => guest_to_vf(
+                        tx_queue,
+                        mem,
+                        neg.hdr_len,
+                        vf,
+                        &mut self.batch,
+                        &stats.tx,
+                        self.tx_wait,
+                    ),
                     Link::Loopback if rx_on && !self.rx_broken => {
                         match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
                             Ok(mut ring) => guest_to_guest(
@@ -317,7 +395,7 @@ impl QueuePair {
                         batch
                             .gather(tx_queue, mem, neg.hdr_len, &stats.tx)
                             .and_then(|n| {
-                                stats.rx.add_drops(batch.len() as u64);
+                                stats.rx.add_drops(DropReason::QueueOff, batch.len() as u64);
                                 batch.complete(tx_queue, mem).map(|()| n)
                             })
                     }

@@ -17,7 +17,7 @@ use vm_memory::{ByteValued, GuestMemoryBackend};
 
 use crate::net_hdr::{VirtioNetHdr, VnetHdr, VIRTIO_NET_HDR_LEN};
 use crate::offload::{adapt_for_guest, RxOffloads};
-use crate::stats::QueueStats;
+use crate::stats::{DropReason, QueueStats};
 use crate::vf::VfSocket;
 use crate::vring::{GuestSlice, Vring};
 
@@ -423,7 +423,7 @@ pub fn deliver_adapted<M: GuestMemoryBackend>(
     let mut out_of_buffers = false;
     let result = adapt_for_guest(offloads, hdr, frame, scratch, |h, seg| {
         if out_of_buffers {
-            stats.add_drops(1);
+            stats.add_drops(DropReason::NoBuffers, 1);
             return;
         }
         // Without GUEST_CSUM the virtio spec wants flags zero, DATA_VALID included.
@@ -435,7 +435,7 @@ pub fn deliver_adapted<M: GuestMemoryBackend>(
             Ok(Delivery::Delivered(_)) => stats.add_packets(1, seg.len() as u64),
             Ok(Delivery::NoBuffers) => {
                 out_of_buffers = true;
-                stats.add_drops(1);
+                stats.add_drops(DropReason::NoBuffers, 1);
             }
             Err(e) => count_error(stats, &e),
         }
@@ -471,7 +471,7 @@ pub fn deliver_counted<M: GuestMemoryBackend>(
 
 fn count_error(stats: &QueueStats, e: &RxError) {
     match e {
-        RxError::TooBig { .. } => stats.add_drops(1),
+        RxError::TooBig { .. } => stats.add_drops(DropReason::TooBig, 1),
         _ => stats.add_errors(1),
     }
     crate::warn_limited!("{e}");

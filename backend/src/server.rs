@@ -22,7 +22,8 @@ use crate::device::{NetDevice, Port};
 use crate::protocol_shim;
 use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
-use crate::vf::{interface_info, open_queues, RingConfig};
+use crate::vf::watch::LinkWatch;
+use crate::vf::{if_index, interface_info, open_queues, RingConfig};
 
 /// How long a client-mode port waits between attempts to reach its frontend.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -93,6 +94,7 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
         LinkConfig::Loopback => None,
     };
     let mut pairs = Vec::with_capacity(cfg.queues);
+    let mut vf_index = None;
     if let Some(vf) = vf {
         let vf_err = |source| ServerError::Vf {
             port: cfg.name.clone(),
@@ -100,6 +102,7 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
             source,
         };
         let info = interface_info(vf).map_err(vf_err)?;
+        vf_index = Some(info.index);
         info!(
             "port {}: VF {vf} (index {}, mtu {}, mac {}) with {} queue pair(s), promiscuous",
             cfg.name,
@@ -141,9 +144,111 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
         })?;
         pair.cpu = cfg.cpus.get(i).copied();
         pair.set_busy_poll(cfg.busy_poll);
+        pair.tx_wait = cfg.vf_tx_wait;
         pairs.push(pair);
     }
-    Ok(Arc::new(Port::new(&cfg.name, pairs, stats)))
+    let port = Arc::new(Port::new(&cfg.name, pairs, stats));
+    if let (Some(vf), Some(index)) = (vf, vf_index) {
+        spawn_vf_watch(cfg.clone(), port.clone(), vf.clone(), index);
+    }
+    Ok(port)
+}
+
+/// Watches the port's VF by name (rtnetlink) and re-opens its sockets, in the same mode and
+/// with a fresh fanout group, when it reappears with another index (deleted and created
+/// again, e.g. by a driver reset). Until then its sockets, bound to the old index, drop what
+/// the guest sends (`vf_down`).
+fn spawn_vf_watch(cfg: PortConfig, port: Arc<Port>, vf: String, index: u32) {
+    let port_name = cfg.name.clone();
+    let state = VfWatch {
+        cfg,
+        port: port.clone(),
+        vf,
+        index,
+        generation: 0,
+        gone: false,
+    };
+    let spawned = thread::Builder::new()
+        .name(format!("vf-watch-{port_name}"))
+        .spawn(move || state.run());
+    if let Err(e) = spawned {
+        warn!("port {}: cannot start the VF watch thread: {e}", port.name);
+    }
+}
+
+/// What the VF watch of one port knows.
+struct VfWatch {
+    cfg: PortConfig,
+    port: Arc<Port>,
+    vf: String,
+    /// The index the port's sockets are bound to.
+    index: u32,
+    /// Re-opens so far, for a fanout group id of its own each time: the old sockets' group
+    /// stays tied to the old device until they close.
+    generation: u16,
+    gone: bool,
+}
+
+impl VfWatch {
+    /// Follows the link messages until the netlink socket fails.
+    fn run(mut self) {
+        let name = self.cfg.name.clone();
+        let mut watch = match LinkWatch::open() {
+            Ok(w) => w,
+            Err(e) => {
+                warn!("port {name}: cannot watch its VF for re-creation (rtnetlink): {e}");
+                return;
+            }
+        };
+        loop {
+            match watch.wait() {
+                // An empty batch may be a lost one: look the name up then too.
+                Ok(links) if links.is_empty() || links.iter().any(|l| l.name == self.vf) => {
+                    self.check()
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("port {name}: rtnetlink watch of its VF ended: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Looks the VF up by name: gone, the same, or re-created (then re-opened).
+    fn check(&mut self) {
+        let name = &self.cfg.name;
+        let vf = &self.vf;
+        let Ok(now) = if_index(vf) else {
+            if !self.gone {
+                info!("port {name}: VF {vf} is gone; dropping its traffic until it is back");
+                self.port.mark_vf_gone();
+                self.gone = true;
+            }
+            return;
+        };
+        if now == self.index {
+            return;
+        }
+        info!(
+            "port {name}: VF {vf} re-created (index {} -> {now}); re-opening its sockets",
+            self.index
+        );
+        self.generation = self.generation.wrapping_add(1);
+        let fanout =
+            (self.cfg.queues > 1).then(|| fanout_group_id(name).wrapping_add(self.generation));
+        let ring = RingConfig::default();
+        match open_queues(name, vf, self.cfg.queues, self.cfg.vf_mode, fanout, &ring) {
+            Ok(socks) => {
+                self.port.replace_vf(socks);
+                self.index = now;
+                self.gone = false;
+            }
+            Err(e) => {
+                warn!("port {name}: VF {vf}: cannot re-open ({e}); trying again on its next change")
+            }
+        }
+    }
 }
 
 fn fanout_group_id(name: &str) -> u16 {
@@ -311,6 +416,10 @@ fn run_session(
         Err(e) => warn!("port {}: frontend connection ended: {e}", cfg.name),
     }
     stop_workers(&daemon);
+    port.handlers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     if let Some(h) = daemon.shutdown_handle() {
         h.shutdown();
     }
@@ -432,6 +541,8 @@ fn new_session(
         }
     })?;
     let handlers = daemon.get_epoll_handlers();
+    // Held while registering, so a VF re-opened meanwhile is registered here or there.
+    let mut current = port.handlers.lock().unwrap_or_else(|e| e.into_inner());
     for (i, handler) in handlers.iter().enumerate() {
         let Some(pair) = port.pair(i) else { continue };
         let io_err = |source, what: &str| ServerError::Io {
@@ -455,7 +566,18 @@ fn new_session(
                 dev.resched_event_id(),
             )
             .map_err(|e| io_err(e, "its reschedule event"))?;
+        if let Link::Vf(_) = &pair.link {
+            handler
+                .register_listener(
+                    pair.counters_timer.as_raw_fd(),
+                    EventSet::IN,
+                    dev.counters_event_id(),
+                )
+                .map_err(|e| io_err(e, "its counters timer"))?;
+        }
     }
+    *current = handlers;
+    drop(current);
     Ok((daemon, dev))
 }
 

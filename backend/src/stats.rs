@@ -9,15 +9,67 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Why a packet was lost. Each queue counts drops per reason; `drops` is their sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The guest had no RX buffer for it (like a NIC with a full RX ring).
+    NoBuffers,
+    /// The queue was not running (no guest to deliver to), so waiting frames were discarded.
+    QueueOff,
+    /// Larger than the guest's buffers or than what the VF socket can carry whole.
+    TooBig,
+    /// The VF's send queue stayed full past the port's wait bound (`vf_tx_wait_us`).
+    VfFull,
+    /// The VF was down or gone.
+    VfDown,
+    /// The kernel refused it on the VF (malformed for the device).
+    VfRefused,
+    /// Dropped by the kernel before the relay saw it: the VF socket's receive ring was full
+    /// (`PACKET_STATISTICS` `tp_drops`, `XDP_STATISTICS` `rx_dropped`/`rx_ring_full`/...).
+    Kernel,
+    /// Truncated by the kernel (oversized frame without a queued copy) or an impossible
+    /// frame layout in the VF socket's ring.
+    KernelTruncated,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::NoBuffers,
+        DropReason::QueueOff,
+        DropReason::TooBig,
+        DropReason::VfFull,
+        DropReason::VfDown,
+        DropReason::VfRefused,
+        DropReason::Kernel,
+        DropReason::KernelTruncated,
+    ];
+
+    /// The name in the stats lines (`drop_NAME=N`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::NoBuffers => "no_buffers",
+            DropReason::QueueOff => "queue_off",
+            DropReason::TooBig => "too_big",
+            DropReason::VfFull => "vf_full",
+            DropReason::VfDown => "vf_down",
+            DropReason::VfRefused => "vf_refused",
+            DropReason::Kernel => "kernel",
+            DropReason::KernelTruncated => "kernel_truncated",
+        }
+    }
+}
+
 /// Counters of one virtqueue.
 #[derive(Debug, Default)]
 pub struct QueueStats {
     pub packets: AtomicU64,
     pub bytes: AtomicU64,
-    /// Packets lost for lack of room: no guest buffers, a full VF socket, a packet too big.
-    pub drops: AtomicU64,
+    /// Packets lost, per [`DropReason`] (indexed by `reason as usize`).
+    pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Packets or chains refused because they were malformed.
     pub errors: AtomicU64,
+    /// Sends the VF refused for a full queue and that were tried again (nothing lost).
+    pub retries: AtomicU64,
 }
 
 /// A point-in-time copy of [`QueueStats`].
@@ -25,8 +77,19 @@ pub struct QueueStats {
 pub struct QueueCounts {
     pub packets: u64,
     pub bytes: u64,
+    /// All drops, whatever the reason.
     pub drops: u64,
     pub errors: u64,
+    pub retries: u64,
+    /// Drops per reason, indexed like [`DropReason::ALL`].
+    pub drops_by: [u64; DropReason::ALL.len()],
+}
+
+impl QueueCounts {
+    /// Drops of one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops_by[reason as usize]
+    }
 }
 
 impl QueueStats {
@@ -35,20 +98,27 @@ impl QueueStats {
         add(&self.bytes, bytes);
     }
 
-    pub fn add_drops(&self, n: u64) {
-        add(&self.drops, n);
+    pub fn add_drops(&self, reason: DropReason, n: u64) {
+        add(&self.drops[reason as usize], n);
     }
 
     pub fn add_errors(&self, n: u64) {
         add(&self.errors, n);
     }
 
+    pub fn add_retries(&self, n: u64) {
+        add(&self.retries, n);
+    }
+
     pub fn snapshot(&self) -> QueueCounts {
+        let drops_by = std::array::from_fn(|i| self.drops[i].load(Ordering::Relaxed));
         QueueCounts {
             packets: self.packets.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
-            drops: self.drops.load(Ordering::Relaxed),
+            drops: drops_by.iter().sum(),
             errors: self.errors.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+            drops_by,
         }
     }
 }
@@ -103,18 +173,23 @@ impl vdpa::Counters for PortStats {
 }
 
 /// One line per virtqueue, in the fixed form tests and operators parse:
-/// `stats port=NAME queue=Q dir=rx|tx packets=N bytes=N drops=N errors=N`
+/// `stats port=NAME queue=Q dir=rx|tx packets=N bytes=N drops=N errors=N retries=N` followed
+/// by `drop_REASON=N` for every [`DropReason`], in [`DropReason::ALL`]'s order
 /// (virtqueue numbering: 2*pair is rx, 2*pair+1 is tx).
 impl fmt::Display for PortStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (pair, stats) in self.pairs.iter().enumerate() {
             for (queue, dir, s) in [(2 * pair, "rx", &stats.rx), (2 * pair + 1, "tx", &stats.tx)] {
                 let c = s.snapshot();
-                writeln!(
+                write!(
                     f,
-                    "stats port={} queue={} dir={} packets={} bytes={} drops={} errors={}",
-                    self.name, queue, dir, c.packets, c.bytes, c.drops, c.errors
+                    "stats port={} queue={} dir={} packets={} bytes={} drops={} errors={} retries={}",
+                    self.name, queue, dir, c.packets, c.bytes, c.drops, c.errors, c.retries
                 )?;
+                for r in DropReason::ALL {
+                    write!(f, " drop_{}={}", r.name(), c.dropped(r))?;
+                }
+                writeln!(f)?;
             }
         }
         Ok(())
@@ -129,18 +204,25 @@ mod tests {
     fn report_lines_follow_the_fixed_format() {
         let s = PortStats::new("vm1", 2);
         s.pairs[1].tx.add_packets(3, 180);
-        s.pairs[1].tx.add_drops(1);
+        s.pairs[1].tx.add_drops(DropReason::VfFull, 1);
+        s.pairs[1].tx.add_retries(4);
         s.pairs[0].rx.add_errors(2);
+        s.pairs[0].rx.add_drops(DropReason::Kernel, 5);
+        s.pairs[0].rx.add_drops(DropReason::NoBuffers, 2);
         let text = s.to_string();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4);
         assert_eq!(
             lines[0],
-            "stats port=vm1 queue=0 dir=rx packets=0 bytes=0 drops=0 errors=2"
+            "stats port=vm1 queue=0 dir=rx packets=0 bytes=0 drops=7 errors=2 retries=0 \
+             drop_no_buffers=2 drop_queue_off=0 drop_too_big=0 drop_vf_full=0 drop_vf_down=0 \
+             drop_vf_refused=0 drop_kernel=5 drop_kernel_truncated=0"
         );
         assert_eq!(
             lines[3],
-            "stats port=vm1 queue=3 dir=tx packets=3 bytes=180 drops=1 errors=0"
+            "stats port=vm1 queue=3 dir=tx packets=3 bytes=180 drops=1 errors=0 retries=4 \
+             drop_no_buffers=0 drop_queue_off=0 drop_too_big=0 drop_vf_full=1 drop_vf_down=0 \
+             drop_vf_refused=0 drop_kernel=0 drop_kernel_truncated=0"
         );
     }
 }

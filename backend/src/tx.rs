@@ -9,21 +9,29 @@
 //!    copies out of guest memory and honours the checksum/GSO header, so a guest with TSO on
 //!    sends 64 KiB super-frames straight through);
 //! 3. every chain goes back to the guest in the used ring (length 0: TX buffers carry nothing
-//!    back), and the guest is signalled at most once per batch.
+//!    back), in ring order, and the guest is signalled at most once per batch.
 //!
 //! Malformed chains (writable descriptors, addresses outside guest memory, short headers,
 //! oversized packets) are returned unused and counted; they never stop the queue.
+//!
+//! A full VF send queue loses nothing (a guest's TCP would take such loss for congestion):
+//! the chains the VF did not take are put back in the guest's ring (`next_avail` rewound,
+//! nothing marked used) and sent by a later round, counted as retries. Only when the VF
+//! takes nothing for the port's wait bound are they dropped (`DropReason::VfFull`). A stop
+//! (GET_VRING_BASE) between rounds so hands back a base that excludes them: the next
+//! backend sends them, exactly once.
 
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_LEN, VNET_HDR_LEN};
 use crate::offload::RxOffloads;
 use crate::rx::{deliver_adapted, deliver_counted, Delivery, RxRing};
-use crate::stats::QueueStats;
-use crate::vf::VfSocket;
+use crate::stats::{DropReason, QueueStats};
+use crate::vf::{TxProgress, VfSocket};
 use crate::vring::{prefetch, GuestSlice, Vring};
 
 /// Chains handled per batch: one `sendmmsg`, one notification.
@@ -71,6 +79,18 @@ pub struct TxBatch {
     heads: Vec<u16>,
     /// Payload bytes per packet (without header), for the counters.
     lens: Vec<usize>,
+    /// Refused chains, in ring order: how many good packets were gathered before each, and
+    /// its head (`None` for a head past the descriptor table, which cannot be returned).
+    /// They go back with the packets around them, so that a batch cut short by a full VF
+    /// returns exactly the chains before the first unsent packet.
+    refused: Vec<(usize, Option<u16>)>,
+    /// Chains popped by the last gather.
+    popped: usize,
+    /// Refused chains a cut-short batch put back: already counted, so the next gather does
+    /// not count them again.
+    recounted: usize,
+    /// Since when the VF has taken nothing (its send queue full), if it is so now.
+    stalled_since: Option<Instant>,
 }
 
 // SAFETY: the raw pointers in `iovs` point into guest memory mappings or into `hdrs`; they are
@@ -87,6 +107,10 @@ impl Default for TxBatch {
             hdrs: Box::new([VnetHdr::default(); TX_BATCH]),
             heads: Vec::with_capacity(TX_BATCH),
             lens: Vec::with_capacity(TX_BATCH),
+            refused: Vec::with_capacity(TX_BATCH),
+            popped: 0,
+            recounted: 0,
+            stalled_since: None,
         }
     }
 }
@@ -97,10 +121,18 @@ impl TxBatch {
         self.pkts.clear();
         self.heads.clear();
         self.lens.clear();
+        self.refused.clear();
+    }
+
+    /// Forgets a stall and put-back chains: the queue stopped or restarts afresh.
+    pub fn forget(&mut self) {
+        self.stalled_since = None;
+        self.recounted = 0;
     }
 
     /// Pops up to [`TX_BATCH`] chains. Good ones become packets; bad ones are counted and
-    /// returned to the guest at once. Returns the number of chains popped.
+    /// returned to the guest with them ([`TxBatch::complete`]). Returns the number of chains
+    /// popped.
     /// `hdr_len` is the guest's header length (12, or 10 for a legacy guest).
     pub fn gather<M: GuestMemoryBackend>(
         &mut self,
@@ -128,10 +160,15 @@ impl TxBatch {
                 }
                 Err(e) => {
                     self.iovs.truncate(first_iov);
-                    stats.add_errors(1);
-                    if head < ring.size() {
+                    if self.recounted > 0 {
+                        self.recounted -= 1;
+                    } else {
+                        stats.add_errors(1);
+                    }
+                    let back = (head < ring.size()).then_some(head);
+                    self.refused.push((self.pkts.len(), back));
+                    if back.is_some() {
                         crate::warn_limited!("{e}");
-                        ring.add_used(head, 0);
                     } else {
                         // Not a chain the guest can get back: returning it would only corrupt
                         // its bookkeeping.
@@ -143,6 +180,8 @@ impl TxBatch {
                 }
             }
         }
+        self.popped = popped;
+        self.recounted = 0;
         Ok(popped)
     }
 
@@ -152,11 +191,49 @@ impl TxBatch {
         queue: &mut Queue,
         mem: &M,
     ) -> Result<(), TxError> {
+        self.complete_first(queue, mem, self.len()).map(|_| ())
+    }
+
+    /// Returns, in ring order, the chains of the first `sent` packets and the refused chains
+    /// before the next packet. Returns how many chains that is.
+    fn complete_first<M: GuestMemoryBackend>(
+        &self,
+        queue: &mut Queue,
+        mem: &M,
+        sent: usize,
+    ) -> Result<usize, TxError> {
         let mut ring = Vring::new(queue, mem)?;
-        for &head in &self.heads {
-            ring.add_used(head, 0);
+        let mut refused = self.refused.iter().peekable();
+        let mut chains = 0;
+        for i in 0..=sent {
+            while let Some((_, head)) = refused.next_if(|&&(before, _)| before == i) {
+                if let Some(head) = *head {
+                    ring.add_used(head, 0);
+                }
+                chains += 1;
+            }
+            if let Some(&head) = self.heads.get(i).filter(|_| i < sent) {
+                ring.add_used(head, 0);
+                chains += 1;
+            }
         }
-        Ok(())
+        Ok(chains)
+    }
+
+    /// Completes the chains before packet `sent` and puts every later one back in the ring
+    /// (`next_avail` rewound): the next gather pops them again, and a stop in between hands
+    /// a base that excludes them.
+    fn complete_and_put_back<M: GuestMemoryBackend>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        sent: usize,
+    ) -> Result<usize, TxError> {
+        let done = self.complete_first(queue, mem, sent)?;
+        let back = self.popped - done;
+        queue.set_next_avail(queue.next_avail().wrapping_sub(back as u16));
+        self.recounted = self.refused.iter().filter(|&&(b, _)| b > sent).count();
+        Ok(done)
     }
 
     /// Number of good packets gathered.
@@ -263,8 +340,12 @@ fn gather_chain<M: GuestMemoryBackend>(
     Ok(total)
 }
 
-/// Sends one batch from the guest's TX queue to the VF. Returns the chains popped (0 when the
-/// queue is empty).
+/// Sends one batch from the guest's TX queue to the VF. Returns the chains consumed (0 when
+/// the queue is empty or the VF's send queue is full).
+///
+/// What a full send queue did not take goes back in the guest's ring for the next round
+/// (counted in `retries`); once the VF has taken nothing for `wait`, it is dropped
+/// ([`DropReason::VfFull`]). `wait` zero drops at once.
 pub fn guest_to_vf<M: GuestMemoryBackend>(
     queue: &mut Queue,
     mem: &M,
@@ -272,22 +353,46 @@ pub fn guest_to_vf<M: GuestMemoryBackend>(
     vf: &mut VfSocket,
     batch: &mut TxBatch,
     stats: &QueueStats,
+    wait: Duration,
 ) -> Result<usize, TxError> {
     let popped = batch.gather(queue, mem, hdr_len, stats)?;
-    if !batch.is_empty() {
-        match vf.tx_batch(&batch.iovs, &batch.pkts) {
-            Ok(sent) => {
-                let bytes: usize = batch.lens[..sent].iter().sum();
-                stats.add_packets(sent as u64, bytes as u64);
-                stats.add_drops((batch.len() - sent) as u64);
-            }
-            Err(e) => {
-                stats.add_drops(batch.len() as u64);
-                crate::warn_limited!("tx to {}: {e}", vf.ifname());
-            }
-        }
-        batch.complete(queue, mem)?;
+    if popped == 0 {
+        return Ok(0);
     }
+    let p = if batch.is_empty() {
+        TxProgress::default()
+    } else {
+        vf.try_tx_batch(&batch.iovs, &batch.pkts)
+            .unwrap_or_else(|e| {
+                crate::warn_limited!("tx to {}: {e}", vf.ifname());
+                TxProgress {
+                    settled: batch.len(),
+                    down: batch.len(),
+                    ..TxProgress::default()
+                }
+            })
+    };
+    let bytes: usize = batch.lens[..p.accepted].iter().sum();
+    stats.add_packets(p.accepted as u64, bytes as u64);
+    stats.add_drops(DropReason::VfRefused, p.refused as u64);
+    stats.add_drops(DropReason::VfDown, p.down as u64);
+    if p.full {
+        let now = Instant::now();
+        if p.settled > 0 || batch.stalled_since.is_none() {
+            batch.stalled_since = Some(now);
+        }
+        let stalled = batch.stalled_since.map_or(Duration::ZERO, |t| now - t);
+        if stalled < wait {
+            stats.add_retries(1);
+            return batch.complete_and_put_back(queue, mem, p.settled);
+        }
+        // Nothing left the VF for the whole bound: its queue is stuck, not just busy. Until
+        // it takes a packet again, what it refuses is dropped at once.
+        stats.add_drops(DropReason::VfFull, (batch.len() - p.settled) as u64);
+    } else {
+        batch.stalled_since = None;
+    }
+    batch.complete(queue, mem)?;
     Ok(popped)
 }
 
@@ -355,7 +460,7 @@ pub fn guest_to_guest<M: GuestMemoryBackend>(
             deliver_adapted(rx, offloads, hdr, copy, scratch, rx_stats)
         };
         if delivery == Delivery::NoBuffers {
-            rx_stats.add_drops(1);
+            rx_stats.add_drops(DropReason::NoBuffers, 1);
         }
     }
     batch.complete(tx_queue, mem)?;
@@ -500,8 +605,49 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert_eq!(batch.lens, vec![60]);
         assert_eq!(stats.snapshot().errors, 7);
-        // The bad ones are back in the guest's hands already.
-        assert_eq!(gq.used_idx(), 7);
+        // The bad ones go back with the batch, all in ring order.
+        assert_eq!(gq.used_idx(), 0);
+        let heads: Vec<u32> = {
+            batch.complete(&mut q, &mem).unwrap();
+            (0..8).map(|i| gq.used(i).0).collect()
+        };
+        assert_eq!(gq.used_idx(), 8);
+        let mut ring_order = heads.clone();
+        ring_order.sort();
+        assert_eq!(heads, ring_order);
+    }
+
+    /// A batch the VF took only part of: the chains before the first unsent packet go back
+    /// (refused ones with them, in ring order), the rest are popped again by the next
+    /// gather, and no chain is returned or counted twice.
+    #[test]
+    fn cut_short_batch_puts_the_rest_back_exactly_once() {
+        let mem = memory();
+        let mut gq = GuestQueue::new(&mem, 0, 16);
+        put_hdr(&mem, BUFFERS, VnetHdr::default());
+        let good = || [rbuf(BUFFERS, 72)];
+        let bad = [rbuf(BUFFERS, 8)]; // short header
+        gq.add(&good());
+        gq.add(&bad);
+        gq.add(&good());
+        gq.add(&bad);
+        gq.add(&good());
+        let mut q = gq.queue();
+        let stats = QueueStats::default();
+        let mut batch = TxBatch::default();
+        assert_eq!(batch.gather(&mut q, &mem, 12, &stats).unwrap(), 5);
+        assert_eq!((batch.len(), stats.snapshot().errors), (3, 2));
+        // The VF took one packet, then was full.
+        assert_eq!(batch.complete_and_put_back(&mut q, &mem, 1).unwrap(), 2);
+        assert_eq!((gq.used_idx(), q.next_avail()), (2, 2));
+        assert_eq!((gq.used(0).0, gq.used(1).0), (0, 1));
+        // Next round: the rest, once; its refused chain is not counted again.
+        assert_eq!(batch.gather(&mut q, &mem, 12, &stats).unwrap(), 3);
+        assert_eq!((batch.len(), stats.snapshot().errors), (2, 2));
+        batch.complete(&mut q, &mem).unwrap();
+        assert_eq!(gq.used_idx(), 5);
+        let heads: Vec<u32> = (0..5).map(|i| gq.used(i).0).collect();
+        assert_eq!(heads, vec![0, 1, 2, 3, 4]);
     }
 
     /// A head index past the descriptor table names no chain at all: there is nothing to

@@ -41,8 +41,9 @@
 //! point straight into guest memory (no user-space copy). `PACKET_QDISC_BYPASS` hands packets to
 //! the driver directly: the queueing discipline is the guest's business, and bypassing it also
 //! keeps our transmissions out of other packet taps. The socket is non-blocking: a full socket
-//! send buffer (`EAGAIN`), a full device queue (`ENOBUFS`) or a down link drops the rest of the
-//! batch and counts it, rather than stalling the queue worker.
+//! send buffer (`EAGAIN`) or a full device queue (`ENOBUFS`) stops the batch without a drop:
+//! [`PacketSocket::try_tx_batch`] says where, and the caller keeps the rest and tries again
+//! (the device leaves it in the guest's ring); a down link drops the rest and counts it.
 //!
 //! # Several queue pairs: fanout
 //! With more than one queue pair per port, each queue's socket joins the same `PACKET_FANOUT`
@@ -170,8 +171,27 @@ pub struct VfStats {
     pub tx_invalid: u64,
     /// Packets the kernel offered to this socket (`tp_packets`, drops included).
     pub kernel_rx_packets: u64,
-    /// Packets the kernel dropped because the ring was full (`tp_drops`).
+    /// Packets the kernel dropped because the ring was full (`tp_drops`; for `AF_XDP`
+    /// `rx_dropped + rx_ring_full`).
     pub kernel_rx_drops: u64,
+    /// `AF_XDP` transmit descriptors the kernel rejected (`tx_invalid_descs`, also in
+    /// `tx_invalid`); always 0 for `AF_PACKET`, whose refusals are `sendmmsg` errors.
+    pub kernel_tx_invalid: u64,
+}
+
+/// What one transmit attempt did with a list of packets, which it takes in order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxProgress {
+    /// Packets settled from the front of the list: `accepted + refused + down`.
+    pub settled: usize,
+    /// Handed to the kernel (or queued on the `AF_XDP` TX ring).
+    pub accepted: usize,
+    /// Refused as malformed for the device (counted as [`VfStats::tx_invalid`]).
+    pub refused: usize,
+    /// Lost because the link is down or gone (counted as [`VfStats::tx_dropped`]).
+    pub down: usize,
+    /// The send queue was full at packet `settled`: it and those after it were not sent.
+    pub full: bool,
 }
 
 /// The frame layout derived from a [`RingConfig`].
@@ -886,19 +906,37 @@ impl PacketSocket {
         Some(Ready::Bounce)
     }
 
-    /// Sends packets with one `sendmmsg` per [`MAX_TX_BATCH`].
-    ///
-    /// `iovs` holds all iovecs; `pkts[i]` is the range of `iovs` forming packet `i`, whose first
-    /// iovec must be exactly its 10-byte [`VnetHdr`] and the rest the Ethernet frame (typically
-    /// pointing straight into guest memory; the kernel copies from there, so the memory must stay
-    /// mapped for the duration of the call only). Returns how many packets the kernel accepted;
-    /// the others were dropped and counted ([`VfStats::tx_dropped`], [`VfStats::tx_invalid`]).
-    /// Errors only for a malformed description or an unusable socket.
+    /// Sends packets with one `sendmmsg` per [`MAX_TX_BATCH`], dropping (and counting in
+    /// [`VfStats::tx_dropped`]) whatever a full send queue refused; see
+    /// [`PacketSocket::try_tx_batch`] for the description of the packets. Returns how many the
+    /// kernel accepted.
     pub fn tx_batch(
         &mut self,
         iovs: &[libc::iovec],
         pkts: &[Range<usize>],
     ) -> Result<usize, VfError> {
+        let p = self.try_tx_batch(iovs, pkts)?;
+        self.stats.tx_dropped += (pkts.len() - p.settled) as u64;
+        Ok(p.accepted)
+    }
+
+    /// Sends packets with one `sendmmsg` per [`MAX_TX_BATCH`], in order, until the send queue
+    /// is full.
+    ///
+    /// `iovs` holds all iovecs; `pkts[i]` is the range of `iovs` forming packet `i`, whose first
+    /// iovec must be exactly its 10-byte [`VnetHdr`] and the rest the Ethernet frame (typically
+    /// pointing straight into guest memory; the kernel copies from there, so the memory must stay
+    /// mapped for the duration of the call only). A full socket send buffer (`EAGAIN`) or device
+    /// queue (`ENOBUFS`, which is what a full driver ring gives with `PACKET_QDISC_BYPASS`)
+    /// stops the batch with [`TxProgress::full`]: the packets from [`TxProgress::settled`] on
+    /// were not sent and may be tried again. Refused packets ([`VfStats::tx_invalid`]) and
+    /// packets lost to a down link ([`VfStats::tx_dropped`]) are settled.
+    /// Errors only for a malformed description or an unusable socket.
+    pub fn try_tx_batch(
+        &mut self,
+        iovs: &[libc::iovec],
+        pkts: &[Range<usize>],
+    ) -> Result<TxProgress, VfError> {
         if self.fanout_pending && self.last_fanout_attempt.elapsed() >= FANOUT_RETRY_INTERVAL {
             self.retry_fanout();
         }
@@ -918,84 +956,102 @@ impl PacketSocket {
                 return Err(bad("first iovec is not the 10-byte virtio-net header"));
             }
         }
-
-        let fd = self.fd.as_raw_fd();
-        let mut accepted = 0;
-        let mut link_down = false;
+        let mut p = TxProgress::default();
         for chunk in pkts.chunks(MAX_TX_BATCH) {
-            let n = chunk.len();
-            if link_down {
-                self.stats.tx_dropped += n as u64;
+            self.send_chunk(iovs, chunk, &mut p)?;
+            if p.full {
+                break;
+            }
+        }
+        self.stats.tx_packets += p.accepted as u64;
+        Ok(p)
+    }
+
+    /// One `sendmmsg` round of [`PacketSocket::try_tx_batch`] (at most [`MAX_TX_BATCH`]
+    /// packets), adding to `p`.
+    fn send_chunk(
+        &mut self,
+        iovs: &[libc::iovec],
+        chunk: &[Range<usize>],
+        p: &mut TxProgress,
+    ) -> Result<(), VfError> {
+        let n = chunk.len();
+        if p.down > 0 {
+            self.stats.tx_dropped += n as u64;
+            p.down += n;
+            p.settled += n;
+            return Ok(());
+        }
+        for (m, r) in self.msgs.iter_mut().zip(chunk) {
+            // SAFETY: mmsghdr is plain old data; zero is valid.
+            *m = unsafe { std::mem::zeroed() };
+            // The kernel only reads iovecs through msg_iov; the cast to *mut is an ABI detail.
+            m.msg_hdr.msg_iov = iovs[r.clone()].as_ptr().cast_mut();
+            m.msg_hdr.msg_iovlen = r.len();
+        }
+        let fd = self.fd.as_raw_fd();
+        let mut idx = 0;
+        let mut retries = 0;
+        while idx < n {
+            // SAFETY: msgs[idx..n] are initialised mmsghdrs whose iovec arrays (slices of
+            // `iovs`) and the memory they describe are valid for the duration of the call, as
+            // the caller guarantees for `iovs`.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.msgs[idx..].as_mut_ptr(),
+                    (n - idx) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc > 0 {
+                let sent = rc as usize;
+                for r in &chunk[idx..idx + sent] {
+                    let bytes: usize = iovs[r.clone()].iter().map(|v| v.iov_len).sum();
+                    self.stats.tx_bytes += (bytes - VNET_HDR_LEN) as u64;
+                }
+                idx += sent;
+                p.accepted += sent;
+                p.settled += sent;
                 continue;
             }
-            for (m, r) in self.msgs.iter_mut().zip(chunk) {
-                // SAFETY: mmsghdr is plain old data; zero is valid.
-                *m = unsafe { std::mem::zeroed() };
-                // The kernel only reads iovecs through msg_iov; the cast to *mut is an ABI detail.
-                m.msg_hdr.msg_iov = iovs[r.clone()].as_ptr().cast_mut();
-                m.msg_hdr.msg_iovlen = r.len();
-            }
-            let mut idx = 0;
-            let mut retries = 0;
-            while idx < n {
-                // SAFETY: msgs[idx..n] are initialised mmsghdrs whose iovec arrays (slices of
-                // `iovs`) and the memory they describe are valid for the duration of the call, as
-                // the caller guarantees for `iovs`.
-                let rc = unsafe {
-                    libc::sendmmsg(
-                        fd,
-                        self.msgs[idx..].as_mut_ptr(),
-                        (n - idx) as libc::c_uint,
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if rc > 0 {
-                    let sent = rc as usize;
-                    for r in &chunk[idx..idx + sent] {
-                        let bytes: usize = iovs[r.clone()].iter().map(|v| v.iov_len).sum();
-                        self.stats.tx_bytes += (bytes - VNET_HDR_LEN) as u64;
-                    }
-                    idx += sent;
-                    accepted += sent;
-                    continue;
+            let errno = if rc == 0 {
+                libc::EAGAIN
+            } else {
+                last_err().raw_os_error().unwrap_or(libc::EIO)
+            };
+            match errno {
+                libc::EINTR if retries < 8 => retries += 1,
+                // A stale socket error left by a link flap fails one send and is cleared.
+                libc::ENETDOWN if retries == 0 => retries += 1,
+                libc::EBADF | libc::ENOTSOCK => {
+                    return Err(VfError::from_os(
+                        &self.ifname,
+                        "sendmmsg",
+                        io::Error::from_raw_os_error(errno),
+                    ));
                 }
-                let errno = if rc == 0 {
-                    libc::EAGAIN
-                } else {
-                    last_err().raw_os_error().unwrap_or(libc::EIO)
-                };
-                match errno {
-                    libc::EINTR if retries < 8 => retries += 1,
-                    // A stale socket error left by a link flap fails one send and is cleared.
-                    libc::ENETDOWN if retries == 0 => retries += 1,
-                    libc::EBADF | libc::ENOTSOCK => {
-                        self.stats.tx_dropped += (n - idx) as u64;
-                        return Err(VfError::from_os(
-                            &self.ifname,
-                            "sendmmsg",
-                            io::Error::from_raw_os_error(errno),
-                        ));
-                    }
-                    libc::EAGAIN | libc::ENOBUFS | libc::EINTR => {
-                        // Out of socket buffer or device queue: the rest would fail the same way.
-                        self.stats.tx_dropped += (n - idx) as u64;
-                        break;
-                    }
-                    libc::ENETDOWN | libc::ENXIO | libc::ENODEV => {
-                        self.stats.tx_dropped += (n - idx) as u64;
-                        link_down = true;
-                        break;
-                    }
-                    _ => {
-                        // This packet was refused (bad header, too long, unreadable memory).
-                        self.stats.tx_invalid += 1;
-                        idx += 1;
-                    }
+                libc::EAGAIN | libc::ENOBUFS | libc::EINTR => {
+                    // Out of socket buffer or device queue: the rest would fail the same way.
+                    p.full = true;
+                    return Ok(());
+                }
+                libc::ENETDOWN | libc::ENXIO | libc::ENODEV => {
+                    self.stats.tx_dropped += (n - idx) as u64;
+                    p.down += n - idx;
+                    p.settled += n - idx;
+                    return Ok(());
+                }
+                _ => {
+                    // This packet was refused (bad header, too long, unreadable memory).
+                    self.stats.tx_invalid += 1;
+                    p.refused += 1;
+                    p.settled += 1;
+                    idx += 1;
                 }
             }
         }
-        self.stats.tx_packets += accepted as u64;
-        Ok(accepted)
+        Ok(())
     }
 
     /// Counters; reads (and accumulates) the kernel's clear-on-read `PACKET_STATISTICS`, one

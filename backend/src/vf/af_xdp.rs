@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use super::sockopt::{self, last_err, setsockopt};
 use super::xdp_prog::{self, XdpProgram};
-use super::{VfError, VfStats};
+use super::{TxProgress, VfError, VfStats};
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
 use crate::offload;
 use crate::vring::GuestSlice;
@@ -537,15 +537,29 @@ impl XdpSocket {
         Ok(())
     }
 
-    /// Sends packets described like [`super::VfSocket::tx_batch`]'s: `pkts[i]` is the range of
-    /// `iovs` forming packet `i`, the first iovec being its 10-byte [`VnetHdr`]. Each packet is
-    /// copied into UMEM frames, segmented / checksummed in software as its header asks. Returns
-    /// how many packets were queued whole; the others were dropped and counted.
+    /// [`XdpSocket::try_tx_batch`], dropping (and counting in [`VfStats::tx_dropped`]) what
+    /// found no free transmit frame. Returns how many packets were queued whole.
     pub fn tx_batch(
         &mut self,
         iovs: &[libc::iovec],
         pkts: &[Range<usize>],
     ) -> Result<usize, VfError> {
+        let p = self.try_tx_batch(iovs, pkts)?;
+        self.stats.tx_dropped += (pkts.len() - p.settled) as u64;
+        Ok(p.accepted)
+    }
+
+    /// Sends packets described like [`super::VfSocket::tx_batch`]'s: `pkts[i]` is the range of
+    /// `iovs` forming packet `i`, the first iovec being its 10-byte [`VnetHdr`]. Each packet is
+    /// copied into UMEM frames, segmented / checksummed in software as its header asks, in
+    /// order, until no transmit frame is free even after reaping completions (the TX ring is
+    /// full): then [`TxProgress::full`] is set and the packets from [`TxProgress::settled`] on
+    /// were not queued.
+    pub fn try_tx_batch(
+        &mut self,
+        iovs: &[libc::iovec],
+        pkts: &[Range<usize>],
+    ) -> Result<TxProgress, VfError> {
         for (i, r) in pkts.iter().enumerate() {
             let bad = |reason| VfError::BadTxBatch {
                 ifname: self.ifname.clone(),
@@ -560,8 +574,7 @@ impl XdpSocket {
             }
         }
         self.reap();
-        let mut accepted = 0;
-        let mut queued_any = false;
+        let mut p = TxProgress::default();
         for r in pkts {
             let mut raw = [0u8; VNET_HDR_LEN];
             // SAFETY: the caller guarantees every iovec describes readable memory for the call;
@@ -586,19 +599,25 @@ impl XdpSocket {
             };
             match result {
                 Ok(()) => {
-                    accepted += 1;
-                    queued_any = true;
+                    p.accepted += 1;
                     self.stats.tx_packets += 1;
                     self.stats.tx_bytes += len as u64;
                 }
-                Err(TxDrop::NoFrame) => self.stats.tx_dropped += 1,
-                Err(TxDrop::Invalid) => self.stats.tx_invalid += 1,
+                Err(TxDrop::NoFrame) => {
+                    p.full = true;
+                    break;
+                }
+                Err(TxDrop::Invalid) => {
+                    p.refused += 1;
+                    self.stats.tx_invalid += 1;
+                }
             }
+            p.settled += 1;
         }
-        if queued_any {
+        if p.accepted > 0 {
             self.kick()?;
         }
-        Ok(accepted)
+        Ok(p)
     }
 
     /// Queues a frame that is already on the wire's scale (completing its checksum if asked).
@@ -751,11 +770,15 @@ impl XdpSocket {
         };
         let mut out = self.stats;
         if rc == 0 {
-            let drops = st.rx_dropped + st.rx_ring_full + st.rx_fill_ring_empty_descs;
+            // A packet the kernel could not place is counted once, in `rx_dropped` (no free
+            // UMEM frame) or `rx_ring_full`; `rx_fill_ring_empty_descs` counts the same
+            // failed allocations again and is left out.
+            let drops = st.rx_dropped + st.rx_ring_full;
             out.kernel_rx_drops = drops;
             out.kernel_rx_packets = out.rx_packets + drops;
             out.rx_invalid += st.rx_invalid_descs;
             out.tx_invalid += st.tx_invalid_descs;
+            out.kernel_tx_invalid = st.tx_invalid_descs;
         }
         out
     }
@@ -768,7 +791,8 @@ impl XdpSocket {
 
 /// Why a transmit packet was not queued.
 enum TxDrop {
-    /// No free transmit frame (counted as a drop, like a full device queue).
+    /// No free transmit frame: the TX ring is full (tried again later, like a full device
+    /// queue).
     NoFrame,
     /// Malformed or oversized for `AF_XDP` (counted as invalid).
     Invalid,

@@ -23,9 +23,10 @@ mod sockopt;
 mod sys;
 #[cfg(test)]
 mod testnet;
+pub mod watch;
 pub mod xdp_prog;
 
-pub use af_packet::{PacketSocket, RingConfig, VfStats, MAX_RX_PACKET, MAX_TX_BATCH};
+pub use af_packet::{PacketSocket, RingConfig, TxProgress, VfStats, MAX_RX_PACKET, MAX_TX_BATCH};
 pub use af_xdp::XdpSocket;
 pub use socket::{open_af_xdp, open_queues, VfMode, VfSocket};
 
@@ -169,7 +170,7 @@ pub(crate) fn c_ifname(ifname: &str) -> Result<CString, VfError> {
 }
 
 /// Resolves an interface name to its index; a missing interface is an error naming it.
-pub(crate) fn if_index(ifname: &str) -> Result<u32, VfError> {
+pub fn if_index(ifname: &str) -> Result<u32, VfError> {
     let c = c_ifname(ifname)?;
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::af_xdp::{XdpSocket, MAX_XDP_FRAME};
 use super::xdp_prog::XdpProgram;
-use super::{interface_info, PacketSocket, RingConfig, VfError, VfStats};
+use super::{interface_info, PacketSocket, RingConfig, TxProgress, VfError, VfStats};
 use crate::net_hdr::VnetHdr;
 
 /// Which socket kind a port uses for its VF.
@@ -129,6 +129,20 @@ impl VfSocket {
         match &mut self.kind {
             Kind::Packet(s) => s.tx_batch(iovs, pkts),
             Kind::Xdp(s) => s.tx_batch(iovs, pkts),
+        }
+    }
+
+    /// Sends packets in order until the send queue is full; the rest may be tried again.
+    /// See [`PacketSocket::try_tx_batch`].
+    #[inline]
+    pub fn try_tx_batch(
+        &mut self,
+        iovs: &[libc::iovec],
+        pkts: &[Range<usize>],
+    ) -> Result<TxProgress, VfError> {
+        match &mut self.kind {
+            Kind::Packet(s) => s.try_tx_batch(iovs, pkts),
+            Kind::Xdp(s) => s.try_tx_batch(iovs, pkts),
         }
     }
 

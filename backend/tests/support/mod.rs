@@ -62,25 +62,8 @@ impl Backend {
 
     /// Asks for the counters (SIGUSR1) and returns (packets, drops, errors) of virtqueue `q`.
     pub fn counters(&self, q: usize) -> (u64, u64, u64) {
-        let before = self.log_text().matches("stats port=").count();
-        // SAFETY: plain kill(2) on our own child's PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
-        wait_for(Duration::from_secs(5), || {
-            self.log_text().matches("stats port=").count() > before
-        });
-        let text = self.log_text();
-        let line = text
-            .lines()
-            .rev()
-            .find(|l| l.contains(&format!(" queue={q} ")))
-            .expect("a stats line for the queue")
-            .to_string();
-        let field = |name: &str| -> u64 {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{name}=")))
-                .and_then(|v| v.parse().ok())
-                .expect("numeric field")
-        };
+        let line = stats_line(&self.child, &self.log, q);
+        let field = |name| stats_field(&line, name);
         (field("packets"), field("drops"), field("errors"))
     }
 
@@ -94,6 +77,34 @@ impl Drop for Backend {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Asks `backend` (logging to `log`) for its counters (SIGUSR1) and returns the fresh stats
+/// line of virtqueue `q`.
+pub fn stats_line(backend: &Child, log: &Path, q: usize) -> String {
+    let text = || std::fs::read_to_string(log).unwrap_or_default();
+    let lines = |t: &str| t.matches(&format!(" queue={q} ")).count();
+    let before = lines(&text());
+    // SAFETY: plain kill(2) on our own child's PID.
+    unsafe { libc::kill(backend.id() as i32, libc::SIGUSR1) };
+    assert!(
+        wait_for(Duration::from_secs(5), || lines(&text()) > before),
+        "the backend dumps its counters on SIGUSR1"
+    );
+    text()
+        .lines()
+        .rev()
+        .find(|l| l.contains("stats port=") && l.contains(&format!(" queue={q} ")))
+        .expect("a stats line for the queue")
+        .to_string()
+}
+
+/// The numeric field `name` (`name=N`) of a stats line.
+pub fn stats_field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric field {name} in {line:?}"))
 }
 
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -369,6 +380,45 @@ impl NetNs {
         })
         .join()
         .expect("netns thread")
+    }
+
+    /// Creates a tap device `name` in the namespace with a transmit queue of `txqueuelen`
+    /// packets, up, and returns its file: what the kernel transmits on the device is read
+    /// from it, and a reader that does not read leaves the device's queue full (the kernel
+    /// then refuses transmissions with `ENOBUFS`, as a NIC with a full ring does).
+    pub fn tap(&self, name: &str, txqueuelen: u32) -> File {
+        let ifname = name.to_string();
+        let file = self.enter(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .expect("open /dev/net/tun");
+            // SAFETY: ifreq is plain data; TUNSETIFF reads the name and flags from it.
+            unsafe {
+                let mut ifr: libc::ifreq = std::mem::zeroed();
+                for (d, s) in ifr.ifr_name.iter_mut().zip(ifname.as_bytes()) {
+                    *d = *s as libc::c_char;
+                }
+                ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+                let rc = libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr);
+                assert_eq!(rc, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            }
+            file
+        });
+        let qlen = txqueuelen.to_string();
+        for args in [
+            &["link", "set", name, "txqueuelen", &qlen][..],
+            &["link", "set", name, "up"],
+        ] {
+            let st = Command::new("ip")
+                .args(["-n", &self.name])
+                .args(args)
+                .status()
+                .expect("run ip");
+            assert!(st.success(), "ip {args:?}");
+        }
+        file
     }
 
     /// Starts vhost-relay inside the namespace.
