@@ -80,6 +80,30 @@ struct Cli {
     name: Option<String>,
 }
 
+/// Raises the soft fd limit to the hard one. Every connection holds up to
+/// `protocol_shim::MAX_MEM_SLOTS` region fds plus its kicks, calls and VF sockets, and the usual
+/// soft limit (1024) would let a few busy ports starve the rest; the hard limit is what the
+/// operator (systemd's LimitNOFILE, ulimit -Hn) allowed.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                warn!(
+                    "cannot raise the open-file limit to {}: {}",
+                    lim.rlim_max,
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // --print-capabilities must work whatever else is on the command line (spec).
     if std::env::args().any(|a| a == "--print-capabilities") {
@@ -100,6 +124,8 @@ fn main() -> ExitCode {
         eprintln!("vhost-relay: cannot set up signal handling: {e}");
         return ExitCode::FAILURE;
     }
+
+    raise_fd_limit();
 
     let mut opened: Vec<(PortConfig, Option<Arc<Port>>)> = Vec::new();
     for cfg in ports {
