@@ -319,6 +319,10 @@ impl NetNs {
         run(&["netns", "add", &name]);
         // From here on the guard deletes the namespace, even if a step below fails.
         let ns = NetNs { name };
+        // Before the veth exists: with IPv6 on, the kernel sends DAD neighbour solicitations
+        // and MLD reports from wire0 as the link comes up, frames the tests never sent that
+        // the backend rightly delivers to the guest.
+        ns.enter(disable_ipv6);
         let name = ns.name.as_str();
         run(&[
             "-n", name, "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
@@ -353,6 +357,19 @@ impl NetNs {
             env!("CARGO_BIN_EXE_vhost-relay"),
         ]);
         start_logged(cmd, args, log)
+    }
+}
+
+/// Turns IPv6 off in the calling thread's namespace, for interfaces made from now on too
+/// (per-netns sysctls resolve against the opening thread's namespace).
+fn disable_ipv6() {
+    for knob in ["all", "default"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
+        match std::fs::write(&path, "1") {
+            // A kernel without IPv6 sends no IPv6 either.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.unwrap_or_else(|e| panic!("{path}: {e}")),
+        }
     }
 }
 
