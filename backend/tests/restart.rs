@@ -179,8 +179,7 @@ fn tx_stopped_mid_stream_loses_and_repeats_nothing() {
         ],
         &dir.join("vr.log"),
     ));
-    assert!(wait_for(T, || sock.exists()), "backend listens");
-    let stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    let stream = connect_when_listening(&sock);
     let mut raw = stream.try_clone().expect("clone");
     let mut f = TestFrontend::over_stream(stream, 1, VIRTIO_NET_F_MRG_RXBUF);
     const N: u16 = 20_000;
@@ -269,8 +268,7 @@ fn rx_stopped_mid_stream_delivers_nothing_twice() {
         ],
         &dir.join("vr.log"),
     ));
-    assert!(wait_for(T, || sock.exists()), "backend listens");
-    let stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    let stream = connect_when_listening(&sock);
     let mut raw = stream.try_clone().expect("clone");
     let mut f = TestFrontend::over_stream(stream, 1, VIRTIO_NET_F_MRG_RXBUF);
     let slots: Vec<u64> = (0..256).map(|i| TestFrontend::buf_addr(0, i)).collect();

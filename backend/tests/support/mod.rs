@@ -249,6 +249,26 @@ impl TestFrontend {
     }
 }
 
+/// Connects to a backend's socket once it listens. Its file appears at bind(), a moment
+/// before listen() lets connections in: until then connect() says ECONNREFUSED (vhost's
+/// `Frontend::connect` retries that too; this is for tests that need the raw stream).
+pub fn connect_when_listening(socket: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    let start = Instant::now();
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => return s,
+            Err(e)
+                if matches!(e.kind(), ConnectionRefused | NotFound)
+                    && start.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("connect to {}: {e}", socket.display()),
+        }
+    }
+}
+
 /// Writes raw bytes to the backend's socket, as a broken frontend would.
 pub fn send_raw(socket: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
