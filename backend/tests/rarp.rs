@@ -6,7 +6,6 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -29,8 +28,7 @@ fn send_rarp_broadcasts_a_rarp_frame_on_the_vf() {
         ],
         &dir.join("vr.log"),
     );
-    assert!(wait_for(T, || sock.exists()), "backend listens");
-    let stream = UnixStream::connect(&sock).expect("connect");
+    let stream = connect_when_listening(&sock);
     let mut raw = stream.try_clone().expect("clone");
     let mut f = TestFrontend::over_stream(stream, 1, VIRTIO_NET_F_MRG_RXBUF);
     // ack_protocol_features asserts the backend offers RARP.

@@ -31,6 +31,9 @@ const VRING_DESC_F_WRITE: u16 = 2;
 const VRING_DESC_F_INDIRECT: u16 = 4;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const PAGE: u64 = 4096;
+/// Most descriptors an indirect table can hold: `next` is a u16 (the same cap as the relay's
+/// rings in backend/src/vring.rs).
+const MAX_INDIRECT: u32 = u16::MAX as u32;
 
 /// Guest physical addresses of one guest ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,15 +247,25 @@ impl ShadowQueue {
         RelayError::Memory { q: self.q, addr }
     }
 
-    fn gload16(&self, mem: &GuestMem, addr: u64) -> Result<u16, RelayError> {
-        mem.load::<u16>(GuestAddress(addr), Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|_| self.mem_err(addr))
+    /// `base + off` in guest memory: the frontend and guest choose `base`, so a sum past the
+    /// end of the address space is an inaccessible address, not an overflow.
+    fn gaddr(&self, base: u64, off: u64) -> Result<GuestAddress, RelayError> {
+        base.checked_add(off)
+            .map(GuestAddress)
+            .ok_or_else(|| self.mem_err(base))
     }
 
-    fn gstore16(&self, mem: &GuestMem, addr: u64, v: u16) -> Result<(), RelayError> {
-        mem.store(v.to_le(), GuestAddress(addr), Ordering::Release)
-            .map_err(|_| self.mem_err(addr))
+    fn gload16(&self, mem: &GuestMem, base: u64, off: u64) -> Result<u16, RelayError> {
+        let a = self.gaddr(base, off)?;
+        mem.load::<u16>(a, Ordering::Acquire)
+            .map(u16::from_le)
+            .map_err(|_| self.mem_err(a.0))
+    }
+
+    fn gstore16(&self, mem: &GuestMem, base: u64, off: u64, v: u16) -> Result<(), RelayError> {
+        let a = self.gaddr(base, off)?;
+        mem.store(v.to_le(), a, Ordering::Release)
+            .map_err(|_| self.mem_err(a.0))
     }
 
     /// Guest avail → shadow avail. Returns how many entries were passed on (kick the device
@@ -261,7 +274,7 @@ impl ShadowQueue {
         let n = self.num;
         let mut moved = 0u16;
         loop {
-            let idx = self.gload16(mem, self.guest.avail + 2)?;
+            let idx = self.gload16(mem, self.guest.avail, 2)?;
             let pending = idx.wrapping_sub(self.next_avail);
             if pending > n {
                 return Err(RelayError::BadAvailIdx {
@@ -273,7 +286,7 @@ impl ShadowQueue {
             }
             while self.next_avail != idx {
                 let slot = u64::from(self.next_avail % n);
-                let head = self.gload16(mem, self.guest.avail + 4 + 2 * slot)?;
+                let head = self.gload16(mem, self.guest.avail, 4 + 2 * slot)?;
                 if head >= n {
                     return Err(RelayError::BadHead {
                         q: self.q,
@@ -296,10 +309,10 @@ impl ShadowQueue {
                 .u16_at(4 + 2 * usize::from(n))
                 .store(self.next_used, Ordering::Release);
             if self.event_idx {
-                self.gstore16(mem, self.guest.used + 4 + 8 * u64::from(n), self.next_avail)?;
+                self.gstore16(mem, self.guest.used, 4 + 8 * u64::from(n), self.next_avail)?;
             }
             fence(Ordering::SeqCst);
-            if self.gload16(mem, self.guest.avail + 2)? == self.next_avail {
+            if self.gload16(mem, self.guest.avail, 2)? == self.next_avail {
                 return Ok(moved);
             }
         }
@@ -333,10 +346,12 @@ impl ShadowQueue {
                 });
             }
             self.mark_written(mem, id, len)?;
-            let gslot = self.guest.used + 4 + 8 * slot as u64;
-            mem.write_obj(id.to_le(), GuestAddress(gslot))
-                .and_then(|_| mem.write_obj(len.to_le(), GuestAddress(gslot + 4)))
-                .map_err(|_| self.mem_err(gslot))?;
+            let gslot = self.gaddr(self.guest.used, 4 + 8 * slot as u64)?;
+            let mut elem = [0u8; 8];
+            elem[..4].copy_from_slice(&id.to_le_bytes());
+            elem[4..].copy_from_slice(&len.to_le_bytes());
+            mem.write_slice(&elem, gslot)
+                .map_err(|_| self.mem_err(gslot.0))?;
             self.next_used = self.next_used.wrapping_add(1);
             batch.entries += 1;
             batch.bytes += u64::from(len);
@@ -345,13 +360,13 @@ impl ShadowQueue {
             return Ok(batch);
         }
         fence(Ordering::Release);
-        self.gstore16(mem, self.guest.used + 2, self.next_used)?;
+        self.gstore16(mem, self.guest.used, 2, self.next_used)?;
         fence(Ordering::SeqCst);
         batch.notify = if self.event_idx {
-            let ev = self.gload16(mem, self.guest.avail + 4 + 2 * u64::from(n))?;
+            let ev = self.gload16(mem, self.guest.avail, 4 + 2 * u64::from(n))?;
             need_event(ev, self.next_used, old)
         } else {
-            self.gload16(mem, self.guest.avail)? & VRING_AVAIL_F_NO_INTERRUPT == 0
+            self.gload16(mem, self.guest.avail, 0)? & VRING_AVAIL_F_NO_INTERRUPT == 0
         };
         // Keep the device calling us for the next entry.
         self.mem
@@ -361,6 +376,12 @@ impl ShadowQueue {
     }
 
     /// Marks dirty the first `len` bytes of the writable part of the chain at `head`.
+    ///
+    /// The guest wrote the chain and may rewrite it at any time, so the walk is bounded like
+    /// the relay's (backend/src/vring.rs): at most `num` descriptors of the ring's table, one
+    /// indirect table of at most [`MAX_INDIRECT`] whole descriptors, and never more steps in
+    /// a table than it has descriptors (more must revisit one: a loop). Every address sum is
+    /// checked. A bad chain is an error, which stops this queue's relay.
     fn mark_written(&self, mem: &GuestMem, head: u32, len: u32) -> Result<(), RelayError> {
         let mut left = u64::from(len);
         if left == 0 {
@@ -371,64 +392,94 @@ impl ShadowQueue {
             head,
             why,
         };
-        let mut table = self.guest.desc;
-        let mut table_len = u64::from(self.num);
-        let mut i = u64::from(head);
-        let mut indirect = false;
-        // A chain visits each descriptor of a table at most once.
-        let mut budget = u64::from(self.num) + 1;
+        let mut table = Table {
+            addr: self.guest.desc,
+            len: u32::from(self.num),
+            indirect: false,
+        };
+        let mut i = head;
+        let mut ttl = table.len;
         loop {
-            if budget == 0 {
+            if ttl == 0 {
                 return Err(bad("loops"));
             }
-            budget -= 1;
-            if i >= table_len {
+            ttl -= 1;
+            if i >= table.len {
                 return Err(bad("next index out of range"));
             }
-            let d = table + 16 * i;
-            let addr: u64 = mem
-                .read_obj::<u64>(GuestAddress(d))
-                .map_err(|_| self.mem_err(d))?;
-            let dlen: u32 = mem
-                .read_obj::<u32>(GuestAddress(d + 8))
-                .map_err(|_| self.mem_err(d))?;
-            let flags: u16 = mem
-                .read_obj::<u16>(GuestAddress(d + 12))
-                .map_err(|_| self.mem_err(d))?;
-            let next: u16 = mem
-                .read_obj::<u16>(GuestAddress(d + 14))
-                .map_err(|_| self.mem_err(d))?;
-            let (addr, dlen, flags, next) = (
-                u64::from_le(addr),
-                u32::from_le(dlen),
-                u16::from_le(flags),
-                u16::from_le(next),
-            );
-            if flags & VRING_DESC_F_INDIRECT != 0 {
-                if indirect {
+            let d = self.read_desc(mem, table.addr, i)?;
+            if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                if table.indirect {
                     return Err(bad("nested indirect table"));
                 }
-                indirect = true;
-                table = addr;
-                table_len = u64::from(dlen) / 16;
-                budget = table_len + 1;
-                i = 0;
+                table = Table::indirect(&d).map_err(bad)?;
+                (i, ttl) = (0, table.len);
                 continue;
             }
-            if flags & VRING_DESC_F_WRITE != 0 {
-                let n = left.min(u64::from(dlen));
-                mark_dirty(mem, addr, n);
+            if d.flags & VRING_DESC_F_WRITE != 0 {
+                let n = left.min(u64::from(d.len));
+                mark_dirty(mem, d.addr, n);
                 left -= n;
                 if left == 0 {
                     return Ok(());
                 }
             }
-            if flags & VRING_DESC_F_NEXT == 0 {
+            if d.flags & VRING_DESC_F_NEXT == 0 {
                 // The device claims more than the chain holds: what it could write is marked.
                 return Ok(());
             }
-            i = u64::from(next);
+            i = u32::from(d.next);
         }
+    }
+
+    /// Descriptor `i` of the table at `table` (bytewise: an indirect table may be unaligned).
+    fn read_desc(&self, mem: &GuestMem, table: u64, i: u32) -> Result<Desc, RelayError> {
+        let at = self.gaddr(table, 16 * u64::from(i))?;
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, at)
+            .map_err(|_| self.mem_err(at.0))?;
+        Ok(Desc {
+            addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
+            len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
+            flags: u16::from_le_bytes([raw[12], raw[13]]),
+            next: u16::from_le_bytes([raw[14], raw[15]]),
+        })
+    }
+}
+
+/// One split-ring descriptor as read from guest memory.
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// The descriptor table a chain walk is in.
+struct Table {
+    addr: u64,
+    /// Descriptors in it.
+    len: u32,
+    indirect: bool,
+}
+
+impl Table {
+    /// The table an indirect descriptor points at, if it is a valid one.
+    fn indirect(d: &Desc) -> Result<Table, &'static str> {
+        if d.len == 0 || !d.len.is_multiple_of(16) {
+            return Err("indirect table length is not a whole number of descriptors");
+        }
+        if d.len / 16 > MAX_INDIRECT {
+            return Err("indirect table longer than 65535 descriptors");
+        }
+        if d.addr.checked_add(u64::from(d.len)).is_none() {
+            return Err("indirect table runs past the end of the address space");
+        }
+        Ok(Table {
+            addr: d.addr,
+            len: d.len / 16,
+            indirect: true,
+        })
     }
 }
 

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::mock::MockDevice;
 use crate::session::{offered_features, Counters, Mode, Session};
+use crate::shadow::{GuestMem, RelayError, UsedBatch};
 
 const MEM: u64 = 1 << 20;
 const USER: u64 = 0x7f00_0000_0000;
@@ -592,14 +593,14 @@ fn shadow_queue_honours_event_idx() {
     g.mem
         .write_obj(1u16, GuestAddress(avail + 4 + 2 * u64::from(NUM)))
         .unwrap();
-    device_complete(&sq, 0, 0);
+    device_complete(&sq, 0, 0, 0);
     let b = sq.forward_used(&mem).unwrap();
     assert_eq!(
         (b.entries, b.notify),
         (1, false),
         "used 0 -> 1 does not pass event 1"
     );
-    device_complete(&sq, 1, 1);
+    device_complete(&sq, 1, 1, 0);
     let b = sq.forward_used(&mem).unwrap();
     assert_eq!(
         (b.entries, b.notify),
@@ -608,20 +609,184 @@ fn shadow_queue_honours_event_idx() {
     );
 }
 
-/// Writes used entry `slot` = head into a shadow queue's used ring as a device would.
-fn device_complete(sq: &crate::shadow::ShadowQueue, slot: u16, head: u32) {
+/// Writes used entry `slot` = (head, len) into a shadow queue's used ring as a device would.
+fn device_complete(sq: &crate::shadow::ShadowQueue, slot: u16, head: u32, len: u32) {
     let used = (sq.used_iova() - sq.iova) as usize;
     let base = sq.mem.va() as *mut u8;
     // SAFETY: inside the shadow ring mapping (used ring of NUM entries).
     unsafe {
         let e = base.add(used + 4 + 8 * usize::from(slot));
         std::ptr::write_volatile(e as *mut u32, head);
-        std::ptr::write_volatile(e.add(4) as *mut u32, 0);
+        std::ptr::write_volatile(e.add(4) as *mut u32, len);
         std::ptr::write_volatile(base.add(used + 2) as *mut u16, slot + 1);
     }
 }
 
-fn guest_mem_with_dirty_bitmap(guest: &Guest) -> crate::shadow::GuestMem {
+/// Guest memory for hostile chains: the usual megabyte, and the last page below 2^64 (a
+/// region's end must fit in a u64, so it ends one byte short of the top).
+fn mem_with_top_page() -> GuestMem {
+    GuestMem::from_ranges(&[
+        (GuestAddress(0), MEM as usize),
+        (GuestAddress(TOP_PAGE), PAGE as usize),
+    ])
+    .unwrap()
+}
+
+const TOP_PAGE: u64 = u64::MAX - PAGE;
+const DESC_NEXT: u16 = 1;
+const DESC_WRITE: u16 = 2;
+const DESC_INDIRECT: u16 = 4;
+
+/// Writes descriptor (addr, len, flags, next) at guest address `at`.
+fn put_desc(mem: &GuestMem, at: u64, d: (u64, u32, u16, u16)) {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&d.0.to_le_bytes());
+    raw[8..12].copy_from_slice(&d.1.to_le_bytes());
+    raw[12..14].copy_from_slice(&d.2.to_le_bytes());
+    raw[14..].copy_from_slice(&d.3.to_le_bytes());
+    mem.write_slice(&raw, GuestAddress(at)).unwrap();
+}
+
+/// Runs `f` (a relay step on hostile guest data) on its own thread, as the relay does, and
+/// returns its result; fails the test if it panicked or took more than 10 s.
+fn promptly<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => panic!("still walking guest descriptors after 10 s"),
+        Err(RecvTimeoutError::Disconnected) => panic!("the relay step panicked"),
+    }
+}
+
+/// The device returned head 0 of rx with 1500 bytes written; the guest's descriptor 0 is
+/// `head` and the writes of `setup` shape the rest. What does the relay make of it?
+fn forward_hostile_chain(
+    head: (u64, u32, u16, u16),
+    setup: impl FnOnce(&GuestMem) + Send + 'static,
+) -> Result<UsedBatch, RelayError> {
+    use crate::shadow::{RingAddr, ShadowQueue};
+    promptly(move || {
+        let mem = mem_with_top_page();
+        let (desc, avail, used) = ring(0);
+        put_desc(&mem, desc, head);
+        setup(&mem);
+        let mut sq = ShadowQueue::new(0, NUM, RingAddr { desc, avail, used }, 0, 0, false)
+            .expect("shadow queue");
+        device_complete(&sq, 0, 0, 1500);
+        sq.forward_used(&mem)
+    })
+}
+
+fn assert_bad_chain(r: Result<UsedBatch, RelayError>, want: &str) {
+    match r {
+        Err(RelayError::BadChain { why, .. }) => {
+            assert!(why.contains(want), "{why:?}, wanted {want:?}")
+        }
+        other => panic!("wanted a bad chain ({want}), got {other:?}"),
+    }
+}
+
+/// A zero-length writable descriptor that names itself as next never fills the used length:
+/// the walk must end at the table's size. In an indirect table claiming 2^28 descriptors
+/// that size alone is the defect (minutes per used entry); a legal 65535 is walked once.
+#[test]
+fn shadow_relay_cuts_a_self_looping_chain() {
+    const TABLE: u64 = 0x80000;
+    let self_loop = |mem: &GuestMem| {
+        put_desc(mem, TABLE, (0x90000, 0, DESC_WRITE | DESC_NEXT, 0));
+    };
+    let huge = (TABLE, 0xffff_fff0, DESC_INDIRECT, 0);
+    assert_bad_chain(forward_hostile_chain(huge, self_loop), "longer than 65535");
+    let largest = (TABLE, 16 * 65535, DESC_INDIRECT, 0);
+    assert_bad_chain(forward_hostile_chain(largest, self_loop), "loops");
+    let direct = (0x90000, 0, DESC_WRITE | DESC_NEXT, 0);
+    assert_bad_chain(forward_hostile_chain(direct, |_| {}), "loops");
+}
+
+/// An indirect table is whole descriptors: 24 bytes is not a table of one.
+#[test]
+fn shadow_relay_refuses_a_partial_indirect_table() {
+    const TABLE: u64 = 0x80000;
+    let one_buffer = |mem: &GuestMem| {
+        put_desc(mem, TABLE, (0x90000, 1500, DESC_WRITE, 0));
+    };
+    for len in [24, 8, 0] {
+        let head = (TABLE, len, DESC_INDIRECT, 0);
+        assert_bad_chain(
+            forward_hostile_chain(head, one_buffer),
+            "not a whole number of descriptors",
+        );
+    }
+}
+
+/// An indirect table longer than a u16 `next` can index (65536 descriptors) is refused, even
+/// when the chain in it is short.
+#[test]
+fn shadow_relay_refuses_an_oversized_indirect_table() {
+    const TABLE: u64 = 0x80000;
+    let one_buffer = |mem: &GuestMem| {
+        put_desc(mem, TABLE, (0x90000, 1500, DESC_WRITE, 0));
+    };
+    let head = (TABLE, 16 * 65536, DESC_INDIRECT, 0);
+    assert_bad_chain(forward_hostile_chain(head, one_buffer), "longer than 65535");
+}
+
+/// Tables and rings at the very top of the address space: walking on past 2^64 is an error,
+/// never an arithmetic overflow (a panic of the relay thread in debug builds).
+#[test]
+fn shadow_relay_survives_addresses_at_the_top_of_memory() {
+    use crate::shadow::{RingAddr, ShadowQueue};
+    // Two readable descriptors in the last 32 bytes; the chain goes on to the fourth.
+    let top_table = u64::MAX - 32;
+    let chain_to_3 = move |mem: &GuestMem| {
+        put_desc(mem, top_table, (0x90000, 0, DESC_WRITE | DESC_NEXT, 1));
+        put_desc(mem, top_table + 16, (0x90000, 0, DESC_WRITE | DESC_NEXT, 3));
+    };
+    let head = (top_table, 64, DESC_INDIRECT, 0);
+    assert_bad_chain(
+        forward_hostile_chain(head, chain_to_3),
+        "end of the address space",
+    );
+    // A buffer running past the top: marked as far as memory goes.
+    let head = (u64::MAX - 10, 1500, DESC_WRITE, 0);
+    let r = forward_hostile_chain(head, |_| {});
+    assert!(matches!(r, Ok(b) if b.entries == 1), "{r:?}");
+    // The ring's own table there (a frontend's ring address checked against a larger size).
+    let r = promptly(move || {
+        let mem = mem_with_top_page();
+        let (_, avail, used) = ring(0);
+        chain_to_3(&mem);
+        let desc = top_table;
+        let mut sq = ShadowQueue::new(0, NUM, RingAddr { desc, avail, used }, 0, 0, false)
+            .expect("shadow queue");
+        device_complete(&sq, 0, 0, 1500);
+        sq.forward_used(&mem)
+    });
+    assert!(matches!(r, Err(RelayError::Memory { .. })), "{r:?}");
+    // Avail and used rings in the last bytes.
+    let (desc, _, _) = ring(0);
+    let rings = [(u64::MAX - 1, TOP_PAGE), (TOP_PAGE, u64::MAX - 3)];
+    for (avail, used) in rings {
+        let (a, u) = promptly(move || {
+            let mem = mem_with_top_page();
+            let mut sq = ShadowQueue::new(0, NUM, RingAddr { desc, avail, used }, 0, 0, true)
+                .expect("shadow queue");
+            let a = sq.forward_avail(&mem).map(|_| ());
+            device_complete(&sq, 0, 0, 0);
+            (a, sq.forward_used(&mem).map(|_| ()))
+        });
+        assert!(
+            a.is_err() && u.is_err(),
+            "avail {avail:#x} used {used:#x}: {a:?} {u:?}"
+        );
+    }
+}
+
+fn guest_mem_with_dirty_bitmap(guest: &Guest) -> GuestMem {
     vm_memory::GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         MEM as usize,

@@ -288,6 +288,26 @@ pub fn round_trip(f: &mut TestFrontend, tag: u8) {
     assert_eq!(f.read(rx + 12, 100), data);
 }
 
+/// Connects to a backend's socket once it listens. Its file appears at bind(), a moment
+/// before listen() lets connections in: until then connect() says ECONNREFUSED (vhost's
+/// `Frontend::connect` retries that too; this is for tests that need the raw stream).
+pub fn connect_when_listening(socket: &Path) -> std::os::unix::net::UnixStream {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    let start = Instant::now();
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(s) => return s,
+            Err(e)
+                if matches!(e.kind(), ConnectionRefused | NotFound)
+                    && start.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("connect to {}: {e}", socket.display()),
+        }
+    }
+}
+
 /// Writes raw bytes to the backend's socket, as a broken frontend would.
 pub fn send_raw(socket: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut s = std::os::unix::net::UnixStream::connect(socket)?;
@@ -358,6 +378,10 @@ impl NetNs {
         run(&["netns", "add", &name]);
         // From here on the guard deletes the namespace, even if a step below fails.
         let ns = NetNs { name };
+        // Before the veth exists: with IPv6 on, the kernel sends DAD neighbour solicitations
+        // and MLD reports from wire0 as the link comes up, frames the tests never sent that
+        // the backend rightly delivers to the guest.
+        ns.enter(disable_ipv6);
         let name = ns.name.as_str();
         run(&[
             "-n", name, "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
@@ -431,6 +455,19 @@ impl NetNs {
             env!("CARGO_BIN_EXE_vhost-relay"),
         ]);
         start_logged(cmd, args, log)
+    }
+}
+
+/// Turns IPv6 off in the calling thread's namespace, for interfaces made from now on too
+/// (per-netns sysctls resolve against the opening thread's namespace).
+fn disable_ipv6() {
+    for knob in ["all", "default"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
+        match std::fs::write(&path, "1") {
+            // A kernel without IPv6 sends no IPv6 either.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => r.unwrap_or_else(|e| panic!("{path}: {e}")),
+        }
     }
 }
 
