@@ -230,9 +230,9 @@ impl Usage {
     }
 }
 
-/// A well-behaved frontend on port B: negotiation, rings over memfd memory, one frame
+/// A well-behaved frontend on a port: negotiation, rings over memfd memory, one frame
 /// sent on TX must come back on RX intact. Panics (via the support code) on any failure.
-fn port_b_serves(socket: &Path) {
+fn port_serves(socket: &Path) {
     let mut f = TestFrontend::connect(socket, 1, VIRTIO_NET_F_MRG_RXBUF);
     for i in 0..4 {
         f.post(0, &[(TestFrontend::buf_addr(0, i), 2048, true)]);
@@ -242,10 +242,10 @@ fn port_b_serves(socket: &Path) {
     f.post_tx(1, TestFrontend::buf_addr(1, 0), &frame);
     f.kick(1);
     let used = f.wait_used(0, 1, Duration::from_secs(10));
-    assert_eq!(used.len(), 1, "port B loops a frame back");
+    assert_eq!(used.len(), 1, "the port loops a frame back");
     let (head, len) = used[0];
     let got = f.read(TestFrontend::buf_addr(0, head as u16), len as usize);
-    assert_eq!(&got[12..], &frame[..], "port B returns the frame intact");
+    assert_eq!(&got[12..], &frame[..], "the port returns the frame intact");
 }
 
 struct Fuzz {
@@ -286,12 +286,12 @@ impl Fuzz {
     /// the baseline the resource checks compare with.
     fn warm_up(&mut self) {
         self.send(
-            &hostile::gen::dirty_logs(&mut Rng::for_case(0, 0, 0, 0)),
+            &hostile::gen::well_behaved(&mut Rng::for_case(0, 0, 0, 0)),
             &mut Rng::for_case(0, 0, 0, 1),
         )
         .expect("the warm-up session is sent");
         self.wait_sessions().expect("the warm-up session ends");
-        port_b_serves(&self.relay.b);
+        port_serves(&self.relay.b);
         std::thread::sleep(Duration::from_millis(500));
         let base = usage(self.relay.be.child.id());
         self.bound = base.bound();
@@ -321,7 +321,7 @@ impl Fuzz {
                 let deadline = Instant::now() + SESSION_TIMEOUT;
                 match send_session(&self.relay.a, msgs, &guest, deadline) {
                     Sent::Done => 1,
-                    Sent::Refused => 0,
+                    Sent::Refused => return Err("port A refuses connections".into()),
                     Sent::Stalled => {
                         return Err(format!(
                             "port A did not take the input's messages within {SESSION_TIMEOUT:?}"
@@ -329,7 +329,13 @@ impl Fuzz {
                     }
                 }
             }
-            Input::Storm { prefixes } => send_storm(&self.relay.a, prefixes),
+            Input::Storm { prefixes } => match send_storm(&self.relay.a, prefixes) {
+                n if n == prefixes.len() => n,
+                n => {
+                    self.sessions += n;
+                    return Err(format!("port A refused connection {} of the storm", n + 1));
+                }
+            },
         };
         Ok(())
     }
@@ -363,14 +369,22 @@ impl Fuzz {
         }
         self.inputs += 1;
         if self.s.verbose {
-            println!("input {}:{round}:{index}", CAMPAIGNS[campaign].name);
+            println!(
+                "input {}:{round}:{index}: {}",
+                CAMPAIGNS[campaign].name,
+                input.describe()
+            );
         }
-        self.send(&input, &mut rng)
-            .and_then(|()| self.wait_sessions())
-            .map_err(|e| {
-                let tag = known.map_or("none".into(), |k| format!("yes: {k}"));
-                format!("{e}\n  input (known defect: {tag}): {}", input.describe())
-            })
+        let r = self
+            .send(&input, &mut rng)
+            .and_then(|()| self.wait_sessions());
+        if self.s.verbose {
+            println!("  after it: {:?}", usage(self.relay.be.child.id()));
+        }
+        r.map_err(|e| {
+            let tag = known.map_or("none".into(), |k| format!("yes: {k}"));
+            format!("{e}\n  input (known defect: {tag}): {}", input.describe())
+        })
     }
 
     /// After a batch: alive, port B serves, resources back under the bound.
@@ -378,8 +392,18 @@ impl Fuzz {
         if let Ok(Some(status)) = self.relay.be.child.try_wait() {
             return Err(format!("vhost-relay died: {status}"));
         }
+        // Port A too: a hostile connection may cost only itself, not the port.
+        let a = self.relay.a.clone();
+        std::panic::catch_unwind(|| port_serves(&a)).map_err(|e| {
+            let why = e
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
+            format!("port A no longer serves a well-behaved frontend: {why}")
+        })?;
+        self.sessions += 1;
         let b = self.relay.b.clone();
-        std::panic::catch_unwind(|| port_b_serves(&b)).map_err(|e| {
+        std::panic::catch_unwind(|| port_serves(&b)).map_err(|e| {
             let why = e
                 .downcast_ref::<String>()
                 .cloned()

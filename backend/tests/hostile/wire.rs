@@ -2,10 +2,12 @@
 //! may lie, carrying file descriptors of any kind, sent over fresh connections.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qemu_tests::driver::{DriverMemory, DriverQueue};
@@ -24,6 +26,9 @@ pub const RINGS: usize = 4;
 /// Ring `q` sits at `q * RING_STRIDE` in guest memory; buffers above all rings.
 pub const RING_STRIDE: u64 = 0x1_0000;
 const BUFS: u64 = 0x8_0000;
+/// Longest wait for the end-of-input probe's reply; a backend that takes longer is not
+/// blocked by it (a hang is caught by the session's end not coming).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub const FLAG_VERSION: u32 = 0x1;
 pub const FLAG_NEED_REPLY: u32 = 0x8;
@@ -184,6 +189,40 @@ pub fn single_region(r: &Region) -> Vec<u8> {
     [vec![0u8; 8], r.bytes()].concat()
 }
 
+/// The shim's largest payload: a bigger header size ends the connection.
+const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// A message as the backend reads it: request, payload, the fds that arrived with it.
+pub type Seen = (u32, Vec<u8>, Vec<Fd>);
+
+/// The messages as the backend reads them (a lying size shifts every later message):
+/// (request, payload, fds arriving with it), and whether the stream ends on a whole message.
+pub fn backend_view(msgs: &[Msg]) -> (Vec<Seen>, bool) {
+    let mut stream = Vec::new();
+    let mut fd_at = Vec::new();
+    for m in msgs {
+        fd_at.push((stream.len(), m.fds.clone()));
+        stream.extend(m.encode());
+    }
+    let mut out = Vec::new();
+    let (mut pos, mut next_fds) = (0, fd_at.iter().peekable());
+    while pos + 12 <= stream.len() {
+        let word = |i: usize| u32::from_le_bytes(stream[pos + i..pos + i + 4].try_into().unwrap());
+        let (req, size) = (word(0), word(8) as usize);
+        if size > MAX_PAYLOAD {
+            return (out, false);
+        }
+        let end = (pos + 12 + size).min(stream.len());
+        let mut fds = Vec::new();
+        while let Some((_, f)) = next_fds.next_if(|(at, _)| *at < end) {
+            fds.extend_from_slice(f);
+        }
+        out.push((req, stream[pos + 12..end].to_vec(), fds));
+        pos = end;
+    }
+    (out, pos == stream.len())
+}
+
 /// What an input does: messages on one connection (with a guest behind them), or a storm
 /// of short connections.
 #[derive(Clone, Debug)]
@@ -341,7 +380,7 @@ pub fn send_session(socket: &Path, msgs: &[Msg], guest: &Guest, deadline: Instan
     let Ok(stream) = UnixStream::connect(socket) else {
         return Sent::Refused;
     };
-    drain_replies(&stream);
+    let seen = drain_replies(&stream);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
     for m in msgs {
         // A backend that reads slowly (not stalled) must also finish in time.
@@ -358,6 +397,7 @@ pub fn send_session(socket: &Path, msgs: &[Msg], guest: &Guest, deadline: Instan
         }
     }
     guest.kick_all();
+    finish(&stream, msgs, &seen);
     let _ = stream.shutdown(std::net::Shutdown::Write);
     Sent::Done
 }
@@ -379,13 +419,60 @@ fn send_all(stream: &UnixStream, bytes: &[u8], fds: &[i32], deadline: Instant) -
     Sent::Done
 }
 
+/// What the reply reader saw: GET_FEATURES replies so far, and whether the backend closed.
+#[derive(Default)]
+pub struct Replies {
+    features: AtomicUsize,
+    closed: AtomicBool,
+}
+
 /// Reads and discards whatever the backend replies, until it closes, so it never blocks on
-/// a full socket.
-fn drain_replies(stream: &UnixStream) {
+/// a full socket; counts GET_FEATURES replies (the end-of-input probe).
+fn drain_replies(stream: &UnixStream) -> Arc<Replies> {
     let mut r = stream.try_clone().expect("clone stream");
+    let seen = Arc::new(Replies::default());
+    let s = seen.clone();
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut r, &mut std::io::sink());
+        let mut hdr = [0u8; 12];
+        while r.read_exact(&mut hdr).is_ok() {
+            let word = |i: usize| u32::from_le_bytes(hdr[i..i + 4].try_into().unwrap());
+            if word(0) == FrontendReq::GET_FEATURES as u32 && word(4) & 0x4 != 0 {
+                s.features.fetch_add(1, Ordering::Release);
+            }
+            let size = u64::from(word(8));
+            if std::io::copy(&mut (&mut r).take(size), &mut std::io::sink()).ok() != Some(size) {
+                break;
+            }
+        }
+        s.closed.store(true, Ordering::Release);
     });
+    seen
+}
+
+/// Ends an input: a GET_FEATURES probe, and a wait for its reply (or the backend closing),
+/// so the backend has handled every message before the frontend goes. A frontend that
+/// closes at once would lose what the backend had not read yet: the shim drops the rest.
+/// No probe after a stream cut mid-message (the backend would take it as the rest).
+fn finish(stream: &UnixStream, msgs: &[Msg], seen: &Replies) {
+    let (view, whole) = backend_view(msgs);
+    if whole {
+        let probe = Msg::new(FrontendReq::GET_FEATURES, vec![]).encode();
+        let answers = 1 + view
+            .iter()
+            .filter(|(r, ..)| *r == FrontendReq::GET_FEATURES as u32)
+            .count();
+        let start = Instant::now();
+        if send_all(stream, &probe, &[], start + PROBE_TIMEOUT) == Sent::Done {
+            while seen.features.load(Ordering::Acquire) < answers
+                && !seen.closed.load(Ordering::Acquire)
+                && start.elapsed() < PROBE_TIMEOUT
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+    // The workers had kicks: a moment to act on them before the session is torn down.
+    std::thread::sleep(Duration::from_millis(1));
 }
 
 /// Opens one connection per prefix, writes the prefix, and closes them in reverse order.
