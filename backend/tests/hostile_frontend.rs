@@ -248,6 +248,17 @@ fn port_serves(socket: &Path) {
     assert_eq!(&got[12..], &frame[..], "the port returns the frame intact");
 }
 
+/// [`port_serves`] as a result: `Err` names the port and what failed.
+fn serves(socket: &Path, port: &str) -> Result<(), String> {
+    std::panic::catch_unwind(|| port_serves(socket)).map_err(|e| {
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
+        format!("port {port} no longer serves a well-behaved frontend: {why}")
+    })
+}
+
 struct Fuzz {
     s: Settings,
     dir: PathBuf,
@@ -315,13 +326,25 @@ impl Fuzz {
             Input::Session {
                 msgs,
                 garbage_rings,
+                hold_open,
             } => {
                 self.messages += msgs.len() as u64;
                 let guest = Guest::new(garbage_rings.then_some(rng));
                 let deadline = Instant::now() + SESSION_TIMEOUT;
-                match send_session(&self.relay.a, msgs, &guest, deadline) {
+                let b = self.relay.b.clone();
+                let mut b_failed = None;
+                let mut check_b = || {
+                    if *hold_open {
+                        b_failed = serves(&b, "B (with port A's connection open)").err();
+                    }
+                };
+                let sent = send_session(&self.relay.a, msgs, &guest, deadline, &mut check_b);
+                if let Some(e) = b_failed {
+                    return Err(e);
+                }
+                match sent {
                     Sent::Done => 1,
-                    Sent::Refused => return Err("port A refuses connections".into()),
+                    Sent::Refused => return Err(self.refused()),
                     Sent::Stalled => {
                         return Err(format!(
                             "port A did not take the input's messages within {SESSION_TIMEOUT:?}"
@@ -333,11 +356,27 @@ impl Fuzz {
                 n if n == prefixes.len() => n,
                 n => {
                     self.sessions += n;
-                    return Err(format!("port A refused connection {} of the storm", n + 1));
+                    return Err(format!(
+                        "{} (connection {} of the storm)",
+                        self.refused(),
+                        n + 1
+                    ));
                 }
             },
         };
         Ok(())
+    }
+
+    /// Why port A refused a connection: the process died (it may not be reaped yet), or
+    /// the port's thread did.
+    fn refused(&mut self) -> String {
+        let died = wait_for(Duration::from_millis(500), || {
+            !matches!(self.relay.be.child.try_wait(), Ok(None))
+        });
+        match self.relay.be.child.try_wait() {
+            Ok(Some(status)) if died => format!("vhost-relay died: {status}"),
+            _ => "port A refuses connections (the process lives)".into(),
+        }
     }
 
     /// Waits until port A has ended every session so far; the process must live meanwhile.
@@ -393,23 +432,9 @@ impl Fuzz {
             return Err(format!("vhost-relay died: {status}"));
         }
         // Port A too: a hostile connection may cost only itself, not the port.
-        let a = self.relay.a.clone();
-        std::panic::catch_unwind(|| port_serves(&a)).map_err(|e| {
-            let why = e
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
-            format!("port A no longer serves a well-behaved frontend: {why}")
-        })?;
+        serves(&self.relay.a, "A")?;
         self.sessions += 1;
-        let b = self.relay.b.clone();
-        std::panic::catch_unwind(|| port_serves(&b)).map_err(|e| {
-            let why = e
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| format!("{:?}", e.downcast_ref::<&str>()));
-            format!("port B no longer serves a well-behaved frontend: {why}")
-        })?;
+        serves(&self.relay.b, "B")?;
         let pid = self.relay.be.child.id();
         let bound = self.bound;
         if !wait_for(Duration::from_secs(10), || usage(pid).within(bound)) {

@@ -227,8 +227,15 @@ pub fn backend_view(msgs: &[Msg]) -> (Vec<Seen>, bool) {
 /// of short connections.
 #[derive(Clone, Debug)]
 pub enum Input {
-    Session { msgs: Vec<Msg>, garbage_rings: bool },
-    Storm { prefixes: Vec<Vec<u8>> },
+    /// `hold_open`: the connection stays open while the other port is checked.
+    Session {
+        msgs: Vec<Msg>,
+        garbage_rings: bool,
+        hold_open: bool,
+    },
+    Storm {
+        prefixes: Vec<Vec<u8>>,
+    },
 }
 
 impl Input {
@@ -242,6 +249,7 @@ impl Input {
             Input::Session {
                 msgs,
                 garbage_rings,
+                ..
             } => {
                 let mut s = format!("{} messages (garbage rings: {garbage_rings})", msgs.len());
                 // Floods are long: their start and end say enough.
@@ -376,7 +384,13 @@ pub enum Sent {
 /// Sends `msgs` on a new connection to `socket`, plays the guest (kicks), then closes the
 /// sending side. The backend may drop the connection at any point, which ends the input
 /// early; if it stops reading until `deadline`, the input is `Stalled`.
-pub fn send_session(socket: &Path, msgs: &[Msg], guest: &Guest, deadline: Instant) -> Sent {
+pub fn send_session(
+    socket: &Path,
+    msgs: &[Msg],
+    guest: &Guest,
+    deadline: Instant,
+    before_close: &mut dyn FnMut(),
+) -> Sent {
     let Ok(stream) = UnixStream::connect(socket) else {
         return Sent::Refused;
     };
@@ -398,6 +412,7 @@ pub fn send_session(socket: &Path, msgs: &[Msg], guest: &Guest, deadline: Instan
     }
     guest.kick_all();
     finish(&stream, msgs, &seen);
+    before_close();
     let _ = stream.shutdown(std::net::Shutdown::Write);
     Sent::Done
 }
