@@ -1,0 +1,6 @@
+//! The hostile-frontend fuzzer's parts (driven by `hostile_frontend.rs`).
+
+pub mod gen;
+pub mod known;
+pub mod rng;
+pub mod wire;
