@@ -7,7 +7,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
-use crate::GuestMemoryMmapB;
+/// The backend's guest memory type (`crate::GuestMemoryMmapB`, spelled out for vdpa's use).
+type GuestMemoryMmapB = vm_memory::GuestMemoryMmap<migration::DirtyBitmap>;
 
 const PAGE: usize = 4096;
 

@@ -398,9 +398,13 @@ fn check_fragments(pkt: &[u8], f: &Layers, out: &[(VnetHdr, Vec<u8>)]) -> Result
         }
         datagram.extend_from_slice(&s[sf.l4..sf.ip_end]);
     }
+    // Ports and data as sent; the length and checksum fields are the code's to (re)write.
     let orig = &pkt[f.l4..f.ip_end];
-    if datagram.len() != orig.len() || datagram[8..] != orig[8..] || datagram[..6] != orig[..6] {
+    if datagram.len() != orig.len() || datagram[8..] != orig[8..] || datagram[..4] != orig[..4] {
         return Err("fragments do not reassemble to the original datagram".into());
+    }
+    if usize::from(be16(&datagram, 4).unwrap_or(0)) != datagram.len() {
+        return Err("reassembled UDP length field is wrong".into());
     }
     let ph = pseudo(pkt, f, datagram.len()).ok_or("pseudo")?;
     if fold(sum16(&datagram, ph)) != 0xffff {

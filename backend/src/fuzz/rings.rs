@@ -263,9 +263,12 @@ fn writable(s: &Snap, l: &Layout, head: u16, out: &mut Vec<(u64, u64)>) {
         while i < n && steps <= u32::from(n) {
             steps += 1;
             let d = table.wrapping_add(16 * u64::from(i));
-            let (Some(a), Some(len), Some(flags), Some(next)) =
-                (s.u64(d), s.u32(d + 8), s.u16(d + 12), s.u16(d + 14))
-            else {
+            let (Some(a), Some(len), Some(flags), Some(next)) = (
+                s.u64(d),
+                s.u32(d.wrapping_add(8)),
+                s.u16(d.wrapping_add(12)),
+                s.u16(d.wrapping_add(14)),
+            ) else {
                 break;
             };
             if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
