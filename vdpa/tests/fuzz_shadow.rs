@@ -44,10 +44,13 @@ fn buffer_addr(rng: &mut Rng) -> u64 {
     }
 }
 
+/// Indirect tables start at one of these (each up to 64 descriptors).
+const TABLE_STRIDE: u64 = 0x400;
+
 /// An indirect table's (address, length); with known defects skipped, short and in memory.
 fn table(rng: &mut Rng) -> (u64, u32) {
     let n = rng.range(1, 64);
-    let at = TABLES.0 + 16 * rng.below((TABLES.1 - TABLES.0) / 16 - n);
+    let at = TABLES.0 + TABLE_STRIDE * rng.below((TABLES.1 - TABLES.0) / TABLE_STRIDE);
     if skip_known() {
         return (at, 16 * n as u32);
     }
@@ -94,7 +97,12 @@ fn hostile_guest(rng: &mut Rng, g: &Guarded) -> (u16, u16, u16) {
     }
     let mut at = TABLES.0;
     while at < TABLES.1 {
-        put(g, at, &descriptor(rng, 64));
+        let mut d = descriptor(rng, 64);
+        if at % TABLE_STRIDE == 0 && rng.chance(20) {
+            // A table whose first descriptor chains to itself, writing nothing: a loop.
+            d[12..16].copy_from_slice(&[NEXT as u8, 0, 0, 0]);
+        }
+        put(g, at, &d);
         at += 16;
     }
     for i in 0..u64::from(num) {
