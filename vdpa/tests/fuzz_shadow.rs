@@ -98,7 +98,7 @@ fn hostile_guest(rng: &mut Rng, g: &Guarded) -> (u16, u16, u16) {
     let mut at = TABLES.0;
     while at < TABLES.1 {
         let mut d = descriptor(rng, 64);
-        if at % TABLE_STRIDE == 0 && rng.chance(20) {
+        if at.is_multiple_of(TABLE_STRIDE) && rng.chance(20) {
             // A table whose first descriptor chains to itself, writing nothing: a loop.
             d[12..16].copy_from_slice(&[NEXT as u8, 0, 0, 0]);
         }
