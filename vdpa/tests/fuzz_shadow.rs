@@ -284,5 +284,5 @@ fn check(
 
 #[test]
 fn fuzz_shadow_rings() {
-    campaign("shadow", 3000, shadow_input);
+    campaign("shadow", 5000, shadow_input);
 }

@@ -100,11 +100,12 @@ fn now_ms() -> u64 {
 
 /// Runs `body` for each iteration of campaign `name` (`ci_iters` by default). `body` returns
 /// `Err(why)` on a failed check; a failure or panic stops the test with seed and iteration.
+/// Returns the number of inputs run.
 pub fn campaign(
     name: &'static str,
     ci_iters: u64,
     mut body: impl FnMut(&mut Rng) -> Result<(), String>,
-) {
+) -> u64 {
     install_reporters();
     let seed = env_u64("VHOST_RELAY_FUZZ_SEED").unwrap_or(DEFAULT_SEED);
     SEED.store(seed, Ordering::Relaxed);
@@ -161,6 +162,7 @@ pub fn campaign(
             ""
         }
     );
+    done
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {

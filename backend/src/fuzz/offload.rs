@@ -4,6 +4,8 @@
 //! computed verify (pseudo-headers included), segment payloads concatenate to the original
 //! payload (fragments reassemble to the original datagram), and outputs stay bounded.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::{campaign, Rng};
 use crate::net_hdr::{
     VnetHdr, VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
@@ -11,6 +13,18 @@ use crate::net_hdr::{
     VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_HDR_GSO_UDP_L4,
 };
 use crate::offload::{adapt_for_guest, complete_checksum, segment, RxOffloads};
+
+/// How many results were verified in full, per kind: completed checksums of intact frames,
+/// TCP/USO segments, UFO datagrams reassembled. A campaign that verified none of a kind
+/// tested nothing of it, and fails.
+static VERIFIED: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+const COMPLETED: usize = 0;
+const SEGMENTS: usize = 1;
+const DATAGRAMS: usize = 2;
+
+fn verified(kind: usize) {
+    VERIFIED[kind].fetch_add(1, Ordering::Relaxed);
+}
 
 /// RFC 1071: the 32-bit running sum of big-endian 16-bit words (odd byte padded with zero).
 fn sum16(bytes: &[u8], mut acc: u64) -> u64 {
@@ -319,7 +333,11 @@ fn check_complete(hdr: &VnetHdr, pkt: &[u8], intact: bool) -> Result<(), String>
         return Err("completed checksum does not verify over csum_start..".into());
     }
     match parse(&p) {
-        Some(f) if intact => verify(&p, &f).map_err(|e| format!("completed frame: {e}")),
+        Some(f) if intact => {
+            verify(&p, &f).map_err(|e| format!("completed frame: {e}"))?;
+            verified(COMPLETED);
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -361,6 +379,7 @@ fn check_segment(hdr: &VnetHdr, pkt: &[u8]) -> Result<(), String> {
         let sf = parse(s).ok_or("a segment does not parse")?;
         if h.flags & VIRTIO_NET_HDR_F_DATA_VALID != 0 {
             verify(s, &sf).map_err(|e| format!("segment: {e}"))?;
+            verified(SEGMENTS);
         }
         let body = s
             .get(sf.l4 + hl..sf.ip_end)
@@ -410,6 +429,7 @@ fn check_fragments(pkt: &[u8], f: &Layers, out: &[(VnetHdr, Vec<u8>)]) -> Result
     if fold(sum16(&datagram, ph)) != 0xffff {
         return Err("reassembled UDP checksum is wrong".into());
     }
+    verified(DATAGRAMS);
     Ok(())
 }
 
@@ -439,5 +459,12 @@ fn offload_input(rng: &mut Rng) -> Result<(), String> {
 
 #[test]
 fn fuzz_offloads() {
-    campaign("offload", 6000, offload_input);
+    let inputs = campaign("offload", 15000, offload_input);
+    let [c, s, d] = VERIFIED.each_ref().map(|v| v.load(Ordering::Relaxed));
+    eprintln!("fuzz offload: verified {c} completed checksums, {s} segments, {d} UFO datagrams");
+    // (A replay of one input may verify nothing; a campaign must.)
+    assert!(
+        inputs < 1000 || (c > 0 && s > 0 && d > 0),
+        "the campaign verified nothing of some kind"
+    );
 }

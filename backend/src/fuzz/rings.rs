@@ -344,6 +344,7 @@ fn check_queue(
         }
         allowed.extend(w);
     }
+    RETURNED.with(|r| r.set(r.get() + u64::from(returned)));
     if usize::from(returned) != expected {
         return Err(format!("{expected} chains taken, {returned} returned"));
     }
@@ -543,22 +544,43 @@ fn loopback_input(rng: &mut Rng) -> Result<(), String> {
     check_writes(&before, &after, &allowed)
 }
 
+thread_local! {
+    /// Used entries checked by this thread's campaign (each test runs on its own thread).
+    static RETURNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs a ring campaign; one that checked no used entry at all tested nothing, and fails.
+fn ring_campaign(
+    name: &'static str,
+    ci_iters: u64,
+    body: impl FnMut(&mut Rng) -> Result<(), String>,
+) {
+    RETURNED.with(|r| r.set(0));
+    let inputs = campaign(name, ci_iters, body);
+    let returned = RETURNED.with(|r| r.get());
+    eprintln!("fuzz {name}: {returned} used entries checked");
+    assert!(
+        inputs < 100 || returned > 0,
+        "fuzz {name}: no chain ever came back"
+    );
+}
+
 #[test]
 fn fuzz_rx_rings() {
-    campaign("rx", 1500, |rng| rx_input(rng, false));
+    ring_campaign("rx", 3000, |rng| rx_input(rng, false));
 }
 
 #[test]
 fn fuzz_rx_mergeable_rings() {
-    campaign("rx-mergeable", 1500, |rng| rx_input(rng, true));
+    ring_campaign("rx-mergeable", 3000, |rng| rx_input(rng, true));
 }
 
 #[test]
 fn fuzz_tx_rings() {
-    campaign("tx", 1500, tx_input);
+    ring_campaign("tx", 3000, tx_input);
 }
 
 #[test]
 fn fuzz_loopback_rings() {
-    campaign("loopback", 1000, loopback_input);
+    ring_campaign("loopback", 2000, loopback_input);
 }
