@@ -21,3 +21,29 @@ mod offload;
 mod rings;
 
 pub use harness::{campaign, skip_known, Rng};
+
+/// The guard pages are there: a read one byte before or after a region kills a child
+/// process with SIGSEGV (so the fuzzers' out-of-bounds accesses cannot go unnoticed).
+#[test]
+fn guard_pages_fault() {
+    let g = guarded::Guarded::new(&[(0, 4096)]);
+    let (host, len) = g.host_ranges()[0];
+    for at in [host - 1, host + len] {
+        // SAFETY: the child only reads one byte and exits, both async-signal-safe.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            // SAFETY: deliberately outside the mapping: the point of the test.
+            unsafe { std::ptr::read_volatile(at as *const u8) };
+            // SAFETY: leaves the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+            "a read at {at:#x} (region {host:#x}+{len:#x}) did not fault: status {status:#x}"
+        );
+    }
+}
