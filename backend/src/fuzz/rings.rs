@@ -539,8 +539,19 @@ fn loopback_input(rng: &mut Rng) -> Result<(), String> {
     let after = g.snapshot();
     let mut allowed = Vec::new();
     let (b, a) = (Snap(&before), Snap(&after));
-    check_queue(&b, &a, &tl, &tq, true, &mut allowed).map_err(|e| format!("tx: {e}"))?;
-    check_queue(&b, &a, &rl, &rq, false, &mut allowed).map_err(|e| format!("rx: {e}"))?;
+    let rx_pending = b
+        .u16(rl.avail + 2)
+        .unwrap_or(rl.start)
+        .wrapping_sub(rl.start);
+    if overwrites_rings(&b, &a, &rl, rx_pending, &mut allowed) {
+        // RX packet data may have landed on the TX rings too: only the memory checks hold.
+        for l in [&tl, &rl] {
+            allowed.push((l.used, 6 + 8 * u64::from(l.size)));
+        }
+    } else {
+        check_queue(&b, &a, &tl, &tq, true, &mut allowed).map_err(|e| format!("tx: {e}"))?;
+        check_queue(&b, &a, &rl, &rq, false, &mut allowed).map_err(|e| format!("rx: {e}"))?;
+    }
     check_writes(&before, &after, &allowed)
 }
 
