@@ -28,6 +28,8 @@ pub mod vf;
 pub mod vring;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod mock_guest;
 
 /// Guest memory with the dirty-page bitmap used for live migration. Not vhost-user-backend's

@@ -244,6 +244,13 @@ impl TxBatch {
     pub fn is_empty(&self) -> bool {
         self.pkts.is_empty()
     }
+
+    /// Each gathered packet's iovecs into guest memory (its header iovec left out), for the
+    /// fuzzers to check they lie inside guest memory.
+    #[cfg(test)]
+    pub(crate) fn packet_iovecs(&self) -> impl Iterator<Item = &[libc::iovec]> {
+        self.pkts.iter().map(|r| &self.iovs[r.start + 1..r.end])
+    }
 }
 
 /// Turns one chain into iovecs: first the 10-byte offload header (copied into `hdr`, since the
