@@ -9,7 +9,6 @@
 #
 # A failure prints VHOST_RELAY_FUZZ_SEED and VHOST_RELAY_FUZZ_ONLY: set both to replay that
 # one input under `cargo test -p vhost-relay --lib fuzz::` (or `-p vdpa --test fuzz_shadow`).
-# Export VHOST_RELAY_FUZZ_SKIP_KNOWN=1 to steer clear of defects already being fixed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +26,7 @@ if [ "${FUZZ_RELEASE:-0}" = 1 ]; then
     profile=(--release)
 fi
 
-echo "fuzz-rings: seed $seed, $secs s per target${VHOST_RELAY_FUZZ_SKIP_KNOWN:+, known defects skipped}"
+echo "fuzz-rings: seed $seed, $secs s per target"
 status=0
 cargo test "${profile[@]}" -p vhost-relay --lib fuzz:: -- --nocapture || status=1
 cargo test "${profile[@]}" -p vdpa --test fuzz_shadow -- --nocapture || status=1

@@ -6,7 +6,6 @@
 #   scripts/fuzz.sh --secs 3600 --seed 42          # an hour from seed 42
 #   scripts/fuzz.sh --iters 100000                 # a number of inputs instead of a time
 #   scripts/fuzz.sh --seed 0x5eed0009 --case memory-tables:3:17   # replay one input
-#   scripts/fuzz.sh --skip-known                   # leave out the defects being fixed
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -24,7 +23,6 @@ while [ $# -gt 0 ]; do
     --iters) export VHOST_RELAY_FUZZ_ITERS=$2; secs=; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --case) export VHOST_RELAY_FUZZ_CASE=$2; shift 2 ;;
-    --skip-known) export VHOST_RELAY_FUZZ_SKIP_KNOWN=1; shift ;;
     --verbose) export VHOST_RELAY_FUZZ_VERBOSE=1; shift ;;
     -h|--help) usage ;;
     *) echo "fuzz.sh: unknown argument $1" >&2; usage 2 >&2 ;;

@@ -12,21 +12,16 @@
 //! Every input is derived from (seed, campaign, round, index) alone; a failure prints them
 //! and `VHOST_RELAY_FUZZ_CASE=campaign:round[:index]` replays just that batch or input.
 //! `scripts/fuzz.sh` runs longer campaigns.
-//!
-//! `VHOST_RELAY_FUZZ_SKIP_KNOWN=1` (default off) leaves out inputs hitting defects that are
-//! being fixed on other branches (`hostile/known.rs`); temporary, dropped after the merge.
 
 mod hostile;
 mod support;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hostile::gen::CAMPAIGNS;
-use hostile::known::known_defect;
 use hostile::rng::Rng;
 use hostile::wire::{send_session, send_storm, Guest, Input, Sent};
 use support::*;
@@ -44,7 +39,6 @@ struct Settings {
     seed: u64,
     secs: Option<u64>,
     iters: Option<u64>,
-    skip_known: bool,
     /// Report a failure, start a new process and go on (`VHOST_RELAY_FUZZ_KEEP_GOING=1`).
     keep_going: bool,
     /// Print each input's case before sending it (`VHOST_RELAY_FUZZ_VERBOSE=1`).
@@ -88,7 +82,6 @@ fn settings() -> Settings {
         seed: env_u64("VHOST_RELAY_FUZZ_SEED").unwrap_or(DEFAULT_SEED),
         secs: secs.or(iters.is_none().then_some(DEFAULT_SECS)),
         iters,
-        skip_known: std::env::var("VHOST_RELAY_FUZZ_SKIP_KNOWN").is_ok_and(|v| v == "1"),
         keep_going: std::env::var("VHOST_RELAY_FUZZ_KEEP_GOING").is_ok_and(|v| v == "1"),
         verbose: std::env::var("VHOST_RELAY_FUZZ_VERBOSE").is_ok_and(|v| v == "1"),
         campaigns: std::env::var("VHOST_RELAY_FUZZ_CAMPAIGNS")
@@ -268,7 +261,6 @@ struct Fuzz {
     sessions: usize,
     inputs: u64,
     messages: u64,
-    skipped: BTreeMap<&'static str, u64>,
     /// Failure reports so far (more than one only with `keep_going`).
     failures: Vec<String>,
     bound: Usage,
@@ -285,7 +277,6 @@ impl Fuzz {
             sessions: 0,
             inputs: 0,
             messages: 0,
-            skipped: BTreeMap::new(),
             failures: Vec::new(),
             bound: Usage::default(),
         };
@@ -401,11 +392,6 @@ impl Fuzz {
     fn run_input(&mut self, campaign: usize, round: u64, index: u64) -> Result<(), String> {
         let mut rng = Rng::for_case(self.s.seed, campaign, round, index);
         let input = (CAMPAIGNS[campaign].generate)(&mut rng);
-        let known = known_defect(&input);
-        if let Some(k) = known.filter(|_| self.s.skip_known) {
-            *self.skipped.entry(k).or_default() += 1;
-            return Ok(());
-        }
         self.inputs += 1;
         if self.s.verbose {
             println!(
@@ -420,10 +406,7 @@ impl Fuzz {
         if self.s.verbose {
             println!("  after it: {:?}", usage(self.relay.be.child.id()));
         }
-        r.map_err(|e| {
-            let tag = known.map_or("none".into(), |k| format!("yes: {k}"));
-            format!("{e}\n  input (known defect: {tag}): {}", input.describe())
-        })
+        r.map_err(|e| format!("{e}\n  input: {}", input.describe()))
     }
 
     /// After a batch: alive, port B serves, resources back under the bound.
@@ -531,8 +514,8 @@ impl Fuzz {
 fn hostile_frontends_cost_only_their_own_connection() {
     let s = settings();
     println!(
-        "hostile_frontend: seed {:#x} (VHOST_RELAY_FUZZ_SEED), secs {:?}, iters {:?}, skip known defects: {}",
-        s.seed, s.secs, s.iters, s.skip_known
+        "hostile_frontend: seed {:#x} (VHOST_RELAY_FUZZ_SEED), secs {:?}, iters {:?}",
+        s.seed, s.secs, s.iters
     );
     let dir = temp_dir("hostile");
     let mut fuzz = Fuzz::new(s, &dir);
@@ -540,11 +523,10 @@ fn hostile_frontends_cost_only_their_own_connection() {
     let result = fuzz.run();
     let t = start.elapsed().as_secs_f64();
     println!(
-        "hostile_frontend: {} inputs ({} messages) in {t:.1} s: {:.1} inputs/s; skipped as known: {:?}",
+        "hostile_frontend: {} inputs ({} messages) in {t:.1} s: {:.1} inputs/s",
         fuzz.inputs,
         fuzz.messages,
         fuzz.inputs as f64 / t,
-        fuzz.skipped
     );
     if let Err(e) = result {
         panic!("{e}");

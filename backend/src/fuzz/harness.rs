@@ -69,12 +69,6 @@ fn env_u64(name: &str) -> Option<u64> {
     }
 }
 
-/// `VHOST_RELAY_FUZZ_SKIP_KNOWN=1`: steer clear of known defects fixed on other branches
-/// (RX returning heads past the table, loopback TX/RX buffer overlap).
-pub fn skip_known() -> bool {
-    std::env::var("VHOST_RELAY_FUZZ_SKIP_KNOWN").is_ok_and(|v| v == "1")
-}
-
 /// What each running campaign is doing, for the crash reporters (a SIGSEGV or an abort cannot
 /// unwind to the loop that knows the iteration).
 const SLOTS: usize = 8;
@@ -152,15 +146,10 @@ pub fn campaign(
     ITERS[slot].store(u64::MAX, Ordering::Relaxed);
     let t = start.elapsed().as_secs_f64();
     eprintln!(
-        "fuzz {name}: seed {seed:#x}: {done} inputs in {t:.1} s ({:.0}/s, slowest {:?} at {}){}",
+        "fuzz {name}: seed {seed:#x}: {done} inputs in {t:.1} s ({:.0}/s, slowest {:?} at {})",
         done as f64 / t.max(1e-9),
         slowest.0,
         slowest.1,
-        if skip_known() {
-            ", known defects skipped"
-        } else {
-            ""
-        }
     );
     done
 }

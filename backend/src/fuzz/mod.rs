@@ -8,8 +8,6 @@
 //! - `VHOST_RELAY_FUZZ_ITERS`: iterations per target (default: each target's CI budget);
 //! - `VHOST_RELAY_FUZZ_SECS`: stop a target after this many seconds (default 60);
 //! - `VHOST_RELAY_FUZZ_ONLY`: run just this iteration (to replay a failure);
-//! - `VHOST_RELAY_FUZZ_SKIP_KNOWN=1`: avoid the inputs of defects being fixed on other
-//!   branches (see [`skip_known`]); the lead drops it once those fixes are merged.
 //!
 //! `scripts/fuzz-rings.sh` runs a longer campaign.
 
@@ -20,7 +18,7 @@ pub mod harness;
 mod offload;
 mod rings;
 
-pub use harness::{campaign, skip_known, Rng};
+pub use harness::{campaign, Rng};
 
 /// The guard pages are there: a read one byte before or after a region kills a child
 /// process with SIGSEGV (so the fuzzers' out-of-bounds accesses cannot go unnoticed).

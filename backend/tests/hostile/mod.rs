@@ -1,6 +1,5 @@
 //! The hostile-frontend fuzzer's parts (driven by `hostile_frontend.rs`).
 
 pub mod gen;
-pub mod known;
 pub mod rng;
 pub mod wire;

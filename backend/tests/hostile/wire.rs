@@ -160,20 +160,6 @@ impl Region {
             .flat_map(|v| v.to_le_bytes())
             .collect()
     }
-
-    pub fn parse(b: &[u8]) -> Option<Region> {
-        let w = |i: usize| {
-            Some(u64::from_le_bytes(
-                b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
-            ))
-        };
-        Some(Region {
-            gpa: w(0)?,
-            size: w(1)?,
-            uaddr: w(2)?,
-            offset: w(3)?,
-        })
-    }
 }
 
 pub fn mem_table(regions: &[Region]) -> Vec<u8> {
