@@ -11,8 +11,14 @@ use serde_json::json;
 use super::*;
 use crate::util::ScratchDir;
 
-/// Echoes lost across one migration (10 ms apart) that still count as "a few".
-pub const PING_LOSS_LIMIT: u64 = 10;
+/// Echoes lost across one migration (10 ms apart), beyond those that fell into the guest's
+/// measured downtime, that still count as "a few". After the guest resumes on the destination
+/// it must announce itself before the wire sends the pings there, and a TCG guest on two busy
+/// cores takes its time: 2-4 echoes lost on a quiet machine, 13 seen with a load average of 8
+/// (seven builds beside the test). A backend that broke the switch-over loses everything until
+/// the peer's ARP entry ages out (seconds: hundreds of echoes), which this still catches. The
+/// loss itself is a measurement: docs/migration.md reports it.
+pub const PING_LOSS_LIMIT: u64 = 20;
 /// The same for the testpmd reference: on this two-core machine its two busy-polling
 /// processes and the TCG guest fight for the CPUs, which stretches the switch-over (4-25
 /// echoes lost per migration on a quiet machine, 67 seen in a CI run with a benchmark
@@ -20,11 +26,17 @@ pub const PING_LOSS_LIMIT: u64 = 10;
 /// says "the guest stayed reachable": 1.5 s of pings.
 pub const TESTPMD_PING_LOSS_LIMIT: u64 = 150;
 
-fn loss_limit(kind: BackendKind) -> u64 {
-    match kind {
+/// Echoes that may be lost across `migrations`: each migration's limit plus one echo per 10 ms
+/// of the downtime QEMU measured (no backend can answer for a guest that is not running).
+fn loss_limit(kind: BackendKind, migrations: &[Migration]) -> u64 {
+    let per_migration = match kind {
         BackendKind::Testpmd => TESTPMD_PING_LOSS_LIMIT,
         _ => PING_LOSS_LIMIT,
-    }
+    };
+    migrations
+        .iter()
+        .map(|m| per_migration + m.info.downtime_ms.unwrap_or(0) / 10)
+        .sum()
 }
 /// Size of the checksummed stream into the guest.
 pub const STREAM_MIB: u64 = 100;
@@ -242,7 +254,7 @@ fn ping(lab: &mut Lab) -> Result<Outcome> {
     let r = pinger.stop()?;
     o.lost = Some(r.lost);
     info.push(format!("{} echoes sent", r.transmitted));
-    let limit = loss_limit(lab.kind);
+    let limit = loss_limit(lab.kind, &o.migrations);
     if r.lost > limit {
         problems.push(format!("{} echoes lost (limit {limit})", r.lost));
     }
@@ -458,7 +470,7 @@ fn round_trips(lab: &mut Lab) -> Result<Outcome> {
         o.migrations.len(),
         r.transmitted
     ));
-    let limit = loss_limit(lab.kind) * u64::from(2 * ROUND_TRIPS);
+    let limit = loss_limit(lab.kind, &o.migrations);
     if r.lost > limit {
         problems.push(format!("{} echoes lost (limit {limit})", r.lost));
     }
@@ -529,8 +541,11 @@ fn cancel(lab: &mut Lab) -> Result<Outcome> {
     let r = pinger.stop()?;
     o.lost = Some(r.lost);
     info.push(format!("retry completed; {} echoes sent", r.transmitted));
-    if r.lost > 2 * loss_limit(lab.kind) {
-        problems.push(format!("{} echoes lost", r.lost));
+    // Twice the limit of the one migration that completed: the cancelled one paused nothing,
+    // but its copy competed with the guest for the CPUs.
+    let limit = 2 * loss_limit(lab.kind, &o.migrations);
+    if r.lost > limit {
+        problems.push(format!("{} echoes lost (limit {limit})", r.lost));
     }
     Ok(o.judge(problems, info))
 }
