@@ -349,15 +349,13 @@ impl QueuePair {
             if tx_on && !self.tx_broken {
                 let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
                 let result = match &mut self.link {
-                    Link::Vf(_) if self.vf_gone => {
-                        let batch = &mut self.batch;
-                        batch
-                            .gather(tx_queue, mem, neg.hdr_len, &stats.tx)
-                            .and_then(|n| {
-                                stats.tx.add_drops(DropReason::VfDown, batch.len() as u64);
-                                batch.complete(tx_queue, mem).map(|()| n)
-                            })
-                    }
+                    Link::Vf(_) if self.vf_gone => self.batch.discard(
+                        tx_queue,
+                        mem,
+                        neg.hdr_len,
+                        (&stats.tx, &stats.tx),
+                        DropReason::VfDown,
+                    ),
                     Link::Vf(vf) => guest_to_vf(
                         tx_queue,
                         mem,
@@ -389,15 +387,14 @@ impl QueuePair {
                         }
                     }
                     Link::Loopback => {
-                        // RX side unusable: the packets are lost, like on a NIC with its
-                        // receiver off, but the guest still gets its TX buffers back.
-                        let batch = &mut self.batch;
-                        batch
-                            .gather(tx_queue, mem, neg.hdr_len, &stats.tx)
-                            .and_then(|n| {
-                                stats.rx.add_drops(DropReason::QueueOff, batch.len() as u64);
-                                batch.complete(tx_queue, mem).map(|()| n)
-                            })
+                        // RX side unusable: the packets are lost, counted on the RX side.
+                        self.batch.discard(
+                            tx_queue,
+                            mem,
+                            neg.hdr_len,
+                            (&stats.tx, &stats.rx),
+                            DropReason::QueueOff,
+                        )
                     }
                 };
                 match result {

@@ -241,6 +241,23 @@ impl TxBatch {
         self.pkts.len()
     }
 
+    /// Takes a batch from `queue` and gives it straight back, its packets counted as drops
+    /// for `reason` in `drops`: for a link that cannot take them (VF gone, RX side off) the
+    /// guest still gets its TX buffers back, like a NIC with its link down.
+    pub fn discard<M: GuestMemoryBackend>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        hdr_len: usize,
+        (stats, drops): (&QueueStats, &QueueStats),
+        reason: DropReason,
+    ) -> Result<usize, TxError> {
+        let n = self.gather(queue, mem, hdr_len, stats)?;
+        drops.add_drops(reason, self.len() as u64);
+        self.complete(queue, mem)?;
+        Ok(n)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.pkts.is_empty()
     }
