@@ -304,7 +304,7 @@ pub fn segment<F: FnMut(&VnetHdr, &[u8])>(
     mut emit: F,
 ) -> Result<usize, OffloadError> {
     if !hdr.is_gso() {
-        return single_frame(hdr, pkt, scratch, emit);
+        return single_frame(hdr, pkt, true, scratch, emit);
     }
     if usize::from(hdr.hdr_len) > pkt.len() {
         return Err(OffloadError::HdrLenBeyondFrame {
@@ -416,16 +416,7 @@ pub fn adapt_for_guest<F: FnMut(&VnetHdr, &[u8])>(
         // yields frames needing none of them; their headers only ever carry DATA_VALID.
         return segment(hdr, pkt, scratch, emit);
     }
-    let mut out = sanitized(hdr);
-    if out.needs_csum() && !offloads.csum {
-        scratch.clear();
-        scratch.extend_from_slice(pkt);
-        complete_checksum(&mut out, scratch)?;
-        emit(&out, scratch);
-    } else {
-        emit(&out, pkt);
-    }
-    Ok(1)
+    single_frame(hdr, pkt, !offloads.csum, scratch, emit)
 }
 
 /// A non-GSO header reduced to what any guest understands: no GSO fields, no unknown flags.
@@ -439,15 +430,17 @@ fn sanitized(hdr: &VnetHdr) -> VnetHdr {
     }
 }
 
-/// `segment()` on a frame that is not GSO: complete its checksum if needed, emit it once.
+/// A frame that is not GSO, emitted once with a sanitized header; its checksum completed
+/// first if it needs one and `complete_csum` (the receiver cannot take a partial one).
 fn single_frame<F: FnMut(&VnetHdr, &[u8])>(
     hdr: &VnetHdr,
     pkt: &[u8],
+    complete_csum: bool,
     scratch: &mut Vec<u8>,
     mut emit: F,
 ) -> Result<usize, OffloadError> {
     let mut out = sanitized(hdr);
-    if out.needs_csum() {
+    if out.needs_csum() && complete_csum {
         scratch.clear();
         scratch.extend_from_slice(pkt);
         complete_checksum(&mut out, scratch)?;
