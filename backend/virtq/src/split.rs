@@ -112,12 +112,14 @@ impl<'a> GuestRings<'a> {
     }
 
     /// Sets the used ring's `avail_event` (event idx: where the guest should kick next) and
-    /// marks the used ring dirty.
+    /// marks it dirty.
     pub fn set_avail_event<M: GuestMemoryBackend>(&self, map: &GuestMap<'a, M>, idx: u16) {
+        let off = 4 + 8 * usize::from(self.size);
         // SAFETY: avail_event is at offset 4 + 8 * size, inside the mapped, 4-aligned used
         // ring (6 + 8 * size bytes).
-        unsafe { store_u16(self.used.add(4 + 8 * usize::from(self.size)), idx) };
-        self.mark_used_dirty(map);
+        unsafe { store_u16(self.used.add(off), idx) };
+        // No wrap: the field is inside the ring `resolve` found inside a region.
+        map.mark_dirty(self.used_addr.wrapping_add(off as u64), 2);
     }
 
     fn mark_used_dirty<M: GuestMemoryBackend>(&self, map: &GuestMap<'a, M>) {
