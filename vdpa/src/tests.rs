@@ -921,3 +921,32 @@ fn disconnect_while_shadowed_leaves_a_clean_device() {
         "the completed buffer reached the guest"
     );
 }
+
+/// Ring addresses are the frontend's numbers, translated through its memory table: in a region
+/// at the top of the guest-physical space they translate exactly, and rings running past the
+/// region's end, or user addresses whose sums would wrap, are refused (`to_gpa` checks each
+/// sum) rather than overflowing.
+#[test]
+fn ring_addresses_at_the_top_of_guest_memory_translate_without_overflow() {
+    let dev = MockDevice::new(device_features(), 0);
+    let counters = Arc::new(TestCounters::default());
+    let mut s = Session::new("t", dev.clone(), counters)
+        .map_err(|e| e.0)
+        .unwrap();
+    s.set_features(VERSION_1 | MAC | PROTOCOL_FEATURES).unwrap();
+    // The last whole page but one below 2^64 (a region's end must fit in a u64).
+    const TOP: u64 = u64::MAX - 2 * PAGE + 1;
+    let region = VhostUserMemoryRegion::new(TOP, PAGE, USER, 0);
+    s.set_mem_table(&[region], vec![memfd(PAGE)], None).unwrap();
+    s.set_vring_num(0, u32::from(NUM)).unwrap();
+    let flags = VhostUserVringAddrFlags::empty;
+    s.set_vring_addr(0, flags(), USER, USER + 0x800, USER + 0x400, 0)
+        .unwrap();
+    for used in [USER + PAGE - 8, u64::MAX - 8, u64::MAX] {
+        let err = s
+            .set_vring_addr(0, flags(), USER, used, USER + 0x400, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outside the memory table"), "{used:#x}: {err}");
+    }
+}

@@ -202,3 +202,129 @@ impl<'a> Chain<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    type Mem = GuestMemoryMmap<()>;
+
+    /// The last page below 2^64 (a region's end must fit in a u64).
+    const TOP_PAGE: u64 = u64::MAX - 4096;
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+    /// A megabyte at 0 and the top page, as a hostile memory table may lay them out.
+    fn memory() -> Mem {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(TOP_PAGE), 4096)])
+            .unwrap()
+    }
+
+    fn put(mem: &Mem, at: u64, (addr, len, flags, next): (u64, u32, u16, u16)) {
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(at)).unwrap();
+    }
+
+    /// Walks the chain at head 0 of the 4-entry table at 0x1000 (no virtio-queue `Queue`:
+    /// how vDPA's shadow relay walks), returning the descriptors' lengths or the error.
+    fn walk(mem: &Mem) -> (Result<Vec<u32>, RingError>, bool) {
+        let map = GuestMap::new(mem);
+        let table = DescTable::resolve(&map, 0x1000, 4).unwrap();
+        let mut chain = Chain::new(table, 0);
+        let mut lens = Vec::new();
+        loop {
+            match chain.next_desc(&map) {
+                Ok(Some(d)) => lens.push(d.len),
+                Ok(None) => return (Ok(lens), chain.was_cut()),
+                Err(e) => return (Err(e), chain.was_cut()),
+            }
+        }
+    }
+
+    fn indirect_why(r: Result<Vec<u32>, RingError>) -> &'static str {
+        match r {
+            Err(RingError::Indirect { why, .. }) => why,
+            other => panic!("wanted a bad indirect table, got {other:?}"),
+        }
+    }
+
+    /// Former divergence: the shadow relay accepted an indirect table whose length is not a
+    /// whole number of descriptors; the one walk refuses it, whatever its length.
+    #[test]
+    fn an_indirect_table_of_partial_descriptors_is_refused() {
+        let mem = memory();
+        put(&mem, 0x8000, (0x9000, 1500, WRITE, 0));
+        for len in [24, 8, 0, 17] {
+            put(&mem, 0x1000, (0x8000, len, INDIRECT, 0));
+            let why = indirect_why(walk(&mem).0);
+            assert!(why.contains("whole number of descriptors"), "{len}: {why}");
+        }
+        put(&mem, 0x1000, (0x8000, 16 * 65536, INDIRECT, 0));
+        assert!(indirect_why(walk(&mem).0).contains("longer than 65535"));
+        put(&mem, 0x1000, (0x8000, 16, INDIRECT, 0));
+        assert_eq!(walk(&mem).0.unwrap(), vec![1500]);
+    }
+
+    /// Former divergence: the shadow relay computed `table + 16 * i` and the field addresses
+    /// of a descriptor on guest values unchecked (a panic in a debug build near 2^64). Here a
+    /// table must end below 2^64 and lie in one region, and descriptors are read through
+    /// the host pointer of a resolved table, with indexes checked against its size.
+    #[test]
+    fn tables_at_the_top_of_the_address_space_are_errors_not_overflows() {
+        let mem = memory();
+        put(&mem, 0x1000, (u64::MAX - 32, 64, INDIRECT, 0));
+        assert!(indirect_why(walk(&mem).0).contains("past the end of the address space"));
+        put(&mem, 0x1000, ((1 << 20) - 64, 128, INDIRECT, 0));
+        assert!(indirect_why(walk(&mem).0).contains("not inside one guest memory region"));
+        // The last three descriptors of memory: read exactly; the chain's jump to index 3 is
+        // outside that 3-entry table.
+        let last = u64::MAX - 48;
+        put(&mem, last, (0x9000, 1, WRITE | NEXT, 2));
+        put(&mem, last + 32, (0x9000, 2, WRITE | NEXT, 3));
+        put(&mem, 0x1000, (last, 48, INDIRECT, 0));
+        let r = walk(&mem).0;
+        assert!(
+            matches!(
+                r,
+                Err(RingError::DescIndex {
+                    index: 3,
+                    size: 3,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let map = GuestMap::new(&mem);
+        for addr in [u64::MAX - 15, u64::MAX, TOP_PAGE + 4090] {
+            assert!(matches!(
+                DescTable::resolve(&map, addr, 1),
+                Err(RingError::Unmapped { .. })
+            ));
+        }
+    }
+
+    /// A chain that revisits a descriptor is cut after a table's worth, and says so (the
+    /// shadow relay reports it; the relay takes what it got).
+    #[test]
+    fn a_looping_chain_is_cut_after_a_table_of_descriptors() {
+        let mem = memory();
+        put(&mem, 0x1000, (0x9000, 10, WRITE | NEXT, 1));
+        put(&mem, 0x1010, (0x9000, 20, WRITE | NEXT, 0));
+        assert_eq!(walk(&mem), (Ok(vec![10, 20, 10, 20]), true));
+        put(&mem, 0x1010, (0x9000, 20, WRITE, 0));
+        assert_eq!(walk(&mem), (Ok(vec![10, 20]), false));
+        // In an indirect table: cut after its own length.
+        put(&mem, 0x1000, (0x8000, 48, INDIRECT, 0));
+        put(&mem, 0x8000, (0x9000, 1, NEXT, 0));
+        assert_eq!(walk(&mem), (Ok(vec![1, 1, 1]), true));
+        // No nesting.
+        put(&mem, 0x8000, (0x8000, 48, INDIRECT, 0));
+        assert!(indirect_why(walk(&mem).0).contains("nested"));
+    }
+}

@@ -1,7 +1,7 @@
 //! [`RingError`]: why the guest's ring or a chain in it could not be used.
 
 /// Why a ring could not be used.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RingError {
     #[error("ring of 0 entries")]
     ZeroSize,

@@ -189,6 +189,26 @@ mod tests {
             .is_err());
     }
 
+    /// A range across two regions (a guest buffer the shadow relay marks after the device
+    /// wrote it) is marked in both, as far as memory goes.
+    #[test]
+    fn marking_across_regions_marks_each_piece() {
+        let mem: GuestMemoryMmap<AtomicBitmap> = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .unwrap();
+        let map = GuestMap::new(&mem);
+        map.mark_dirty(0xf800, 0x1000);
+        map.mark_dirty(0x1_f000, 0x8000);
+        let regions: Vec<_> = mem.iter().collect();
+        assert!(regions[0].bitmap().dirty_at(0xf000));
+        assert!(!regions[0].bitmap().dirty_at(0xe000));
+        assert!(regions[1].bitmap().dirty_at(0));
+        assert!(!regions[1].bitmap().dirty_at(0x1000));
+        assert!(regions[1].bitmap().dirty_at(0xf000));
+    }
+
     #[test]
     fn writes_mark_guest_pages_dirty() {
         let mem: GuestMemoryMmap<AtomicBitmap> =

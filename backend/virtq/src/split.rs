@@ -362,6 +362,43 @@ mod tests {
         );
     }
 
+    /// Ring addresses are the frontend's numbers: near 2^64 the ring's end does not fit, and
+    /// that is a refusal, not an overflow (the shadow relay's rings are resolved here too).
+    #[test]
+    fn rings_at_the_top_of_the_address_space_are_refused() {
+        let top = u64::MAX - 4096;
+        let mem: Mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20), (GuestAddress(top), 4096)])
+                .unwrap();
+        let map = GuestMap::new(&mem);
+        let at = |desc, avail, used| {
+            GuestRings::resolve(&map, RingAddr { desc, avail, used }, 16)
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(at(0x1000, 0x2000, 0x3000), None);
+        // 6 + 2 * 16 avail bytes do not fit below 2^64; used: 6 + 8 * 16.
+        let err = at(0x1000, u64::MAX - 1, 0x3000).unwrap();
+        assert!(err.starts_with("avail ring"), "{err}");
+        let err = at(0x1000, 0x2000, u64::MAX - 7).unwrap();
+        assert!(err.starts_with("used ring"), "{err}");
+        let err = at(u64::MAX - 255, 0x2000, 0x3000).unwrap();
+        assert!(err.starts_with("descriptor table"), "{err}");
+        assert_eq!(
+            GuestRings::resolve(
+                &map,
+                RingAddr {
+                    desc: 0,
+                    avail: 0,
+                    used: 0
+                },
+                0
+            )
+            .err(),
+            Some(RingError::ZeroSize)
+        );
+    }
+
     /// A ready 16-entry queue with its rings at these guest addresses.
     fn queue_at(desc: u32, avail: u32, used: u32) -> Queue {
         let mut q = Queue::new(16).unwrap();
