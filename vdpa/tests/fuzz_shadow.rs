@@ -1,7 +1,7 @@
 //! Fuzzes the shadow virtqueue relay (the software path of vDPA mode during migration) over
 //! hostile guest rings on guard-paged guest memory, with a simulated device completing what
 //! it was given. Seeded and bounded like the backend's ring fuzzers (the same harness; see
-//! `backend/src/fuzz/mod.rs` for the `VHOST_RELAY_FUZZ_*` knobs).
+//! `virtq::fuzz` for the `VHOST_RELAY_FUZZ_*` knobs).
 //!
 //! Checked after every input: no access outside guest memory (guard pages), no hang, guest
 //! memory changes only in the guest's used ring (entries, index, avail_event), the used index
@@ -9,17 +9,12 @@
 //! available (each at most as often) while the device is honest; a dishonest device's
 //! impossible heads never reach the guest.
 
-#[allow(dead_code)]
-#[path = "../../backend/src/fuzz/guarded.rs"]
-mod guarded;
-#[allow(dead_code)]
-#[path = "../../backend/src/fuzz/harness.rs"]
-mod harness;
-
-use guarded::{changed, Guarded, Snap};
-use harness::{campaign, Rng};
 use vdpa::shadow::{RingAddr, ShadowQueue};
+use virtq::fuzz::{campaign, changed, Rng, Snap};
 use vm_memory::{Bytes, GuestAddress};
+
+/// Guard-paged guest memory of the shadow relay's memory type.
+type Guarded = virtq::fuzz::Guarded<migration::DirtyBitmap>;
 
 const REGIONS: [(u64, usize); 2] = [(0, 0x2_0000), (0x10_0000, 0x8000)];
 const DESC: u64 = 0;

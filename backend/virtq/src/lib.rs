@@ -38,6 +38,8 @@
 
 pub mod desc;
 mod error;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzz;
 mod guest_map;
 mod guest_slice;
 #[cfg(any(test, feature = "test-utils"))]
