@@ -22,7 +22,7 @@ impl<'a> GuestSlice<'a> {
         }
     }
 
-    /// `len` bytes at `ptr`, e.g. a guest buffer resolved through [`GuestMap::host`].
+    /// `len` bytes at `ptr`, e.g. a guest buffer resolved through [`GuestMap::host`](crate::GuestMap::host).
     ///
     /// # Safety
     /// `ptr..ptr + len` must stay mapped and readable for `'a` (its bytes may change).
