@@ -27,19 +27,23 @@ pub struct Desc {
 }
 
 impl Desc {
+    #[inline]
     pub fn is_write_only(&self) -> bool {
         self.flags & VRING_DESC_F_WRITE as u16 != 0
     }
 
+    #[inline]
     fn has_next(&self) -> bool {
         self.flags & VRING_DESC_F_NEXT as u16 != 0
     }
 
+    #[inline]
     fn is_indirect(&self) -> bool {
         self.flags & VRING_DESC_F_INDIRECT as u16 != 0
     }
 
     /// Decodes the 16 little-endian bytes of a descriptor.
+    #[inline]
     fn from_le_bytes(raw: [u8; 16]) -> Desc {
         let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
         Desc {
@@ -81,6 +85,7 @@ impl<'a> DescTable<'a> {
     }
 
     /// Host address of the table's first descriptor (for prefetching).
+    #[inline]
     pub fn host(&self) -> *const u8 {
         self.ptr
     }
@@ -130,6 +135,7 @@ pub struct Chain<'a> {
 
 impl<'a> Chain<'a> {
     /// Starts walking the chain at `head` of the ring's table.
+    #[inline]
     pub fn new(table: DescTable<'a>, head: u16) -> Self {
         Chain {
             head,

@@ -14,6 +14,7 @@ pub struct GuestSlice<'a> {
 
 impl<'a> GuestSlice<'a> {
     /// Our own bytes.
+    #[inline]
     pub fn new(bytes: &'a [u8]) -> Self {
         GuestSlice {
             ptr: bytes.as_ptr(),
@@ -26,6 +27,7 @@ impl<'a> GuestSlice<'a> {
     ///
     /// # Safety
     /// `ptr..ptr + len` must stay mapped and readable for `'a` (its bytes may change).
+    #[inline]
     pub unsafe fn from_raw(ptr: *const u8, len: usize) -> Self {
         GuestSlice {
             ptr,
@@ -34,15 +36,18 @@ impl<'a> GuestSlice<'a> {
         }
     }
 
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Bytes `off..off + len`, cut to what this slice holds.
+    #[inline]
     pub fn sub(&self, off: usize, len: usize) -> Self {
         let off = off.min(self.len);
         GuestSlice {
@@ -65,6 +70,7 @@ impl<'a> GuestSlice<'a> {
     }
 
     /// Appends the bytes to `out` (a private copy: slices of it are fine).
+    #[inline]
     pub fn append_to(&self, out: &mut Vec<u8>) {
         out.reserve(self.len);
         // SAFETY: `reserve` made room for `len` bytes after the vector's initialised part,

@@ -54,10 +54,12 @@ impl<'a> GuestRings<'a> {
         })
     }
 
+    #[inline]
     pub fn size(&self) -> u16 {
         self.size
     }
 
+    #[inline]
     pub fn desc_table(&self) -> DescTable<'a> {
         self.desc
     }
