@@ -7,6 +7,8 @@
 //! - [`device`]: the vhost-user device (features, queues, events) on vhost-user-backend;
 //! - [`queue_pair`]: one worker per queue pair moving packets both ways;
 //! - [`tx`] and [`rx`]: the packet paths, one file per direction;
+//! - the guest's split rings are the `virtq` crate (`backend/virtq`, shared with vDPA's shadow
+//!   relay): its crate docs say where a descriptor is validated and where a dirty page is marked;
 //! - [`vf`]: the VF netdev through packet sockets; [`offload`]: software offloads;
 //! - [`announce`]: the RARP broadcast QEMU asks for after a migration (`SEND_RARP`).
 
@@ -25,12 +27,9 @@ pub mod signals;
 pub mod stats;
 pub mod tx;
 pub mod vf;
-pub mod vring;
 
 #[cfg(test)]
 mod fuzz;
-#[cfg(test)]
-mod mock_guest;
 
 /// Guest memory with the dirty-page bitmap used for live migration. Not vhost-user-backend's
 /// `BitmapMmapRegion`: that one keeps logging after LOG_ALL is turned off, leaves regions

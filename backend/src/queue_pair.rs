@@ -21,8 +21,8 @@ use crate::rx::{vf_to_guest, RxRing, RxStop};
 use crate::stats::{DropReason, PairStats};
 use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch};
 use crate::vf::{VfSocket, VfStats};
-use crate::vring::needs_notification;
 use crate::GuestMemoryMmapB;
+use virtq::needs_notification;
 
 /// Rounds (each at most one TX batch and one RX batch) before yielding to the epoll loop.
 const ROUNDS_PER_RUN: usize = 16;

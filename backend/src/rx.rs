@@ -19,7 +19,7 @@ use crate::net_hdr::{VirtioNetHdr, VnetHdr, VIRTIO_NET_HDR_LEN};
 use crate::offload::{adapt_for_guest, RxOffloads};
 use crate::stats::{DropReason, QueueStats};
 use crate::vf::VfSocket;
-use crate::vring::{GuestSlice, Vring};
+use virtq::{GuestSlice, SplitRing};
 
 /// Why a packet could not be placed in guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -42,12 +42,9 @@ pub enum RxError {
     #[error("rx queue: packet of {len} bytes is larger than the {room}-byte buffer and mergeable buffers are off")]
     TooBig { len: usize, room: usize },
     #[error("rx queue: chain at head {head}: {source}")]
-    Chain {
-        head: u16,
-        source: crate::vring::RingError,
-    },
+    Chain { head: u16, source: virtq::RingError },
     #[error("rx queue: {0}")]
-    Ring(#[from] crate::vring::RingError),
+    Ring(#[from] virtq::RingError),
     #[error("rx queue: {0}")]
     Queue(#[from] virtio_queue::Error),
 }
@@ -64,7 +61,7 @@ pub enum Delivery {
 /// The guest's RX queue, borrowed for one batch. Used entries are published when it is
 /// dropped (or [`RxRing::flush`]ed): one used-index update per batch.
 pub struct RxRing<'a, M: GuestMemoryBackend> {
-    ring: Vring<'a, M>,
+    ring: SplitRing<'a, M>,
     /// VIRTIO_NET_F_MRG_RXBUF: a packet may span several buffers (chains).
     mergeable: bool,
     /// Guest header length: 12 with VERSION_1 or MRG_RXBUF, 10 for a legacy guest without.
@@ -90,7 +87,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         hdr_len: usize,
     ) -> Result<Self, RxError> {
         Ok(RxRing {
-            ring: Vring::new(queue, mem)?,
+            ring: SplitRing::new(queue, mem)?,
             mergeable,
             hdr_len: hdr_len.clamp(crate::net_hdr::VNET_HDR_LEN, VIRTIO_NET_HDR_LEN),
             used: Vec::with_capacity(64),
@@ -480,8 +477,8 @@ fn count_error(stats: &QueueStats, e: &RxError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mock_guest::*;
     use crate::net_hdr::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4};
+    use virtq::mock::*;
 
     fn gso_hdr() -> VnetHdr {
         VnetHdr {

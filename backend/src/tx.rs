@@ -32,7 +32,7 @@ use crate::offload::RxOffloads;
 use crate::rx::{deliver_adapted, deliver_counted, Delivery, RxRing};
 use crate::stats::{DropReason, QueueStats};
 use crate::vf::{TxProgress, VfSocket};
-use crate::vring::{prefetch, GuestSlice, Vring};
+use virtq::{prefetch, GuestSlice, SplitRing};
 
 /// Chains handled per batch: one `sendmmsg`, one notification.
 pub const TX_BATCH: usize = 64;
@@ -60,12 +60,9 @@ pub enum TxError {
         source: vm_memory::GuestMemoryError,
     },
     #[error("tx queue: chain at head {head}: {source}")]
-    Chain {
-        head: u16,
-        source: crate::vring::RingError,
-    },
+    Chain { head: u16, source: virtq::RingError },
     #[error("tx queue: {0}")]
-    Ring(#[from] crate::vring::RingError),
+    Ring(#[from] virtq::RingError),
 }
 
 /// Reusable storage for one batch: no allocation per packet once it has grown.
@@ -143,7 +140,7 @@ impl TxBatch {
     ) -> Result<usize, TxError> {
         let hdr_len = hdr_len.clamp(VNET_HDR_LEN, VIRTIO_NET_HDR_LEN);
         self.clear();
-        let mut ring = Vring::new(queue, mem)?;
+        let mut ring = SplitRing::new(queue, mem)?;
         let mut popped = 0;
         while popped < TX_BATCH {
             let Some(head) = ring.pop()? else {
@@ -202,7 +199,7 @@ impl TxBatch {
         mem: &M,
         sent: usize,
     ) -> Result<usize, TxError> {
-        let mut ring = Vring::new(queue, mem)?;
+        let mut ring = SplitRing::new(queue, mem)?;
         let mut refused = self.refused.iter().peekable();
         let mut chains = 0;
         for i in 0..=sent {
@@ -274,7 +271,7 @@ impl TxBatch {
 /// guest's is 12 bytes and may be split across buffers), then the packet in guest memory.
 /// Returns the packet length without header.
 fn gather_chain<M: GuestMemoryBackend>(
-    ring: &Vring<'_, M>,
+    ring: &SplitRing<'_, M>,
     head: u16,
     guest_hdr_len: usize,
     hdr: &mut VnetHdr,
@@ -494,9 +491,9 @@ pub fn guest_to_guest<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mock_guest::*;
     use crate::net_hdr::{VirtioNetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV6};
     use virtio_queue::QueueT;
+    use virtq::mock::*;
     use vm_memory::{ByteValued, Bytes, GuestAddress};
 
     /// Writes a guest TX header at `addr`.

@@ -6,7 +6,9 @@
 //!   `VhostKernVdpa`; a mock in tests), with errors a person can act on at open time;
 //! - [`session`]: the vhost-user request handler for one frontend connection: features,
 //!   memory table as DMA mappings (IOVA = guest physical address), rings, status, config;
-//! - [`shadow`]: shadow virtqueues used while the frontend logs dirty pages for migration.
+//! - [`shadow`]: shadow virtqueues used while the frontend logs dirty pages for migration;
+//!   every access to the guest's rings goes through the relay's ring crate `virtq`
+//!   (`backend/virtq`), whose docs say where a descriptor is validated and a dirty page marked.
 
 pub mod device;
 pub mod session;

@@ -8,8 +8,13 @@
 //! and the heads we pass on are the guest's own. What the device writes into guest memory is
 //! exactly the buffers of the chains it returns in our used ring; [`ShadowQueue::forward_used`]
 //! marks them (the first `len` bytes of each chain's writable part, the used length) before
-//! the guest can see the entry, and writes the guest's used ring through vm-memory, which
-//! marks it too.
+//! the guest can see the entry, and publishes the guest's used ring, marking it too.
+//!
+//! Every guest-side access is the relay's own ring code (the `virtq` crate): the guest's rings
+//! are resolved and checked by `virtq::GuestRings`, chains walked by `virtq::Chain` (where each
+//! descriptor is validated), pages marked by `virtq::GuestMap::mark_dirty`, the interrupt
+//! decided by `virtq::wants_interrupt`. What is this module's own: the shadow rings in our
+//! memory, which the device reads and writes (volatile accesses, `virtq::volatile`).
 //!
 //! Index bookkeeping: the shadow rings start at the index the device is started at (the
 //! guest's used index at the switch), so `next_avail` is both the next guest avail entry to
@@ -18,35 +23,23 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{fence, Ordering};
 
 use migration::DirtyBitmap;
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtq::volatile::{load_acquire_u16, store_release_u16, store_u16};
+use virtq::{wants_interrupt, Chain, GuestMap, GuestRings, RingError};
+use vm_memory::GuestMemoryMmap;
+
+pub use virtq::RingAddr;
 
 pub type GuestMem = GuestMemoryMmap<DirtyBitmap>;
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_DESC_F_INDIRECT: u16 = 4;
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const PAGE: u64 = 4096;
-/// Most descriptors an indirect table can hold: `next` is a u16 (the same cap as the relay's
-/// rings in backend/src/vring.rs).
-const MAX_INDIRECT: u32 = u16::MAX as u32;
-
-/// Guest physical addresses of one guest ring.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RingAddr {
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("queue {q}: guest memory at {addr:#x} is not accessible")]
-    Memory { q: usize, addr: u64 },
+    #[error("queue {q}: guest ring: {source}")]
+    Ring { q: usize, source: RingError },
     #[error("queue {q}: descriptor head {head} out of range (ring of {num})")]
     BadHead { q: usize, head: u32, num: u16 },
     #[error("queue {q}: descriptor chain from head {head} is malformed: {why}")]
@@ -79,8 +72,8 @@ pub struct ShadowMem {
     _fd: OwnedFd,
 }
 
-// SAFETY: the mapping is plain shared memory; all access goes through volatile or atomic
-// operations on in-bounds offsets.
+// SAFETY: the mapping is plain shared memory; all access goes through volatile operations
+// on in-bounds offsets.
 unsafe impl Send for ShadowMem {}
 
 impl ShadowMem {
@@ -129,22 +122,40 @@ impl ShadowMem {
         self.len == 0
     }
 
-    fn u16_at(&self, off: usize) -> &AtomicU16 {
+    /// Host address of the `size`-byte ring field at `off`, which must be in bounds and
+    /// aligned: offsets are ours (from [`ShadowQueue::layout`]), so a bad one is our bug.
+    fn field(&self, off: usize, size: usize) -> *mut u8 {
         assert!(
-            off + 2 <= self.len && off.is_multiple_of(2),
+            off.checked_add(size).is_some_and(|end| end <= self.len) && off.is_multiple_of(size),
             "shadow ring offset"
         );
-        // SAFETY: in bounds and aligned (checked above); the mapping lives as long as self.
-        unsafe { &*(self.ptr.add(off) as *const AtomicU16) }
+        // In bounds (checked above) of the mapping, which lives as long as self.
+        self.ptr.wrapping_add(off)
     }
 
+    /// An index the device publishes (acquire).
+    fn load_acquire_u16(&self, off: usize) -> u16 {
+        // SAFETY: `field` checked bounds and alignment; the device writes these bytes
+        // concurrently, hence a volatile load rather than a reference.
+        unsafe { load_acquire_u16(self.field(off, 2)) }
+    }
+
+    /// An index the device reads (release: the entries before it first).
+    fn store_release_u16(&self, off: usize, v: u16) {
+        // SAFETY: as in `load_acquire_u16`.
+        unsafe { store_release_u16(self.field(off, 2), v) }
+    }
+
+    /// An entry the next index store publishes.
+    fn store_u16(&self, off: usize, v: u16) {
+        // SAFETY: as in `load_acquire_u16`.
+        unsafe { store_u16(self.field(off, 2), v) }
+    }
+
+    /// A little-endian used-entry field the device wrote.
     fn read_u32(&self, off: usize) -> u32 {
-        assert!(
-            off + 4 <= self.len && off.is_multiple_of(4),
-            "shadow ring offset"
-        );
-        // SAFETY: in bounds and aligned (checked above).
-        unsafe { std::ptr::read_volatile(self.ptr.add(off) as *const u32) }
+        // SAFETY: as in `load_acquire_u16`.
+        u32::from_le(unsafe { std::ptr::read_volatile(self.field(off, 4) as *const u32) })
     }
 }
 
@@ -153,12 +164,6 @@ impl Drop for ShadowMem {
         // SAFETY: unmaps exactly the mapping made in `new`.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
-}
-
-/// `vring_need_event` of the virtio spec: whether moving an index from `old` to `new` passes
-/// the other side's `event` index.
-pub fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// What one [`ShadowQueue::forward_used`] did.
@@ -230,8 +235,8 @@ impl ShadowQueue {
             event_idx,
             used_off,
         };
-        sq.mem.u16_at(2).store(start, Ordering::Release);
-        sq.mem.u16_at(used_off + 2).store(start, Ordering::Release);
+        sq.mem.store_release_u16(2, start);
+        sq.mem.store_release_u16(used_off + 2, start);
         Ok(sq)
     }
 
@@ -243,38 +248,21 @@ impl ShadowQueue {
         self.iova + self.used_off as u64
     }
 
-    fn mem_err(&self, addr: u64) -> RelayError {
-        RelayError::Memory { q: self.q, addr }
-    }
-
-    /// `base + off` in guest memory: the frontend and guest choose `base`, so a sum past the
-    /// end of the address space is an inaccessible address, not an overflow.
-    fn gaddr(&self, base: u64, off: u64) -> Result<GuestAddress, RelayError> {
-        base.checked_add(off)
-            .map(GuestAddress)
-            .ok_or_else(|| self.mem_err(base))
-    }
-
-    fn gload16(&self, mem: &GuestMem, base: u64, off: u64) -> Result<u16, RelayError> {
-        let a = self.gaddr(base, off)?;
-        mem.load::<u16>(a, Ordering::Acquire)
-            .map(u16::from_le)
-            .map_err(|_| self.mem_err(a.0))
-    }
-
-    fn gstore16(&self, mem: &GuestMem, base: u64, off: u64, v: u16) -> Result<(), RelayError> {
-        let a = self.gaddr(base, off)?;
-        mem.store(v.to_le(), a, Ordering::Release)
-            .map_err(|_| self.mem_err(a.0))
+    /// The guest's rings, resolved and checked by the relay's own ring code (virtq).
+    fn guest_rings<'m>(&self, map: &GuestMap<'m, GuestMem>) -> Result<GuestRings<'m>, RelayError> {
+        GuestRings::resolve(map, self.guest, self.num)
+            .map_err(|source| RelayError::Ring { q: self.q, source })
     }
 
     /// Guest avail → shadow avail. Returns how many entries were passed on (kick the device
     /// if any).
     pub fn forward_avail(&mut self, mem: &GuestMem) -> Result<u16, RelayError> {
         let n = self.num;
+        let map = GuestMap::new(mem);
+        let guest = self.guest_rings(&map)?;
         let mut moved = 0u16;
         loop {
-            let idx = self.gload16(mem, self.guest.avail, 2)?;
+            let idx = guest.avail_idx();
             let pending = idx.wrapping_sub(self.next_avail);
             if pending > n {
                 return Err(RelayError::BadAvailIdx {
@@ -285,8 +273,7 @@ impl ShadowQueue {
                 });
             }
             while self.next_avail != idx {
-                let slot = u64::from(self.next_avail % n);
-                let head = self.gload16(mem, self.guest.avail, 4 + 2 * slot)?;
+                let head = guest.avail_entry(self.next_avail);
                 if head >= n {
                     return Err(RelayError::BadHead {
                         q: self.q,
@@ -294,25 +281,22 @@ impl ShadowQueue {
                         num: n,
                     });
                 }
-                self.mem
-                    .u16_at(4 + 2 * slot as usize)
-                    .store(head, Ordering::Relaxed);
+                let slot = usize::from(self.next_avail % n);
+                self.mem.store_u16(4 + 2 * slot, head);
                 self.next_avail = self.next_avail.wrapping_add(1);
                 moved = moved.wrapping_add(1);
             }
-            fence(Ordering::Release);
-            self.mem.u16_at(2).store(self.next_avail, Ordering::Release);
+            self.mem.store_release_u16(2, self.next_avail);
             // Ask the device to call us for every used entry, and (event idx) the guest to
             // kick us for its next avail entry; then look again, in case the guest added one
             // before it could see that.
             self.mem
-                .u16_at(4 + 2 * usize::from(n))
-                .store(self.next_used, Ordering::Release);
+                .store_release_u16(4 + 2 * usize::from(n), self.next_used);
             if self.event_idx {
-                self.gstore16(mem, self.guest.used, 4 + 8 * u64::from(n), self.next_avail)?;
+                guest.set_avail_event(&map, self.next_avail);
             }
             fence(Ordering::SeqCst);
-            if self.gload16(mem, self.guest.avail, 2)? == self.next_avail {
+            if guest.avail_idx() == self.next_avail {
                 return Ok(moved);
             }
         }
@@ -321,7 +305,7 @@ impl ShadowQueue {
     /// Shadow used → guest used, marking in the dirty log what the device wrote.
     pub fn forward_used(&mut self, mem: &GuestMem) -> Result<UsedBatch, RelayError> {
         let n = self.num;
-        let idx = self.mem.u16_at(self.used_off + 2).load(Ordering::Acquire);
+        let idx = self.mem.load_acquire_u16(self.used_off + 2);
         let pending = idx.wrapping_sub(self.next_used);
         if pending > n {
             return Err(RelayError::BadUsedIdx {
@@ -331,161 +315,95 @@ impl ShadowQueue {
                 num: n,
             });
         }
-        let old = self.next_used;
         let mut batch = UsedBatch::default();
+        if pending == 0 {
+            return Ok(batch);
+        }
+        let map = GuestMap::new(mem);
+        let guest = self.guest_rings(&map)?;
+        let old = self.next_used;
         while self.next_used != idx {
             let slot = usize::from(self.next_used % n);
             let off = self.used_off + 4 + 8 * slot;
             let id = self.mem.read_u32(off);
             let len = self.mem.read_u32(off + 4);
-            if id >= u32::from(n) {
+            let head = u16::try_from(id).ok().filter(|&h| h < n);
+            let Some(head) = head else {
                 return Err(RelayError::BadHead {
                     q: self.q,
                     head: id,
                     num: n,
                 });
-            }
-            self.mark_written(mem, id, len)?;
-            let gslot = self.gaddr(self.guest.used, 4 + 8 * slot as u64)?;
-            let mut elem = [0u8; 8];
-            elem[..4].copy_from_slice(&id.to_le_bytes());
-            elem[4..].copy_from_slice(&len.to_le_bytes());
-            mem.write_slice(&elem, gslot)
-                .map_err(|_| self.mem_err(gslot.0))?;
+            };
+            self.mark_written(&map, &guest, head, len)?;
+            guest.write_used(self.next_used, id, len);
             self.next_used = self.next_used.wrapping_add(1);
             batch.entries += 1;
             batch.bytes += u64::from(len);
         }
-        if batch.entries == 0 {
-            return Ok(batch);
-        }
-        fence(Ordering::Release);
-        self.gstore16(mem, self.guest.used, 2, self.next_used)?;
+        guest.publish_used(&map, self.next_used);
         fence(Ordering::SeqCst);
-        batch.notify = if self.event_idx {
-            let ev = self.gload16(mem, self.guest.avail, 4 + 2 * u64::from(n))?;
-            need_event(ev, self.next_used, old)
-        } else {
-            self.gload16(mem, self.guest.avail, 0)? & VRING_AVAIL_F_NO_INTERRUPT == 0
-        };
+        let suppression = guest.suppression(self.event_idx);
+        batch.notify = wants_interrupt(self.event_idx, suppression, old, self.next_used);
         // Keep the device calling us for the next entry.
         self.mem
-            .u16_at(4 + 2 * usize::from(n))
-            .store(self.next_used, Ordering::Release);
+            .store_release_u16(4 + 2 * usize::from(n), self.next_used);
         Ok(batch)
     }
 
     /// Marks dirty the first `len` bytes of the writable part of the chain at `head`.
     ///
-    /// The guest wrote the chain and may rewrite it at any time, so the walk is bounded like
-    /// the relay's (backend/src/vring.rs): at most `num` descriptors of the ring's table, one
-    /// indirect table of at most [`MAX_INDIRECT`] whole descriptors, and never more steps in
-    /// a table than it has descriptors (more must revisit one: a loop). Every address sum is
-    /// checked. A bad chain is an error, which stops this queue's relay.
-    fn mark_written(&self, mem: &GuestMem, head: u32, len: u32) -> Result<(), RelayError> {
+    /// The guest wrote the chain and may rewrite it at any time, so it is walked by the
+    /// relay's chain walk (virtq's `Chain`, with all its checks); a chain that loops is an
+    /// error here, as the device's used length cannot be trusted to end the walk. A bad chain
+    /// is an error, which stops this queue's relay.
+    fn mark_written(
+        &self,
+        map: &GuestMap<'_, GuestMem>,
+        guest: &GuestRings<'_>,
+        head: u16,
+        len: u32,
+    ) -> Result<(), RelayError> {
         let mut left = u64::from(len);
         if left == 0 {
             return Ok(());
         }
-        let bad = |why| RelayError::BadChain {
-            q: self.q,
-            head,
-            why,
-        };
-        let mut table = Table {
-            addr: self.guest.desc,
-            len: u32::from(self.num),
-            indirect: false,
-        };
-        let mut i = head;
-        let mut ttl = table.len;
-        loop {
-            if ttl == 0 {
-                return Err(bad("loops"));
-            }
-            ttl -= 1;
-            if i >= table.len {
-                return Err(bad("next index out of range"));
-            }
-            let d = self.read_desc(mem, table.addr, i)?;
-            if d.flags & VRING_DESC_F_INDIRECT != 0 {
-                if table.indirect {
-                    return Err(bad("nested indirect table"));
-                }
-                table = Table::indirect(&d).map_err(bad)?;
-                (i, ttl) = (0, table.len);
-                continue;
-            }
-            if d.flags & VRING_DESC_F_WRITE != 0 {
+        let mut chain = Chain::new(guest.desc_table(), head);
+        while let Some(d) = chain
+            .next_desc(map)
+            .map_err(|e| self.chain_error(head, e))?
+        {
+            if d.is_write_only() {
                 let n = left.min(u64::from(d.len));
-                mark_dirty(mem, d.addr, n);
+                // n <= d.len, a u32: fits a usize.
+                map.mark_dirty(d.addr, n as usize);
                 left -= n;
                 if left == 0 {
                     return Ok(());
                 }
             }
-            if d.flags & VRING_DESC_F_NEXT == 0 {
-                // The device claims more than the chain holds: what it could write is marked.
-                return Ok(());
-            }
-            i = u32::from(d.next);
+        }
+        if chain.was_cut() {
+            return Err(self.bad_chain(head, "loops"));
+        }
+        // The device claims more than the chain holds: what it could write is marked.
+        Ok(())
+    }
+
+    fn bad_chain(&self, head: u16, why: &'static str) -> RelayError {
+        RelayError::BadChain {
+            q: self.q,
+            head: head.into(),
+            why,
         }
     }
 
-    /// Descriptor `i` of the table at `table` (bytewise: an indirect table may be unaligned).
-    fn read_desc(&self, mem: &GuestMem, table: u64, i: u32) -> Result<Desc, RelayError> {
-        let at = self.gaddr(table, 16 * u64::from(i))?;
-        let mut raw = [0u8; 16];
-        mem.read_slice(&mut raw, at)
-            .map_err(|_| self.mem_err(at.0))?;
-        Ok(Desc {
-            addr: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
-            len: u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default()),
-            flags: u16::from_le_bytes([raw[12], raw[13]]),
-            next: u16::from_le_bytes([raw[14], raw[15]]),
-        })
-    }
-}
-
-/// One split-ring descriptor as read from guest memory.
-struct Desc {
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-}
-
-/// The descriptor table a chain walk is in.
-struct Table {
-    addr: u64,
-    /// Descriptors in it.
-    len: u32,
-    indirect: bool,
-}
-
-impl Table {
-    /// The table an indirect descriptor points at, if it is a valid one.
-    fn indirect(d: &Desc) -> Result<Table, &'static str> {
-        if d.len == 0 || !d.len.is_multiple_of(16) {
-            return Err("indirect table length is not a whole number of descriptors");
+    /// A chain walk's error as this queue's relay error.
+    fn chain_error(&self, head: u16, e: RingError) -> RelayError {
+        match e {
+            RingError::DescIndex { .. } => self.bad_chain(head, "next index out of range"),
+            RingError::Indirect { why, .. } => self.bad_chain(head, why),
+            source => RelayError::Ring { q: self.q, source },
         }
-        if d.len / 16 > MAX_INDIRECT {
-            return Err("indirect table longer than 65535 descriptors");
-        }
-        if d.addr.checked_add(u64::from(d.len)).is_none() {
-            return Err("indirect table runs past the end of the address space");
-        }
-        Ok(Table {
-            addr: d.addr,
-            len: d.len / 16,
-            indirect: true,
-        })
-    }
-}
-
-/// Marks `[addr, addr+len)` of guest memory dirty (a no-op while logging is off).
-pub fn mark_dirty(mem: &GuestMem, addr: u64, len: u64) {
-    for s in mem.get_slices(GuestAddress(addr), len as usize).flatten() {
-        s.bitmap().mark_dirty(0, s.len());
     }
 }

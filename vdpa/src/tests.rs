@@ -558,18 +558,6 @@ fn bad_guest_avail_index_stops_only_the_relay_of_that_queue() {
     );
 }
 
-#[test]
-fn need_event_follows_the_virtio_rule() {
-    use crate::shadow::need_event;
-    // The other side asked to hear about index 5: moving 4 -> 6 passes it, 5 -> 7 does not.
-    assert!(need_event(5, 6, 4));
-    assert!(!need_event(5, 7, 6));
-    assert!(need_event(5, 6, 5));
-    // Across the u16 wrap.
-    assert!(need_event(0xffff, 1, 0xfffe));
-    assert!(!need_event(3, 1, 0xfffe));
-}
-
 /// EVENT_IDX through the shadow rings: the guest learns where to kick (avail_event in its
 /// used ring), and is interrupted only when its used_event is passed.
 #[test]
@@ -622,20 +610,21 @@ fn device_complete(sq: &crate::shadow::ShadowQueue, slot: u16, head: u32, len: u
     }
 }
 
-/// Guest memory for hostile chains: the usual megabyte, and the last page below 2^64 (a
+/// Guest memory for hostile chains: two megabytes (room for the largest indirect table, 1 MiB,
+/// above the rings: a table must be wholly in memory), and the last page below 2^64 (a
 /// region's end must fit in a u64, so it ends one byte short of the top).
 fn mem_with_top_page() -> GuestMem {
     GuestMem::from_ranges(&[
-        (GuestAddress(0), MEM as usize),
+        (GuestAddress(0), 2 * MEM as usize),
         (GuestAddress(TOP_PAGE), PAGE as usize),
     ])
     .unwrap()
 }
 
 const TOP_PAGE: u64 = u64::MAX - PAGE;
-const DESC_NEXT: u16 = 1;
-const DESC_WRITE: u16 = 2;
-const DESC_INDIRECT: u16 = 4;
+const DESC_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+const DESC_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+const DESC_INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// Writes descriptor (addr, len, flags, next) at guest address `at`.
 fn put_desc(mem: &GuestMem, at: u64, d: (u64, u32, u16, u16)) {
@@ -766,7 +755,19 @@ fn shadow_relay_survives_addresses_at_the_top_of_memory() {
         device_complete(&sq, 0, 0, 1500);
         sq.forward_used(&mem)
     });
-    assert!(matches!(r, Err(RelayError::Memory { .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(RelayError::Ring {
+                source: virtq::RingError::Unmapped {
+                    what: "descriptor table",
+                    ..
+                },
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     // Avail and used rings in the last bytes.
     let (desc, _, _) = ring(0);
     let rings = [(u64::MAX - 1, TOP_PAGE), (TOP_PAGE, u64::MAX - 3)];
@@ -919,4 +920,33 @@ fn disconnect_while_shadowed_leaves_a_clean_device() {
         1,
         "the completed buffer reached the guest"
     );
+}
+
+/// Ring addresses are the frontend's numbers, translated through its memory table: in a region
+/// at the top of the guest-physical space they translate exactly, and rings running past the
+/// region's end, or user addresses whose sums would wrap, are refused (`to_gpa` checks each
+/// sum) rather than overflowing.
+#[test]
+fn ring_addresses_at_the_top_of_guest_memory_translate_without_overflow() {
+    let dev = MockDevice::new(device_features(), 0);
+    let counters = Arc::new(TestCounters::default());
+    let mut s = Session::new("t", dev.clone(), counters)
+        .map_err(|e| e.0)
+        .unwrap();
+    s.set_features(VERSION_1 | MAC | PROTOCOL_FEATURES).unwrap();
+    // The last whole page but one below 2^64 (a region's end must fit in a u64).
+    const TOP: u64 = u64::MAX - 2 * PAGE + 1;
+    let region = VhostUserMemoryRegion::new(TOP, PAGE, USER, 0);
+    s.set_mem_table(&[region], vec![memfd(PAGE)], None).unwrap();
+    s.set_vring_num(0, u32::from(NUM)).unwrap();
+    let flags = VhostUserVringAddrFlags::empty;
+    s.set_vring_addr(0, flags(), USER, USER + 0x800, USER + 0x400, 0)
+        .unwrap();
+    for used in [USER + PAGE - 8, u64::MAX - 8, u64::MAX] {
+        let err = s
+            .set_vring_addr(0, flags(), USER, used, USER + 0x400, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outside the memory table"), "{used:#x}: {err}");
+    }
 }

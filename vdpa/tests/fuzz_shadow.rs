@@ -1,7 +1,7 @@
 //! Fuzzes the shadow virtqueue relay (the software path of vDPA mode during migration) over
 //! hostile guest rings on guard-paged guest memory, with a simulated device completing what
 //! it was given. Seeded and bounded like the backend's ring fuzzers (the same harness; see
-//! `backend/src/fuzz/mod.rs` for the `VHOST_RELAY_FUZZ_*` knobs).
+//! `virtq::fuzz` for the `VHOST_RELAY_FUZZ_*` knobs).
 //!
 //! Checked after every input: no access outside guest memory (guard pages), no hang, guest
 //! memory changes only in the guest's used ring (entries, index, avail_event), the used index
@@ -9,26 +9,21 @@
 //! available (each at most as often) while the device is honest; a dishonest device's
 //! impossible heads never reach the guest.
 
-#[allow(dead_code)]
-#[path = "../../backend/src/fuzz/guarded.rs"]
-mod guarded;
-#[allow(dead_code)]
-#[path = "../../backend/src/fuzz/harness.rs"]
-mod harness;
-
-use guarded::{changed, Guarded, Snap};
-use harness::{campaign, Rng};
 use vdpa::shadow::{RingAddr, ShadowQueue};
+use virtq::fuzz::{campaign, changed, Rng, Snap};
 use vm_memory::{Bytes, GuestAddress};
+
+/// Guard-paged guest memory of the shadow relay's memory type.
+type Guarded = virtq::fuzz::Guarded<migration::DirtyBitmap>;
 
 const REGIONS: [(u64, usize); 2] = [(0, 0x2_0000), (0x10_0000, 0x8000)];
 const DESC: u64 = 0;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
 const TABLES: (u64, u64) = (0x6000, 0x8000);
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
-const INDIRECT: u16 = 4;
+const NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 fn put(g: &Guarded, addr: u64, bytes: &[u8]) {
     let _ = g.mem.write_slice(bytes, GuestAddress(addr));
@@ -303,8 +298,8 @@ fn fuzz_shadow_rings() {
 /// Regression (found by this fuzzer, seed 9 of the generator's first version): `forward_avail`
 /// wrote avail_event at `guest.used + 4 + 8 * num` unchecked, so a used ring at the top of the
 /// guest-physical space (a frontend's memory table may put a region there) overflowed: a panic
-/// in a debug build, a wrapped guest address in a release build. Now a `RelayError::Memory`
-/// like any other inaccessible ring.
+/// in a debug build, a wrapped guest address in a release build. Now refused like any other
+/// inaccessible ring (virtq's ring checks: not inside one memory region).
 #[test]
 fn used_ring_at_the_top_of_the_address_space_is_an_error_not_an_overflow() {
     let g = Guarded::new(&REGIONS);
@@ -318,7 +313,16 @@ fn used_ring_at_the_top_of_the_address_space_is_an_error_not_an_overflow() {
     let mut sq = ShadowQueue::new(0, 4, ring, 0x4000_0000, 0, true).unwrap();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sq.forward_avail(&g.mem)));
     assert!(
-        matches!(r, Ok(Err(vdpa::shadow::RelayError::Memory { .. }))),
+        matches!(
+            r,
+            Ok(Err(vdpa::shadow::RelayError::Ring {
+                source: virtq::RingError::Unmapped {
+                    what: "used ring",
+                    ..
+                },
+                ..
+            }))
+        ),
         "{:?}",
         r.map(|r| r.map(|_| ()))
     );

@@ -9,10 +9,10 @@
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
+use virtq::fuzz::{changed, Snap};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::guarded::{changed, Guarded, Snap};
-use super::{campaign, Rng};
+use super::{campaign, Guarded, Rng};
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_LEN};
 use crate::offload::RxOffloads;
 use crate::rx::{deliver_adapted, RxRing};

@@ -52,7 +52,7 @@ use super::xdp_prog::{self, XdpProgram};
 use super::{TxProgress, VfError, VfStats};
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
 use crate::offload;
-use crate::vring::GuestSlice;
+use virtq::GuestSlice;
 
 /// Bytes per UMEM frame (chunk); the page size, the largest chunk the kernel allows in aligned
 /// mode.

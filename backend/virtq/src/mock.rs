@@ -128,14 +128,7 @@ impl<'a> GuestQueue<'a> {
         let flags = (VRING_DESC_F_NEXT | if buf.write { VRING_DESC_F_WRITE } else { 0 }) as u16;
         let d = RawDescriptor::from(SplitDescriptor::new(buf.addr, buf.len, flags, head));
         self.mock.desc_table().store(head, d).expect("store");
-        let avail = self.mock.avail();
-        let idx = avail.idx().load();
-        avail
-            .ring()
-            .ref_at(usize::from(idx % self.mock_len()))
-            .expect("ring slot")
-            .store(u16::to_le(head));
-        avail.idx().store(u16::to_le(idx.wrapping_add(1)));
+        self.add_raw_head(head);
         self.next_desc += 1;
         head
     }

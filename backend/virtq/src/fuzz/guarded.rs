@@ -5,26 +5,29 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
-
-/// The backend's guest memory type (`crate::GuestMemoryMmapB`, spelled out for vdpa's use).
-type GuestMemoryMmapB = vm_memory::GuestMemoryMmap<migration::DirtyBitmap>;
+use vm_memory::bitmap::NewBitmap;
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MmapRegion,
+};
 
 const PAGE: usize = 4096;
 
-/// Regions of guest memory, each between two guard pages; unmapped on drop.
-pub struct Guarded {
-    pub mem: GuestMemoryMmapB,
+/// Regions of guest memory, each between two guard pages; unmapped on drop. `B` is the dirty
+/// bitmap of the memory type under test (the relay's and the shadow relay's: the migration
+/// crate's `DirtyBitmap`).
+pub struct Guarded<B: NewBitmap> {
+    pub mem: GuestMemoryMmap<B>,
     /// (reservation base, reservation length) per region, for munmap.
     maps: Vec<(*mut libc::c_void, usize)>,
     _fds: Vec<OwnedFd>,
 }
 
-impl Guarded {
+impl<B: NewBitmap> Guarded<B> {
     /// `regions`: (guest address, page-multiple length).
-    pub fn new(regions: &[(u64, usize)]) -> Guarded {
+    pub fn new(regions: &[(u64, usize)]) -> Self {
         let mut g = Guarded {
-            mem: GuestMemoryMmapB::default(),
+            mem: GuestMemoryMmap::default(),
             maps: Vec::new(),
             _fds: Vec::new(),
         };
@@ -46,7 +49,7 @@ impl Guarded {
             built.push(GuestRegionMmap::new(region, GuestAddress(gpa)).expect("guest region"));
             g._fds.push(fd);
         }
-        g.mem = GuestMemoryMmapB::from_regions(built).expect("guest memory");
+        g.mem = GuestMemoryMmap::from_regions(built).expect("guest memory");
         g
     }
 
@@ -115,9 +118,9 @@ impl Guarded {
     }
 }
 
-impl Drop for Guarded {
+impl<B: NewBitmap> Drop for Guarded<B> {
     fn drop(&mut self) {
-        self.mem = GuestMemoryMmapB::default();
+        self.mem = GuestMemoryMmap::default();
         for &(base, total) in &self.maps {
             // SAFETY: our own reservation; nothing refers to it any more.
             unsafe { libc::munmap(base, total) };

@@ -1,0 +1,33 @@
+//! [`RingError`]: why the guest's ring or a chain in it could not be used.
+
+/// Why a ring could not be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("ring of 0 entries")]
+    ZeroSize,
+    #[error("{what} at {addr:#x}+{len} is not inside one guest memory region")]
+    Unmapped {
+        what: &'static str,
+        addr: u64,
+        len: usize,
+    },
+    #[error("{what} at {addr:#x} is misaligned")]
+    Misaligned { what: &'static str, addr: u64 },
+    #[error("{what} at {addr:#x} is mapped at misaligned host address {host:#x}")]
+    HostMisaligned {
+        what: &'static str,
+        addr: u64,
+        host: usize,
+    },
+    #[error("guest published avail index {avail} with {pending} pending on a {size}-entry ring")]
+    AvailIndex { avail: u16, pending: u16, size: u16 },
+    #[error("chain at head {head}: descriptor index {index} is outside its {size}-entry table")]
+    DescIndex { head: u16, index: u16, size: u16 },
+    #[error("chain at head {head}: bad indirect table {addr:#x}+{len}: {why}")]
+    Indirect {
+        head: u16,
+        addr: u64,
+        len: u32,
+        why: &'static str,
+    },
+}
