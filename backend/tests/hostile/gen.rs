@@ -395,7 +395,7 @@ fn rings_in(rng: &mut Rng, region: Option<Region>, fd: Option<Fd>, msgs: &mut Ve
     let inside = rng.below(r.size.max(1)) & !0xf;
     let at = rng.pick(&[0, 0, file, r.size.wrapping_sub(2 * RING_STRIDE), inside, 2]);
     for q in 0..2 {
-        let l = qemu_tests::driver::RingLayout::at(q as u64 * RING_STRIDE, RING_SIZE);
+        let l = test_support::driver::RingLayout::at(q as u64 * RING_STRIDE, RING_SIZE);
         let base = r.uaddr.wrapping_add(at);
         let addr = vring_addr(
             q as u32,

@@ -4,7 +4,7 @@
 //! virtqueues in that memory and hands them to the backend, then plays the guest driver:
 //! posts RX buffers and TX packets, kicks, waits for the backend's call, and reads the used
 //! rings. Built on the vhost crate's `Frontend`, the same code path a Rust VMM uses. The
-//! memory, ring and negotiation code is qemu-tests' `driver` and `frontend` modules, shared
+//! memory, ring and negotiation code is test-support's `driver` and `frontend` modules, shared
 //! with the `vu-frontend` program the vDPA tests run inside their guest; this file wraps it
 //! for tests that panic on any failure.
 
@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use qemu_tests::driver::DriverQueue;
-use qemu_tests::driver::{self, DriverMemory, RingLayout};
-use qemu_tests::frontend::{vring_config, VuSession};
+pub use test_support::driver::DriverQueue;
+use test_support::driver::{self, DriverMemory, RingLayout};
+use test_support::frontend::{vring_config, VuSession};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};

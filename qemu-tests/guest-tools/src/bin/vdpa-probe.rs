@@ -13,7 +13,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use qemu_tests::driver::{loopback, DriverError, DriverMemory, DriverQueue};
+use test_support::driver::{loopback, DriverError, DriverMemory, DriverQueue};
 use vhost::vdpa::VhostVdpa;
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
 use vhost::vhost_kern::VhostKernFeatures;

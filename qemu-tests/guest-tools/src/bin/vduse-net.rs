@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use qemu_tests::vduse::{Request, VduseDevice, VduseError, VDUSE_ACCESS_RO, VDUSE_ACCESS_WO};
+use guest_tools::vduse::{Request, VduseDevice, VduseError, VDUSE_ACCESS_RO, VDUSE_ACCESS_WO};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

@@ -1,0 +1,11 @@
+//! Test support shared by vhost-relay's integration tests (`backend/tests`), the end-to-end
+//! harness (`qemu-tests`) and the programs it runs inside guests (`guest-tools`).
+//!
+//! - [`driver`]: guest memory from a memfd and split rings in it, played from the guest
+//!   driver's side (post buffers, kick, read used entries).
+//! - [`frontend`]: vhost-user negotiation and ring hand-over on top of [`driver`].
+//!
+//! It depends on nothing of vhost-relay's, so the backend's own unit tests can use it too.
+
+pub mod driver;
+pub mod frontend;
