@@ -9,9 +9,11 @@ use vhost::vhost_user::message::{FrontendReq as R, VhostUserProtocolFeatures as 
 use super::rng::Rng;
 use super::wire::*;
 
-pub const PROTOCOL_FEATURES: u64 = 1 << 30;
-pub const LOG_ALL: u64 = 1 << 26;
-const FEATURES: u64 = (1 << 32) | PROTOCOL_FEATURES | (1 << 15); // VERSION_1, MRG_RXBUF
+pub use test_support::features::{
+    VHOST_F_LOG_ALL as LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES as PROTOCOL_FEATURES,
+};
+use test_support::features::{VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF};
+const FEATURES: u64 = VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES | VIRTIO_NET_F_MRG_RXBUF;
 const MIB: u64 = 1 << 20;
 
 pub struct Campaign {

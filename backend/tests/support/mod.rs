@@ -33,9 +33,11 @@ pub const RING_STRIDE: u64 = 0x1_0000;
 pub const BUF_BASE: u64 = 0x40_0000;
 pub const BUF_SIZE: u64 = 0x1_0000;
 
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+// Each test binary compiles this module and uses a subset of it.
+#[allow(unused_imports)]
+pub use test_support::features::{
+    VHOST_F_LOG_ALL, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// A running `vhost-relay` process, killed by PID when dropped.
 pub struct Backend {
@@ -575,8 +577,6 @@ impl RawSocket {
 // Live migration: dirty-page log helpers (used by dirty_log.rs).
 // ---------------------------------------------------------------------------------------
 
-/// `VHOST_F_LOG_ALL`: the frontend wants every guest page the backend writes logged.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 pub const LOG_PAGE: u64 = 4096;
 
 /// A dirty log as QEMU makes one: a memfd with one bit per 4 KiB guest page.

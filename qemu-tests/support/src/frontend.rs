@@ -18,13 +18,10 @@ use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, Vr
 
 use crate::driver::{DriverError, DriverMemory, DriverQueue, RingLayout};
 
-pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// vhost's "log all writes" feature bit: what QEMU sets while it migrates a guest.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+pub use crate::features::{
+    VHOST_F_LOG_ALL, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+};
 /// Dirty log granularity (vhost-user: one bit per 4 KiB page of guest physical memory).
 pub const LOG_PAGE: u64 = 4096;
 

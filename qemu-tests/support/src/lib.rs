@@ -3,9 +3,11 @@
 //!
 //! - [`driver`]: guest memory from a memfd and split rings in it, played from the guest
 //!   driver's side (post buffers, kick, read used entries).
+//! - [`features`]: feature-bit masks from virtio-bindings and the vhost crate.
 //! - [`frontend`]: vhost-user negotiation and ring hand-over on top of [`driver`].
 //!
 //! It depends on nothing of vhost-relay's, so the backend's own unit tests can use it too.
 
 pub mod driver;
+pub mod features;
 pub mod frontend;
