@@ -1,7 +1,6 @@
 //! Starting the vhost-user backend under test (vhost-relay), or DPDK testpmd as a reference
 //! backend, and reading vhost-relay's per-queue counters.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,82 +8,9 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
 use crate::util;
+use test_support::stats::StatsRequest;
 
-/// Direction of a virtqueue as vhost-relay names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// Towards the guest (even virtqueues).
-    Rx,
-    /// From the guest (odd virtqueues).
-    Tx,
-}
-
-/// One `stats port=NAME queue=Q dir=rx|tx packets=N bytes=N drops=N errors=N` line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueueStat {
-    pub port: String,
-    pub queue: u16,
-    pub dir: Dir,
-    pub packets: u64,
-    pub bytes: u64,
-    pub drops: u64,
-    pub errors: u64,
-}
-
-impl fmt::Display for QueueStat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "port={} queue={} dir={} packets={} bytes={} drops={} errors={}",
-            self.port,
-            self.queue,
-            match self.dir {
-                Dir::Rx => "rx",
-                Dir::Tx => "tx",
-            },
-            self.packets,
-            self.bytes,
-            self.drops,
-            self.errors
-        )
-    }
-}
-
-/// Parses a stats line anywhere in a log line (env_logger puts a timestamp and level first).
-pub fn parse_stats_line(line: &str) -> Option<QueueStat> {
-    let rest = &line[line.find("stats port=")?..];
-    let mut port = None;
-    let (mut queue, mut dir, mut packets, mut bytes, mut drops, mut errors) =
-        (None, None, None, None, None, None);
-    for kv in rest.split_whitespace().skip(1) {
-        let (k, v) = kv.split_once('=')?;
-        match k {
-            "port" => port = Some(v.to_string()),
-            "queue" => queue = v.parse().ok(),
-            "dir" => {
-                dir = match v {
-                    "rx" => Some(Dir::Rx),
-                    "tx" => Some(Dir::Tx),
-                    _ => None,
-                }
-            }
-            "packets" => packets = v.parse().ok(),
-            "bytes" => bytes = v.parse().ok(),
-            "drops" => drops = v.parse().ok(),
-            "errors" => errors = v.parse().ok(),
-            _ => {}
-        }
-    }
-    Some(QueueStat {
-        port: port?,
-        queue: queue?,
-        dir: dir?,
-        packets: packets?,
-        bytes: bytes?,
-        drops: drops?,
-        errors: errors?,
-    })
-}
+pub use test_support::stats::{parse_stats_line, Dir, QueueStat};
 
 /// Finds the vhost-relay binary: `$VHOST_RELAY_BIN`, else `release` then `debug` builds under
 /// `$CARGO_TARGET_DIR` (if set) and `<workspace>/target`.
@@ -430,20 +356,13 @@ impl Backend {
                 self.what
             )));
         }
-        let before = std::fs::metadata(&self.stderr_log)
-            .map(|m| m.len())
-            .unwrap_or(0) as usize;
-        util::signal(self.pid(), libc::SIGUSR1)?;
+        let request = StatsRequest::send(self.pid(), &self.stderr_log)
+            .map_err(|e| Error::io(format!("asking {} for its counters", self.what), e))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text = std::fs::read(&self.stderr_log)
-                .map_err(|e| Error::io(format!("reading {}", self.stderr_log.display()), e))?;
-            let new = String::from_utf8_lossy(text.get(before..).unwrap_or(&[])).into_owned();
-            // Only complete lines: the logger may be mid-write.
-            let complete = match new.rfind('\n') {
-                Some(i) => &new[..=i],
-                None => "",
-            };
+            let complete = request
+                .answer()
+                .map_err(|e| Error::io(format!("reading {}'s counters", self.what), e))?;
             let mut stats: Vec<QueueStat> = complete.lines().filter_map(parse_stats_line).collect();
             if stats.len() >= self.stat_lines {
                 stats.sort_by(|a, b| (&a.port, a.queue).cmp(&(&b.port, b.queue)));
@@ -501,50 +420,6 @@ pub fn find_stat<'a>(stats: &'a [QueueStat], port: &str, queue: u16) -> Result<&
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_env_logger_stats_lines() {
-        let l = "[2026-11-21T19:33:37Z INFO  vhost_relay::stats] stats port=vm1 queue=3 dir=tx packets=3 bytes=180 drops=1 errors=0";
-        assert_eq!(
-            parse_stats_line(l),
-            Some(QueueStat {
-                port: "vm1".into(),
-                queue: 3,
-                dir: Dir::Tx,
-                packets: 3,
-                bytes: 180,
-                drops: 1,
-                errors: 0
-            })
-        );
-        let l = "stats port=a queue=0 dir=rx packets=18446744073709551615 bytes=0 drops=0 errors=2";
-        let s = parse_stats_line(l).unwrap();
-        assert_eq!((s.dir, s.packets, s.errors), (Dir::Rx, u64::MAX, 2));
-    }
-
-    #[test]
-    fn display_round_trips() {
-        let l = "stats port=vm1 queue=2 dir=rx packets=5 bytes=300 drops=1 errors=0";
-        let s = parse_stats_line(l).unwrap();
-        assert_eq!(format!("stats {s}"), l);
-    }
-
-    #[test]
-    fn rejects_malformed_stats_lines() {
-        assert_eq!(parse_stats_line("port lb: listening on /tmp/lb.sock"), None);
-        assert_eq!(
-            parse_stats_line("stats port=a queue=0 dir=up packets=1 bytes=0 drops=0 errors=0"),
-            None
-        );
-        assert_eq!(
-            parse_stats_line("stats port=a queue=0 dir=rx packets=1 bytes=0 drops=0"),
-            None
-        );
-        assert_eq!(
-            parse_stats_line("stats port=a queue=x dir=rx packets=1 bytes=0 drops=0 errors=0"),
-            None
-        );
-    }
 
     #[test]
     fn find_stat_names_what_is_missing() {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 pub use test_support::driver::DriverQueue;
 use test_support::driver::{self, DriverMemory, RingLayout};
 use test_support::frontend::{vring_config, VuSession};
+use test_support::stats::{self, StatsRequest};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -84,29 +85,24 @@ impl Drop for Backend {
 /// Asks `backend` (logging to `log`) for its counters (SIGUSR1) and returns the fresh stats
 /// line of virtqueue `q`.
 pub fn stats_line(backend: &Child, log: &Path, q: usize) -> String {
-    let text = || std::fs::read_to_string(log).unwrap_or_default();
-    let lines = |t: &str| t.matches(&format!(" queue={q} ")).count();
-    let before = lines(&text());
-    // SAFETY: plain kill(2) on our own child's PID.
-    unsafe { libc::kill(backend.id() as i32, libc::SIGUSR1) };
-    assert!(
-        wait_for(Duration::from_secs(5), || lines(&text()) > before),
-        "the backend dumps its counters on SIGUSR1"
-    );
-    text()
-        .lines()
-        .rev()
-        .find(|l| l.contains("stats port=") && l.contains(&format!(" queue={q} ")))
-        .expect("a stats line for the queue")
-        .to_string()
+    let request = StatsRequest::send(backend.id(), log).expect("SIGUSR1 to the backend");
+    let mut line = None;
+    let answered = wait_for(Duration::from_secs(5), || {
+        let text = request.answer().unwrap_or_default();
+        line = text
+            .lines()
+            .rev()
+            .find(|l| stats::stats_field(l, "queue") == Some(q as u64))
+            .map(str::to_string);
+        line.is_some()
+    });
+    assert!(answered, "the backend dumps its counters on SIGUSR1");
+    line.expect("a stats line for the queue")
 }
 
 /// The numeric field `name` (`name=N`) of a stats line.
 pub fn stats_field(line: &str, name: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no numeric field {name} in {line:?}"))
+    stats::stats_field(line, name).unwrap_or_else(|| panic!("no numeric field {name} in {line:?}"))
 }
 
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -5,9 +5,11 @@
 //!   driver's side (post buffers, kick, read used entries).
 //! - [`features`]: feature-bit masks from virtio-bindings and the vhost crate.
 //! - [`frontend`]: vhost-user negotiation and ring hand-over on top of [`driver`].
+//! - [`stats`]: vhost-relay's per-queue counters (SIGUSR1 and the lines it logs).
 //!
 //! It depends on nothing of vhost-relay's, so the backend's own unit tests can use it too.
 
 pub mod driver;
 pub mod features;
 pub mod frontend;
+pub mod stats;
