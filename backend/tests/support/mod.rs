@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 pub use test_support::driver::DriverQueue;
 use test_support::driver::{self, DriverMemory, RingLayout};
 use test_support::frontend::{vring_config, VuSession};
+use test_support::raw_socket::{self, RawOptions};
 use test_support::stats::{self, StatsRequest};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -477,95 +478,30 @@ impl Drop for NetNs {
     }
 }
 
-/// A raw packet socket on an interface, for the "wire" side of tests.
-pub struct RawSocket {
-    fd: std::os::fd::OwnedFd,
-}
+/// A raw packet socket on an interface, for the "wire" side of tests ([`test_support`]'s,
+/// panicking on failure, receiving with a 200 ms timeout).
+pub struct RawSocket(raw_socket::RawSocket);
 
 impl RawSocket {
-    /// Opens on `ifname` in the calling thread's namespace, with the virtio-net header on
-    /// (so GSO packets are seen whole with their offload metadata).
+    /// Opens on `ifname` in the calling thread's namespace, with the virtio-net header on if
+    /// `vnet_hdr` (so GSO packets are seen whole with their offload metadata), and room for
+    /// bursts of thousands of frames.
     pub fn open(ifname: &str, vnet_hdr: bool) -> RawSocket {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain socket/setsockopt/bind calls on a new fd with local structures.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            );
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-            if vnet_hdr {
-                let one: libc::c_int = 1;
-                let rc = libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_PACKET,
-                    15, // PACKET_VNET_HDR
-                    (&one as *const libc::c_int).cast(),
-                    4,
-                );
-                assert_eq!(rc, 0);
-            }
-            let name = std::ffi::CString::new(ifname).unwrap();
-            let index = libc::if_nametoindex(name.as_ptr());
-            assert!(index > 0, "no interface {ifname}");
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-            sll.sll_ifindex = index as i32;
-            let rc = libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            // Room for bursts of thousands of frames: the test reads slower than the backend
-            // sends, and a full buffer would look like loss.
-            let rcvbuf: libc::c_int = 16 << 20;
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&rcvbuf as *const libc::c_int).cast(),
-                4,
-            );
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            RawSocket { fd }
-        }
+        let options = RawOptions {
+            vnet_hdr,
+            large_rcvbuf: true,
+            ..RawOptions::default()
+        };
+        RawSocket(raw_socket::RawSocket::open(ifname, options).expect("raw socket"))
     }
 
     pub fn send(&self, frame: &[u8]) {
-        // SAFETY: valid fd and buffer.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n as usize,
-            frame.len(),
-            "send: {}",
-            std::io::Error::last_os_error()
-        );
+        self.0.send(frame).expect("send a frame");
     }
 
-    /// Next frame within the timeout, if any.
+    /// Next frame within 200 ms, if any.
     pub fn recv(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 70_000];
-        // SAFETY: valid fd and buffer.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n <= 0 {
-            return None;
-        }
-        buf.truncate(n as usize);
-        Some(buf)
+        self.0.recv(Instant::now() + Duration::from_millis(200))
     }
 }
 

@@ -5,6 +5,7 @@
 //!   driver's side (post buffers, kick, read used entries).
 //! - [`features`]: feature-bit masks from virtio-bindings and the vhost crate.
 //! - [`frontend`]: vhost-user negotiation and ring hand-over on top of [`driver`].
+//! - [`raw_socket`]: an `AF_PACKET` socket for the wire side of a test.
 //! - [`stats`]: vhost-relay's per-queue counters (SIGUSR1 and the lines it logs).
 //!
 //! It depends on nothing of vhost-relay's, so the backend's own unit tests can use it too.
@@ -12,4 +13,5 @@
 pub mod driver;
 pub mod features;
 pub mod frontend;
+pub mod raw_socket;
 pub mod stats;
