@@ -4,74 +4,40 @@
 //! processes or threads started from that thread inherit it. So each test body runs on a dedicated
 //! thread in a fresh namespace; `ip` commands it spawns configure that namespace, and the namespace
 //! with its veth pairs disappears when the thread ends. No traffic can leave it.
+//!
+//! The namespaces and the packet socket are test-support's (shared with the integration tests
+//! and the end-to-end harness); this module adapts them to unit tests that panic on failure and
+//! keeps what needs the VF module's internals (`set_tx_checksum`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::Command;
 use std::time::Duration;
 
+use test_support::netns;
+pub use test_support::netns::gettid;
 pub use test_support::raw_socket::wait_readable;
 use test_support::raw_socket::{RawOptions, RawSocket};
 
 /// Moves the calling thread into a new, empty network namespace (with `lo` up and IPv6 off so
 /// that no autoconfiguration chatter appears on test links).
 pub fn enter_new_netns() {
-    // SAFETY: unshare has no memory-safety preconditions.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "unshare(CLONE_NEWNET) failed (tests need root): {}",
-        io::Error::last_os_error()
-    );
-    for knob in ["all", "default"] {
-        // Per-netns sysctls resolve against the calling thread's namespace. Absent without IPv6.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "1");
-    }
-    ip(&["link", "set", "lo", "up"]);
+    netns::enter_new_netns().unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Runs `f` on a new thread inside a new network namespace and returns its result (re-raising
 /// its panic, so assertions inside fail the test).
 pub fn with_netns<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            enter_new_netns();
-            f()
-        });
-        match h.join() {
-            Ok(r) => r,
-            Err(p) => std::panic::resume_unwind(p),
-        }
-    })
+    netns::with_new_netns(f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `ip ARGS` in the calling thread's namespace; panics with its output on failure.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("the `ip` command (iproute2) must be installed");
-    assert!(
-        out.status.success(),
-        "ip {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Creates veth pair `a`/`b` and brings both ends up.
 pub fn veth_pair(a: &str, b: &str) {
-    ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
-    ip(&["link", "set", a, "up"]);
-    ip(&["link", "set", b, "up"]);
-}
-
-/// Thread id of the caller (names its network namespace for `ip link set ... netns TID`).
-pub fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
+    netns::veth_pair(a, b).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A plain `AF_PACKET` socket (no virtio header, no ring, not seeing what this side sends)

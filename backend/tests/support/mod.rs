@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 pub use test_support::driver::DriverQueue;
 use test_support::driver::{self, DriverMemory, RingLayout};
 use test_support::frontend::{vring_config, VuSession};
+use test_support::netns;
 use test_support::raw_socket::{self, RawOptions};
 use test_support::stats::{self, StatsRequest};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -369,40 +370,31 @@ pub struct NetNs {
 impl NetNs {
     pub fn new(tag: &str) -> NetNs {
         let name = format!("vrt-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let run = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("run ip");
-            assert!(st.success(), "ip {args:?}");
-        };
-        run(&["netns", "add", &name]);
+        netns::add(&name).expect("create the test namespace");
         // From here on the guard deletes the namespace, even if a step below fails.
         let ns = NetNs { name };
         // Before the veth exists: with IPv6 on, the kernel sends DAD neighbour solicitations
         // and MLD reports from wire0 as the link comes up, frames the tests never sent that
         // the backend rightly delivers to the guest.
-        ns.enter(disable_ipv6);
-        let name = ns.name.as_str();
-        run(&[
-            "-n", name, "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
+        ns.enter(netns::disable_ipv6)
+            .expect("IPv6 off in the namespace");
+        ns.ip(&[
+            "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
         ]);
-        run(&["-n", name, "link", "set", "vf0", "up"]);
-        run(&["-n", name, "link", "set", "wire0", "up"]);
-        run(&["-n", name, "link", "set", "lo", "up"]);
+        ns.ip(&["link", "set", "vf0", "up"]);
+        ns.ip(&["link", "set", "wire0", "up"]);
         ns
     }
 
+    /// Runs `ip -n NAME ARGS`; panics with its output on failure.
+    fn ip(&self, args: &[&str]) {
+        let all = [&["-n", self.name.as_str()][..], args].concat();
+        netns::ip(&all).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
-    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("open netns");
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        netns::within(&self.name, f).expect("enter the test namespace")
     }
 
     /// Creates a tap device `name` in the namespace with a transmit queue of `txqueuelen`
@@ -430,17 +422,8 @@ impl NetNs {
             file
         });
         let qlen = txqueuelen.to_string();
-        for args in [
-            &["link", "set", name, "txqueuelen", &qlen][..],
-            &["link", "set", name, "up"],
-        ] {
-            let st = Command::new("ip")
-                .args(["-n", &self.name])
-                .args(args)
-                .status()
-                .expect("run ip");
-            assert!(st.success(), "ip {args:?}");
-        }
+        self.ip(&["link", "set", name, "txqueuelen", &qlen]);
+        self.ip(&["link", "set", name, "up"]);
         file
     }
 
@@ -457,24 +440,9 @@ impl NetNs {
     }
 }
 
-/// Turns IPv6 off in the calling thread's namespace, for interfaces made from now on too
-/// (per-netns sysctls resolve against the opening thread's namespace).
-fn disable_ipv6() {
-    for knob in ["all", "default"] {
-        let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
-        match std::fs::write(&path, "1") {
-            // A kernel without IPv6 sends no IPv6 either.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            r => r.unwrap_or_else(|e| panic!("{path}: {e}")),
-        }
-    }
-}
-
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = netns::delete(&self.name);
     }
 }
 
