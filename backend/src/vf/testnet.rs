@@ -11,7 +11,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::Duration;
 
 use test_support::netns;
 pub use test_support::netns::gettid;
@@ -57,15 +56,13 @@ impl RawSock {
     pub fn send(&self, frame: &[u8]) {
         self.0.send(frame).expect("send a frame");
     }
+}
 
-    /// Receives frames until `deadline` or until `want` frames matching `pred` arrived.
-    pub fn recv_matching(
-        &self,
-        want: usize,
-        timeout: Duration,
-        pred: impl Fn(&[u8]) -> bool,
-    ) -> Vec<Vec<u8>> {
-        self.0.recv_matching(want, timeout, pred)
+/// Receiving (`recv`, `recv_matching`) is test-support's as it is.
+impl std::ops::Deref for RawSock {
+    type Target = RawSocket;
+    fn deref(&self) -> &RawSocket {
+        &self.0
     }
 }
 
