@@ -331,7 +331,7 @@ impl Guest {
             Fd::Guest => dup(self.mem.memfd.as_raw_fd()),
             Fd::Kick(q) => dup(self.queues[q % RINGS].kick.as_raw_fd()),
             Fd::Call(q) => dup(self.queues[q % RINGS].call.as_raw_fd()),
-            Fd::Memfd(n) => DirtyLogFd::new(n).file.into(),
+            Fd::Memfd(n) => DirtyLogFd::new(n).0.file.into(),
             Fd::DevNull => File::open("/dev/null").expect("/dev/null").into(),
             Fd::Dir => File::open("/").expect("/").into(),
             Fd::Pipe => pipe_end(),

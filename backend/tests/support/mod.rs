@@ -12,14 +12,15 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use test_support::driver::DriverQueue;
 use test_support::driver::{self, DriverMemory, RingLayout};
-use test_support::frontend::{vring_config, VuSession};
+pub use test_support::frontend::LOG_PAGE;
+use test_support::frontend::{vring_config, MigrationLog, VuSession};
 use test_support::netns;
 use test_support::raw_socket::{self, RawOptions};
 use test_support::stats::{self, StatsRequest};
@@ -173,14 +174,7 @@ impl TestFrontend {
             features: session.features,
         };
         assert!(t.fe.get_queue_num().expect("GET_QUEUE_NUM") >= (2 * pairs) as u64);
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: t.mem.get_host_address(GuestAddress(0)).expect("host addr") as u64,
-            mmap_offset: 0,
-            mmap_handle: t.memfd.as_raw_fd(),
-        };
-        t.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        t.send_mem_table();
         for i in 0..2 * pairs {
             t.setup_queue(i);
         }
@@ -477,55 +471,37 @@ impl RawSocket {
 // Live migration: dirty-page log helpers (used by dirty_log.rs).
 // ---------------------------------------------------------------------------------------
 
-pub const LOG_PAGE: u64 = 4096;
-
-/// A dirty log as QEMU makes one: a memfd with one bit per 4 KiB guest page.
-pub struct DirtyLogFd {
-    pub file: File,
-    pub size: u64,
-}
+/// A dirty log as QEMU makes one: test-support's [`MigrationLog`] (a memfd with one bit per
+/// 4 KiB guest page), panicking on failure. Its `file` and `size` are reachable through it.
+pub struct DirtyLogFd(pub MigrationLog);
 
 impl DirtyLogFd {
+    /// A zeroed log of `size` bytes.
     pub fn new(size: u64) -> DirtyLogFd {
-        // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-        let fd = unsafe { libc::memfd_create(c"test-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just created and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).expect("size log memfd");
-        DirtyLogFd { file, size }
+        DirtyLogFd(MigrationLog::with_size(size).expect("log memfd"))
     }
 
     /// Guest page numbers whose bit is set.
     pub fn pages(&self) -> std::collections::BTreeSet<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut bytes = vec![0u8; self.size as usize];
-        self.file.read_exact_at(&mut bytes, 0).expect("read log");
-        let mut out = std::collections::BTreeSet::new();
-        for (i, b) in bytes.iter().enumerate().filter(|(_, b)| **b != 0) {
-            for bit in 0..8 {
-                if b & (1 << bit) != 0 {
-                    out.insert(i as u64 * 8 + bit);
-                }
-            }
-        }
-        out
+        self.0.pages().expect("read log")
     }
 
     /// Clears the log, as QEMU does when it collects the bits.
     pub fn clear(&self) {
-        use std::os::unix::fs::FileExt;
-        self.file
-            .write_all_at(&vec![0u8; self.size as usize], 0)
-            .expect("clear log");
+        self.0.clear().expect("clear log");
     }
+}
 
-    pub fn region(&self) -> vhost::VhostUserDirtyLogRegion {
-        vhost::VhostUserDirtyLogRegion {
-            mmap_size: self.size,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
+impl std::ops::Deref for DirtyLogFd {
+    type Target = MigrationLog;
+    fn deref(&self) -> &MigrationLog {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DirtyLogFd {
+    fn deref_mut(&mut self) -> &mut MigrationLog {
+        &mut self.0
     }
 }
 
@@ -595,6 +571,11 @@ impl TestFrontend {
     /// Resends the memory table (as QEMU does on any layout change): the backend maps new
     /// regions for the same guest memory.
     pub fn resend_mem_table(&self) {
+        self.send_mem_table();
+    }
+
+    /// SET_MEM_TABLE with the one region holding all of the guest memory.
+    fn send_mem_table(&self) {
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM_SIZE as u64,
@@ -663,17 +644,7 @@ impl TestFrontend {
                 pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
             )
             .expect("SET_PROTOCOL_FEATURES");
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: self
-                .mem
-                .get_host_address(GuestAddress(0))
-                .expect("host addr") as u64,
-            mmap_offset: 0,
-            mmap_handle: self.memfd.as_raw_fd(),
-        };
-        self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        self.send_mem_table();
         assert_eq!(bases.len(), self.queues.len(), "one base per ring");
         for (q, &base) in bases.iter().enumerate() {
             self.restart_ring(q, base);
