@@ -201,35 +201,25 @@ impl Backend {
         let queues = queues.max(1);
         let prefix = util::unique_name("vrt-pmd");
         let mut cmd = ns.command("dpdk-testpmd");
-        cmd.args([
-            "--no-huge",
-            "-m",
-            "1024",
-            "--no-pci",
-            "--file-prefix",
-            &prefix,
-            "-l",
-            "0-1",
-            "--log-level",
-            "user1,info",
-        ])
-        .arg("--vdev")
-        .arg(format!(
-            "net_vhost0,iface={},queues={queues}",
-            socket.display()
-        ))
-        .arg("--vdev")
-        .arg(format!("net_af_packet0,iface={vf},qpairs={queues}"))
-        .args([
-            "--",
-            "--forward-mode=io",
-            "--stats-period",
-            "1",
-            "--total-num-mbufs=16384",
-            "--nb-cores=1",
-        ])
-        .arg(format!("--rxq={queues}"))
-        .arg(format!("--txq={queues}"));
+        cmd.args(dpdk_eal_args(&prefix))
+            .args(["--log-level", "user1,info"])
+            .arg("--vdev")
+            .arg(format!(
+                "net_vhost0,iface={},queues={queues}",
+                socket.display()
+            ))
+            .arg("--vdev")
+            .arg(format!("net_af_packet0,iface={vf},qpairs={queues}"))
+            .args([
+                "--",
+                "--forward-mode=io",
+                "--stats-period",
+                "1",
+                "--total-num-mbufs=16384",
+                "--nb-cores=1",
+            ])
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"));
         let mut b = Self::spawn("testpmd-vhost", cmd, workdir, 0)?;
         b.leftover = Some(dpdk_runtime_dir(&prefix));
         b.wait_for_socket(socket, Duration::from_secs(30))?;
@@ -250,20 +240,10 @@ impl Backend {
             Some(ns) => ns.command("dpdk-testpmd"),
             None => Command::new("dpdk-testpmd"),
         };
-        cmd.args([
-            "--no-huge",
-            "-m",
-            "1024",
-            "--no-pci",
-            "--file-prefix",
-            &prefix,
-            "-l",
-            "0-1",
-            "--main-lcore",
-            if core == 0 { "1" } else { "0" },
-        ])
-        .arg("--vdev")
-        .arg(format!("net_vhost0,iface={},queues=1", socket.display()));
+        cmd.args(dpdk_eal_args(&prefix))
+            .args(["--main-lcore", if core == 0 { "1" } else { "0" }])
+            .arg("--vdev")
+            .arg(format!("net_vhost0,iface={},queues=1", socket.display()));
         if let Some(ns) = ns {
             cmd.arg("--vdev")
                 .arg(format!("net_af_packet0,iface={}", ns.vf()));
@@ -403,6 +383,21 @@ impl Drop for Backend {
 /// Where DPDK keeps a process's runtime files (`--file-prefix`); it outlives the process.
 pub fn dpdk_runtime_dir(prefix: &str) -> PathBuf {
     Path::new("/var/run/dpdk").join(prefix)
+}
+
+/// The DPDK EAL options every testpmd here runs with: no hugepages (1 GiB of ordinary memory),
+/// no PCI devices, its own runtime directory `prefix` (see [`dpdk_runtime_dir`]), cores 0-1.
+pub fn dpdk_eal_args(prefix: &str) -> [&str; 8] {
+    [
+        "--no-huge",
+        "-m",
+        "1024",
+        "--no-pci",
+        "--file-prefix",
+        prefix,
+        "-l",
+        "0-1",
+    ]
 }
 
 /// The counter of virtqueue `queue` of `port` in `stats`.
