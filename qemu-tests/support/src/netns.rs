@@ -183,3 +183,50 @@ impl Drop for NetNs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_command_is_named_with_its_output() {
+        let e = ip(&["no-such-object"]).unwrap_err().to_string();
+        assert!(e.contains("`ip no-such-object` failed"), "{e}");
+        assert!(e.contains("no-such-object"), "{e}");
+    }
+
+    // The tests below need root, as every namespace test of the workspace does.
+
+    #[test]
+    fn a_new_namespace_holds_only_lo_and_goes_with_its_thread() {
+        let links = with_new_netns(|| {
+            veth_pair("tsa", "tsb").expect("veth pair");
+            ip(&["-o", "link", "show"]).expect("ip link")
+        })
+        .expect("a new namespace");
+        assert_eq!(links.lines().count(), 3, "{links}");
+        assert!(
+            links.contains(": lo:") && links.contains("tsa@tsb"),
+            "{links}"
+        );
+        let here = ip(&["-o", "link", "show", "tsa"]);
+        assert!(here.is_err(), "the veth stayed in the thread's namespace");
+    }
+
+    #[test]
+    fn a_named_namespace_is_entered_and_deleted_on_drop() {
+        let name = format!("ts-unit-{}", std::process::id());
+        let ns = NetNs::create(&name).expect("create");
+        ns.ip(&[
+            "link", "add", "tsv0", "type", "veth", "peer", "name", "tsv1",
+        ])
+        .expect("a link in it");
+        let seen = ns
+            .within(|| ip(&["-o", "link", "show", "tsv0"]))
+            .expect("enter");
+        assert!(seen.is_ok(), "{seen:?}");
+        drop(ns);
+        let listed = ip(&["netns", "list"]).expect("ip netns list");
+        assert!(!listed.contains(&name), "{listed}");
+    }
+}

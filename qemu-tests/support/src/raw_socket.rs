@@ -232,4 +232,33 @@ mod tests {
         let e = RawSocket::open("no-such-if0", RawOptions::default()).unwrap_err();
         assert!(e.to_string().contains("no-such-if0"), "{e}");
     }
+
+    /// Needs root, as every namespace test of the workspace does.
+    #[test]
+    fn frames_cross_a_veth_pair_and_the_protocol_filters() {
+        let got = crate::netns::with_new_netns(|| {
+            crate::netns::veth_pair("rsa", "rsb").expect("veth pair");
+            let any = RawSocket::open("rsb", RawOptions::default()).expect("open rsb");
+            let rarp = RawOptions {
+                protocol: libc::ETH_P_RARP as u16,
+                ..RawOptions::default()
+            };
+            let rarp_only = RawSocket::open("rsb", rarp).expect("open rsb for RARP");
+            let out = RawSocket::open("rsa", RawOptions::default()).expect("open rsa");
+            let mut frame = vec![0xff; 6];
+            frame.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x88, 0xb5]);
+            frame.resize(60, 0x5a);
+            out.send(&frame).expect("send");
+            let is_ours = |f: &[u8]| f == frame.as_slice();
+            let seen = any.recv_matching(1, Duration::from_secs(2), is_ours);
+            // By now the frame has reached rsb's sockets: had it matched, it would be queued.
+            (
+                seen,
+                rarp_only.recv(Instant::now() + Duration::from_millis(200)),
+            )
+        })
+        .expect("a new namespace");
+        assert_eq!(got.0.len(), 1, "the frame arrived");
+        assert_eq!(got.1, None, "a RARP socket saw a frame of another protocol");
+    }
 }
