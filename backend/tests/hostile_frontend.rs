@@ -231,7 +231,7 @@ fn port_serves(socket: &Path) {
         f.post(0, &[(TestFrontend::buf_addr(0, i), 2048, true)]);
     }
     f.kick(0);
-    let frame = qemu_tests::driver::test_frame([2, 0, 0, 0, 0, 2], 7, 100);
+    let frame = test_support::driver::test_frame([2, 0, 0, 0, 0, 2], 7, 100);
     f.post_tx(1, TestFrontend::buf_addr(1, 0), &frame);
     f.kick(1);
     let used = f.wait_used(0, 1, Duration::from_secs(10));

@@ -34,7 +34,7 @@ fn memfd(len: u64) -> File {
 /// sent (the connection closes instead of the ack).
 fn hostile(be: &Backend, protocol: VhostUserProtocolFeatures) -> Frontend {
     let fe = Frontend::connect(&be.socket, 2).expect("connect");
-    let fe = qemu_tests::frontend::VuSession::negotiate_with(
+    let fe = test_support::frontend::VuSession::negotiate_with(
         fe,
         1,
         0,

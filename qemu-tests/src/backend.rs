@@ -1,7 +1,6 @@
 //! Starting the vhost-user backend under test (vhost-relay), or DPDK testpmd as a reference
 //! backend, and reading vhost-relay's per-queue counters.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,82 +8,9 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::netns::NetNs;
 use crate::util;
+use test_support::stats::StatsRequest;
 
-/// Direction of a virtqueue as vhost-relay names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    /// Towards the guest (even virtqueues).
-    Rx,
-    /// From the guest (odd virtqueues).
-    Tx,
-}
-
-/// One `stats port=NAME queue=Q dir=rx|tx packets=N bytes=N drops=N errors=N` line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueueStat {
-    pub port: String,
-    pub queue: u16,
-    pub dir: Dir,
-    pub packets: u64,
-    pub bytes: u64,
-    pub drops: u64,
-    pub errors: u64,
-}
-
-impl fmt::Display for QueueStat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "port={} queue={} dir={} packets={} bytes={} drops={} errors={}",
-            self.port,
-            self.queue,
-            match self.dir {
-                Dir::Rx => "rx",
-                Dir::Tx => "tx",
-            },
-            self.packets,
-            self.bytes,
-            self.drops,
-            self.errors
-        )
-    }
-}
-
-/// Parses a stats line anywhere in a log line (env_logger puts a timestamp and level first).
-pub fn parse_stats_line(line: &str) -> Option<QueueStat> {
-    let rest = &line[line.find("stats port=")?..];
-    let mut port = None;
-    let (mut queue, mut dir, mut packets, mut bytes, mut drops, mut errors) =
-        (None, None, None, None, None, None);
-    for kv in rest.split_whitespace().skip(1) {
-        let (k, v) = kv.split_once('=')?;
-        match k {
-            "port" => port = Some(v.to_string()),
-            "queue" => queue = v.parse().ok(),
-            "dir" => {
-                dir = match v {
-                    "rx" => Some(Dir::Rx),
-                    "tx" => Some(Dir::Tx),
-                    _ => None,
-                }
-            }
-            "packets" => packets = v.parse().ok(),
-            "bytes" => bytes = v.parse().ok(),
-            "drops" => drops = v.parse().ok(),
-            "errors" => errors = v.parse().ok(),
-            _ => {}
-        }
-    }
-    Some(QueueStat {
-        port: port?,
-        queue: queue?,
-        dir: dir?,
-        packets: packets?,
-        bytes: bytes?,
-        drops: drops?,
-        errors: errors?,
-    })
-}
+pub use test_support::stats::{parse_stats_line, Dir, QueueStat};
 
 /// Finds the vhost-relay binary: `$VHOST_RELAY_BIN`, else `release` then `debug` builds under
 /// `$CARGO_TARGET_DIR` (if set) and `<workspace>/target`.
@@ -275,35 +201,25 @@ impl Backend {
         let queues = queues.max(1);
         let prefix = util::unique_name("vrt-pmd");
         let mut cmd = ns.command("dpdk-testpmd");
-        cmd.args([
-            "--no-huge",
-            "-m",
-            "1024",
-            "--no-pci",
-            "--file-prefix",
-            &prefix,
-            "-l",
-            "0-1",
-            "--log-level",
-            "user1,info",
-        ])
-        .arg("--vdev")
-        .arg(format!(
-            "net_vhost0,iface={},queues={queues}",
-            socket.display()
-        ))
-        .arg("--vdev")
-        .arg(format!("net_af_packet0,iface={vf},qpairs={queues}"))
-        .args([
-            "--",
-            "--forward-mode=io",
-            "--stats-period",
-            "1",
-            "--total-num-mbufs=16384",
-            "--nb-cores=1",
-        ])
-        .arg(format!("--rxq={queues}"))
-        .arg(format!("--txq={queues}"));
+        cmd.args(dpdk_eal_args(&prefix))
+            .args(["--log-level", "user1,info"])
+            .arg("--vdev")
+            .arg(format!(
+                "net_vhost0,iface={},queues={queues}",
+                socket.display()
+            ))
+            .arg("--vdev")
+            .arg(format!("net_af_packet0,iface={vf},qpairs={queues}"))
+            .args([
+                "--",
+                "--forward-mode=io",
+                "--stats-period",
+                "1",
+                "--total-num-mbufs=16384",
+                "--nb-cores=1",
+            ])
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"));
         let mut b = Self::spawn("testpmd-vhost", cmd, workdir, 0)?;
         b.leftover = Some(dpdk_runtime_dir(&prefix));
         b.wait_for_socket(socket, Duration::from_secs(30))?;
@@ -324,20 +240,10 @@ impl Backend {
             Some(ns) => ns.command("dpdk-testpmd"),
             None => Command::new("dpdk-testpmd"),
         };
-        cmd.args([
-            "--no-huge",
-            "-m",
-            "1024",
-            "--no-pci",
-            "--file-prefix",
-            &prefix,
-            "-l",
-            "0-1",
-            "--main-lcore",
-            if core == 0 { "1" } else { "0" },
-        ])
-        .arg("--vdev")
-        .arg(format!("net_vhost0,iface={},queues=1", socket.display()));
+        cmd.args(dpdk_eal_args(&prefix))
+            .args(["--main-lcore", if core == 0 { "1" } else { "0" }])
+            .arg("--vdev")
+            .arg(format!("net_vhost0,iface={},queues=1", socket.display()));
         if let Some(ns) = ns {
             cmd.arg("--vdev")
                 .arg(format!("net_af_packet0,iface={}", ns.vf()));
@@ -430,20 +336,13 @@ impl Backend {
                 self.what
             )));
         }
-        let before = std::fs::metadata(&self.stderr_log)
-            .map(|m| m.len())
-            .unwrap_or(0) as usize;
-        util::signal(self.pid(), libc::SIGUSR1)?;
+        let request = StatsRequest::send(self.pid(), &self.stderr_log)
+            .map_err(|e| Error::io(format!("asking {} for its counters", self.what), e))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let text = std::fs::read(&self.stderr_log)
-                .map_err(|e| Error::io(format!("reading {}", self.stderr_log.display()), e))?;
-            let new = String::from_utf8_lossy(text.get(before..).unwrap_or(&[])).into_owned();
-            // Only complete lines: the logger may be mid-write.
-            let complete = match new.rfind('\n') {
-                Some(i) => &new[..=i],
-                None => "",
-            };
+            let complete = request
+                .answer()
+                .map_err(|e| Error::io(format!("reading {}'s counters", self.what), e))?;
             let mut stats: Vec<QueueStat> = complete.lines().filter_map(parse_stats_line).collect();
             if stats.len() >= self.stat_lines {
                 stats.sort_by(|a, b| (&a.port, a.queue).cmp(&(&b.port, b.queue)));
@@ -486,6 +385,21 @@ pub fn dpdk_runtime_dir(prefix: &str) -> PathBuf {
     Path::new("/var/run/dpdk").join(prefix)
 }
 
+/// The DPDK EAL options every testpmd here runs with: no hugepages (1 GiB of ordinary memory),
+/// no PCI devices, its own runtime directory `prefix` (see [`dpdk_runtime_dir`]), cores 0-1.
+pub fn dpdk_eal_args(prefix: &str) -> [&str; 8] {
+    [
+        "--no-huge",
+        "-m",
+        "1024",
+        "--no-pci",
+        "--file-prefix",
+        prefix,
+        "-l",
+        "0-1",
+    ]
+}
+
 /// The counter of virtqueue `queue` of `port` in `stats`.
 pub fn find_stat<'a>(stats: &'a [QueueStat], port: &str, queue: u16) -> Result<&'a QueueStat> {
     stats
@@ -501,50 +415,6 @@ pub fn find_stat<'a>(stats: &'a [QueueStat], port: &str, queue: u16) -> Result<&
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_env_logger_stats_lines() {
-        let l = "[2026-11-21T19:33:37Z INFO  vhost_relay::stats] stats port=vm1 queue=3 dir=tx packets=3 bytes=180 drops=1 errors=0";
-        assert_eq!(
-            parse_stats_line(l),
-            Some(QueueStat {
-                port: "vm1".into(),
-                queue: 3,
-                dir: Dir::Tx,
-                packets: 3,
-                bytes: 180,
-                drops: 1,
-                errors: 0
-            })
-        );
-        let l = "stats port=a queue=0 dir=rx packets=18446744073709551615 bytes=0 drops=0 errors=2";
-        let s = parse_stats_line(l).unwrap();
-        assert_eq!((s.dir, s.packets, s.errors), (Dir::Rx, u64::MAX, 2));
-    }
-
-    #[test]
-    fn display_round_trips() {
-        let l = "stats port=vm1 queue=2 dir=rx packets=5 bytes=300 drops=1 errors=0";
-        let s = parse_stats_line(l).unwrap();
-        assert_eq!(format!("stats {s}"), l);
-    }
-
-    #[test]
-    fn rejects_malformed_stats_lines() {
-        assert_eq!(parse_stats_line("port lb: listening on /tmp/lb.sock"), None);
-        assert_eq!(
-            parse_stats_line("stats port=a queue=0 dir=up packets=1 bytes=0 drops=0 errors=0"),
-            None
-        );
-        assert_eq!(
-            parse_stats_line("stats port=a queue=0 dir=rx packets=1 bytes=0 drops=0"),
-            None
-        );
-        assert_eq!(
-            parse_stats_line("stats port=a queue=x dir=rx packets=1 bytes=0 drops=0 errors=0"),
-            None
-        );
-    }
 
     #[test]
     fn find_stat_names_what_is_missing() {

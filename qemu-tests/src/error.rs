@@ -35,6 +35,12 @@ pub enum Error {
     )]
     BinaryNotFound { tried: Vec<PathBuf> },
 
+    /// A program of the `guest-tools` crate is not built beside the running test.
+    #[error(
+        "no guest tool {name}: build it (`cargo build -p guest-tools`, or `cargo build --workspace`); tried {tried:?}"
+    )]
+    GuestToolNotFound { name: String, tried: Vec<PathBuf> },
+
     /// The guest image could not be prepared.
     #[error("guest image: {0}")]
     GuestImage(String),

@@ -154,6 +154,28 @@ impl GuestBinary {
             name,
         })
     }
+
+    /// The `guest-tools` program `name` (`vduse-net`, `vdpa-probe`, `vu-frontend`) of the build
+    /// the running executable belongs to: cargo puts a package's binaries in
+    /// `target/<profile>/` and test executables in `target/<profile>/deps/`. Cargo builds only
+    /// the tested package's own binaries for a test, so `cargo build -p guest-tools` (or
+    /// `--workspace`) must have run; scripts/test.sh does.
+    pub fn guest_tool(name: &str) -> Result<Self> {
+        let exe = std::env::current_exe()
+            .map_err(|e| Error::io("locating the running test executable", e))?;
+        let mut dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
+        let host = dir.join(name);
+        if !host.is_file() {
+            return Err(Error::GuestToolNotFound {
+                name: name.to_string(),
+                tried: vec![host],
+            });
+        }
+        Self::new(&host)
+    }
 }
 
 impl GuestImage {

@@ -10,9 +10,7 @@ pub mod backend;
 pub mod chunk;
 pub mod console;
 pub mod cpio;
-pub mod driver;
 pub mod error;
-pub mod frontend;
 pub mod guest_image;
 pub mod migration;
 pub mod netns;
@@ -20,7 +18,6 @@ pub mod qemu;
 pub mod qmp;
 pub mod testpmd;
 pub mod util;
-pub mod vduse;
 
 use std::time::{Duration, Instant};
 

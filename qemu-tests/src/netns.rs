@@ -5,9 +5,7 @@
 //! namespaces. Only the backend (which must see the VF end) runs inside it; QEMU reaches the
 //! backend through a unix socket on the filesystem, which namespaces do not separate.
 
-use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::io::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
@@ -25,7 +23,7 @@ pub const PREFIX_LEN: u8 = 24;
 /// [`PEER_IP`]). Deleted, with everything in it, on drop.
 #[derive(Debug)]
 pub struct NetNs {
-    name: String,
+    ns: test_support::netns::NetNs,
 }
 
 impl NetNs {
@@ -38,9 +36,9 @@ impl NetNs {
     /// (AF_XDP needs one VF queue per queue pair).
     pub fn with_queues(prefix: &str, queues: u16) -> Result<Self> {
         let name = util::unique_name(prefix);
-        util::run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = NetNs { name };
-        ns.ip(&["link", "set", "lo", "up"])?;
+        let ns = test_support::netns::NetNs::create(&name)
+            .map_err(|e| Error::io(format!("creating netns {name}"), e))?;
+        let ns = NetNs { ns };
         let q = queues.max(1).to_string();
         ns.ip(&[
             "link",
@@ -74,7 +72,7 @@ impl NetNs {
 
     /// The namespace's name (for `ip netns exec`).
     pub fn name(&self) -> &str {
-        &self.name
+        self.ns.name()
     }
 
     /// The interface the backend relays to (the "VF").
@@ -89,15 +87,15 @@ impl NetNs {
 
     /// Runs `ip -n NS ARGS...`.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
-        util::run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+        self.ns
+            .ip(args)
+            .map_err(|e| Error::io(format!("in netns {}", self.name()), e))
     }
 
     /// A command that runs `program` inside the namespace (`ip netns exec` execs it, so the
     /// child's PID is the program's own and it can be signalled directly).
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
+        self.ns.command(program)
     }
 
     /// Runs a shell command line inside the namespace and returns its stdout.
@@ -121,24 +119,9 @@ impl NetNs {
     /// Runs `f` in a fresh thread that has entered the namespace, so sockets it creates live
     /// there. Entering only a dedicated thread keeps the test's own thread in the host namespace.
     pub fn within<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).map_err(|e| Error::io(format!("opening {path}"), e))?;
-        std::thread::scope(|s| {
-            let h = s.spawn(move || -> Result<T> {
-                // SAFETY: setns on a namespace fd we hold open; affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(Error::io(
-                        format!("entering netns {path}"),
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-                f()
-            });
-            h.join().unwrap_or_else(|_| {
-                Err(Error::Check("thread inside the namespace panicked".into()))
-            })
-        })
+        self.ns
+            .within(f)
+            .map_err(|e| Error::io(format!("entering netns {}", self.name()), e))?
     }
 
     /// A TCP listener bound inside the namespace.
@@ -155,14 +138,5 @@ impl NetNs {
             TcpStream::connect_timeout(&addr, timeout)
                 .map_err(|e| Error::io(format!("connecting to {addr} from the test namespace"), e))
         })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Deleting the namespace destroys the veth pair with it.
-        if let Err(e) = util::run(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("warning: cannot delete netns {}: {e}", self.name);
-        }
     }
 }

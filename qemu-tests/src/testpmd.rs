@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use crate::backend::dpdk_eal_args;
 use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::util;
@@ -95,18 +96,8 @@ impl TestpmdFrontend {
         // testpmd prints with stdio, block-buffered on a pipe: without line buffering its
         // answers would only appear when it exits.
         let mut cmd = Command::new("stdbuf");
-        cmd.args([
-            "-oL",
-            "dpdk-testpmd",
-            "--no-huge",
-            "-m",
-            "1024",
-            "--no-pci",
-            "--file-prefix",
-            &prefix,
-            "-l",
-            "0-1",
-        ]);
+        cmd.args(["-oL", "dpdk-testpmd"])
+            .args(dpdk_eal_args(&prefix));
         if let Some(core) = opts.forwarding_core {
             // The other core runs the prompt (idle); forwarding goes to `core`.
             cmd.arg("--main-lcore")

@@ -14,12 +14,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use test_support::raw_socket::{RawOptions, RawSocket};
 
 use qemu_tests::util::signal;
 use qemu_tests::{
@@ -177,42 +177,12 @@ fn qmp(path: &Path, command: &str) -> Result<String> {
 }
 
 /// A packet socket on `ifname` (in the calling thread's namespace) receiving RARP only.
-fn rarp_socket(ifname: &str) -> Result<OwnedFd> {
-    let err = |what: &str| Error::io(what.to_string(), std::io::Error::last_os_error());
-    let proto = 0x8035u16.to_be();
-    // SAFETY: plain socket/bind/setsockopt calls on a new fd with local structures.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
-        if fd < 0 {
-            return Err(err("AF_PACKET socket"));
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
-        let name = std::ffi::CString::new(ifname).map_err(|_| Error::Check("ifname".into()))?;
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
-        if libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        ) != 0
-        {
-            return Err(err("bind"));
-        }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 200_000,
-        };
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        Ok(fd)
-    }
+fn rarp_socket(ifname: &str) -> Result<RawSocket> {
+    let options = RawOptions {
+        protocol: libc::ETH_P_RARP as u16,
+        ..RawOptions::default()
+    };
+    RawSocket::open(ifname, options).map_err(|e| Error::io("RARP capture socket", e))
 }
 
 #[test]
@@ -236,17 +206,13 @@ fn announce_self_makes_the_backend_broadcast_rarp() {
                 let ns = &ns;
                 let capture = s.spawn(move || {
                     ns.within(|| {
-                        let fd = rarp_socket(ns.peer())?;
+                        let sock = rarp_socket(ns.peer())?;
                         let mut got = Vec::new();
                         let deadline = Instant::now() + Duration::from_secs(10);
-                        while got.len() < 2 && Instant::now() < deadline {
-                            let mut buf = [0u8; 2048];
-                            // SAFETY: valid fd and buffer.
-                            let n = unsafe {
-                                libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-                            };
-                            if n > 0 {
-                                got.push(buf[..n as usize].to_vec());
+                        while got.len() < 2 {
+                            match sock.recv(deadline) {
+                                Some(frame) => got.push(frame),
+                                None => break,
                             }
                         }
                         Ok(got)

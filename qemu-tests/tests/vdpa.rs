@@ -2,7 +2,6 @@
 //! fixture provides a virtio-net device, `vdpa dev add` puts it on the vDPA bus, and vhost_vdpa
 //! turns it into `/dev/vhost-vdpa-0`.
 
-use std::path::Path;
 use std::time::Duration;
 
 use qemu_tests::backend::{parse_stats_line, vhost_relay_bin};
@@ -13,16 +12,12 @@ use qemu_tests::{
 
 const T: Duration = Duration::from_secs(60);
 
-/// vhost-relay and the test programs built with this crate, for the guest's `/bin` (one set
+/// vhost-relay and the guest-tools programs, for the guest's `/bin` (one set
 /// for every test here, so they share one initramfs).
 fn test_binaries() -> Result<Vec<GuestBinary>> {
     let mut v = vec![GuestBinary::new(&vhost_relay_bin()?)?];
-    for p in [
-        env!("CARGO_BIN_EXE_vduse-net"),
-        env!("CARGO_BIN_EXE_vdpa-probe"),
-        env!("CARGO_BIN_EXE_vu-frontend"),
-    ] {
-        v.push(GuestBinary::new(Path::new(p))?);
+    for name in ["vduse-net", "vdpa-probe", "vu-frontend"] {
+        v.push(GuestBinary::guest_tool(name)?);
     }
     Ok(v)
 }

@@ -4,208 +4,65 @@
 //! processes or threads started from that thread inherit it. So each test body runs on a dedicated
 //! thread in a fresh namespace; `ip` commands it spawns configure that namespace, and the namespace
 //! with its veth pairs disappears when the thread ends. No traffic can leave it.
+//!
+//! The namespaces and the packet socket are test-support's (shared with the integration tests
+//! and the end-to-end harness); this module adapts them to unit tests that panic on failure and
+//! keeps what needs the VF module's internals (`set_tx_checksum`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::process::Command;
-use std::time::{Duration, Instant};
+
+use test_support::netns;
+pub use test_support::netns::gettid;
+pub use test_support::raw_socket::wait_readable;
+use test_support::raw_socket::{RawOptions, RawSocket};
 
 /// Moves the calling thread into a new, empty network namespace (with `lo` up and IPv6 off so
 /// that no autoconfiguration chatter appears on test links).
 pub fn enter_new_netns() {
-    // SAFETY: unshare has no memory-safety preconditions.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "unshare(CLONE_NEWNET) failed (tests need root): {}",
-        io::Error::last_os_error()
-    );
-    for knob in ["all", "default"] {
-        // Per-netns sysctls resolve against the calling thread's namespace. Absent without IPv6.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "1");
-    }
-    ip(&["link", "set", "lo", "up"]);
+    netns::enter_new_netns().unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Runs `f` on a new thread inside a new network namespace and returns its result (re-raising
 /// its panic, so assertions inside fail the test).
 pub fn with_netns<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            enter_new_netns();
-            f()
-        });
-        match h.join() {
-            Ok(r) => r,
-            Err(p) => std::panic::resume_unwind(p),
-        }
-    })
+    netns::with_new_netns(f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `ip ARGS` in the calling thread's namespace; panics with its output on failure.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("the `ip` command (iproute2) must be installed");
-    assert!(
-        out.status.success(),
-        "ip {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    netns::ip(args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Creates veth pair `a`/`b` and brings both ends up.
 pub fn veth_pair(a: &str, b: &str) {
-    ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
-    ip(&["link", "set", a, "up"]);
-    ip(&["link", "set", b, "up"]);
+    netns::veth_pair(a, b).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// Thread id of the caller (names its network namespace for `ip link set ... netns TID`).
-pub fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
-}
-
-/// Waits until `fd` is readable or `deadline` passes.
-pub fn wait_readable(fd: i32, deadline: Instant) -> bool {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = left.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    rc > 0
-}
-
-/// A plain `AF_PACKET` socket (no virtio header, no ring) standing for "the other side".
-pub struct RawSock {
-    fd: OwnedFd,
-    ifindex: i32,
-}
+/// A plain `AF_PACKET` socket (no virtio header, no ring, not seeing what this side sends)
+/// standing for "the other side": test-support's, panicking on failure.
+pub struct RawSock(RawSocket);
 
 impl RawSock {
     pub fn open(ifname: &str) -> RawSock {
-        let ifindex = super::if_index(ifname).expect("interface exists") as i32;
-        // SAFETY: plain socket call, checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            )
+        let options = RawOptions {
+            ignore_outgoing: true,
+            ..RawOptions::default()
         };
-        assert!(raw >= 0, "socket: {}", io::Error::last_os_error());
-        // SAFETY: fresh descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let one: libc::c_int = 1;
-        // SAFETY: valid option buffer.
-        let rc = unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_PACKET,
-                super::sys::PACKET_IGNORE_OUTGOING,
-                (&one as *const libc::c_int).cast(),
-                4,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "PACKET_IGNORE_OUTGOING: {}",
-            io::Error::last_os_error()
-        );
-        let sll = Self::addr(ifindex);
-        // SAFETY: valid sockaddr_ll.
-        let rc = unsafe {
-            libc::bind(
-                raw,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
-        RawSock { fd, ifindex }
-    }
-
-    fn addr(ifindex: i32) -> libc::sockaddr_ll {
-        // SAFETY: POD.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        sll.sll_ifindex = ifindex;
-        sll
+        RawSock(RawSocket::open(ifname, options).expect("raw socket on the peer"))
     }
 
     /// Sends one Ethernet frame.
     pub fn send(&self, frame: &[u8]) {
-        let sll = Self::addr(self.ifindex);
-        // SAFETY: valid buffer and address.
-        let rc = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            rc,
-            frame.len() as isize,
-            "sendto: {}",
-            io::Error::last_os_error()
-        );
+        self.0.send(frame).expect("send a frame");
     }
+}
 
-    /// Receives one frame, waiting at most until `deadline`.
-    pub fn recv(&self, deadline: Instant) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 70000];
-        loop {
-            // SAFETY: writable buffer.
-            let rc = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if rc >= 0 {
-                buf.truncate(rc as usize);
-                return Some(buf);
-            }
-            if !wait_readable(self.fd.as_raw_fd(), deadline) {
-                return None;
-            }
-        }
-    }
-
-    /// Receives frames until `deadline` or until `want` frames matching `pred` arrived.
-    pub fn recv_matching(
-        &self,
-        want: usize,
-        timeout: Duration,
-        pred: impl Fn(&[u8]) -> bool,
-    ) -> Vec<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let mut got = Vec::new();
-        while got.len() < want {
-            match self.recv(deadline) {
-                Some(f) if pred(&f) => got.push(f),
-                Some(_) => {}
-                None => break,
-            }
-        }
-        got
+/// Receiving (`recv`, `recv_matching`) is test-support's as it is.
+impl std::ops::Deref for RawSock {
+    type Target = RawSocket;
+    fn deref(&self) -> &RawSocket {
+        &self.0
     }
 }
 

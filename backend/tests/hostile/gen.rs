@@ -9,9 +9,11 @@ use vhost::vhost_user::message::{FrontendReq as R, VhostUserProtocolFeatures as 
 use super::rng::Rng;
 use super::wire::*;
 
-pub const PROTOCOL_FEATURES: u64 = 1 << 30;
-pub const LOG_ALL: u64 = 1 << 26;
-const FEATURES: u64 = (1 << 32) | PROTOCOL_FEATURES | (1 << 15); // VERSION_1, MRG_RXBUF
+pub use test_support::features::{
+    VHOST_F_LOG_ALL as LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES as PROTOCOL_FEATURES,
+};
+use test_support::features::{VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF};
+const FEATURES: u64 = VIRTIO_F_VERSION_1 | PROTOCOL_FEATURES | VIRTIO_NET_F_MRG_RXBUF;
 const MIB: u64 = 1 << 20;
 
 pub struct Campaign {
@@ -395,7 +397,7 @@ fn rings_in(rng: &mut Rng, region: Option<Region>, fd: Option<Fd>, msgs: &mut Ve
     let inside = rng.below(r.size.max(1)) & !0xf;
     let at = rng.pick(&[0, 0, file, r.size.wrapping_sub(2 * RING_STRIDE), inside, 2]);
     for q in 0..2 {
-        let l = qemu_tests::driver::RingLayout::at(q as u64 * RING_STRIDE, RING_SIZE);
+        let l = test_support::driver::RingLayout::at(q as u64 * RING_STRIDE, RING_SIZE);
         let base = r.uaddr.wrapping_add(at);
         let addr = vring_addr(
             q as u32,

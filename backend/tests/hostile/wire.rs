@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qemu_tests::driver::{DriverMemory, DriverQueue};
+use test_support::driver::{DriverMemory, DriverQueue};
 use vhost::vhost_user::message::FrontendReq;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -289,7 +289,7 @@ impl Guest {
                 .post(&self.mem.mem, &[(addr, 2048, true)])
                 .expect("rx");
         }
-        let frame = qemu_tests::driver::test_frame([2, 0, 0, 0, 0, 1], 1, 64);
+        let frame = test_support::driver::test_frame([2, 0, 0, 0, 0, 1], 1, 64);
         let bytes = [vec![0u8; 12], frame].concat();
         let addr = BUFS + 0x4_0000;
         self.mem.write(addr, &bytes).expect("tx packet");
@@ -300,8 +300,8 @@ impl Guest {
 
     /// Ring `q`'s SET_VRING_ADDR payload as QEMU would send it.
     pub fn ring_addr(q: usize, log: bool) -> Vec<u8> {
-        let l = qemu_tests::driver::RingLayout::at(q as u64 * RING_STRIDE, RING_SIZE);
-        let c = qemu_tests::frontend::vring_config(GUEST_UADDR, l, RING_SIZE, log);
+        let l = test_support::driver::RingLayout::at(q as u64 * RING_STRIDE, RING_SIZE);
+        let c = test_support::frontend::vring_config(GUEST_UADDR, l, RING_SIZE, log);
         vring_addr(
             q as u32,
             c.flags,
@@ -331,7 +331,7 @@ impl Guest {
             Fd::Guest => dup(self.mem.memfd.as_raw_fd()),
             Fd::Kick(q) => dup(self.queues[q % RINGS].kick.as_raw_fd()),
             Fd::Call(q) => dup(self.queues[q % RINGS].call.as_raw_fd()),
-            Fd::Memfd(n) => DirtyLogFd::new(n).file.into(),
+            Fd::Memfd(n) => DirtyLogFd::new(n).0.file.into(),
             Fd::DevNull => File::open("/dev/null").expect("/dev/null").into(),
             Fd::Dir => File::open("/").expect("/").into(),
             Fd::Pipe => pipe_end(),

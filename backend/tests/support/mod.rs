@@ -4,7 +4,7 @@
 //! virtqueues in that memory and hands them to the backend, then plays the guest driver:
 //! posts RX buffers and TX packets, kicks, waits for the backend's call, and reads the used
 //! rings. Built on the vhost crate's `Frontend`, the same code path a Rust VMM uses. The
-//! memory, ring and negotiation code is qemu-tests' `driver` and `frontend` modules, shared
+//! memory, ring and negotiation code is test-support's `driver` and `frontend` modules, shared
 //! with the `vu-frontend` program the vDPA tests run inside their guest; this file wraps it
 //! for tests that panic on any failure.
 
@@ -12,14 +12,18 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use qemu_tests::driver::DriverQueue;
-use qemu_tests::driver::{self, DriverMemory, RingLayout};
-use qemu_tests::frontend::{vring_config, VuSession};
+pub use test_support::driver::DriverQueue;
+use test_support::driver::{self, DriverMemory, RingLayout};
+pub use test_support::frontend::LOG_PAGE;
+use test_support::frontend::{vring_config, MigrationLog, VuSession};
+use test_support::netns;
+use test_support::raw_socket::{self, RawOptions};
+use test_support::stats::{self, StatsRequest};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -33,9 +37,11 @@ pub const RING_STRIDE: u64 = 0x1_0000;
 pub const BUF_BASE: u64 = 0x40_0000;
 pub const BUF_SIZE: u64 = 0x1_0000;
 
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+// Each test binary compiles this module and uses a subset of it.
+#[allow(unused_imports)]
+pub use test_support::features::{
+    VHOST_F_LOG_ALL, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
+};
 
 /// A running `vhost-relay` process, killed by PID when dropped.
 pub struct Backend {
@@ -82,29 +88,24 @@ impl Drop for Backend {
 /// Asks `backend` (logging to `log`) for its counters (SIGUSR1) and returns the fresh stats
 /// line of virtqueue `q`.
 pub fn stats_line(backend: &Child, log: &Path, q: usize) -> String {
-    let text = || std::fs::read_to_string(log).unwrap_or_default();
-    let lines = |t: &str| t.matches(&format!(" queue={q} ")).count();
-    let before = lines(&text());
-    // SAFETY: plain kill(2) on our own child's PID.
-    unsafe { libc::kill(backend.id() as i32, libc::SIGUSR1) };
-    assert!(
-        wait_for(Duration::from_secs(5), || lines(&text()) > before),
-        "the backend dumps its counters on SIGUSR1"
-    );
-    text()
-        .lines()
-        .rev()
-        .find(|l| l.contains("stats port=") && l.contains(&format!(" queue={q} ")))
-        .expect("a stats line for the queue")
-        .to_string()
+    let request = StatsRequest::send(backend.id(), log).expect("SIGUSR1 to the backend");
+    let mut line = None;
+    let answered = wait_for(Duration::from_secs(5), || {
+        let text = request.answer().unwrap_or_default();
+        line = text
+            .lines()
+            .rev()
+            .find(|l| stats::stats_field(l, "queue") == Some(q as u64))
+            .map(str::to_string);
+        line.is_some()
+    });
+    assert!(answered, "the backend dumps its counters on SIGUSR1");
+    line.expect("a stats line for the queue")
 }
 
 /// The numeric field `name` (`name=N`) of a stats line.
 pub fn stats_field(line: &str, name: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no numeric field {name} in {line:?}"))
+    stats::stats_field(line, name).unwrap_or_else(|| panic!("no numeric field {name} in {line:?}"))
 }
 
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -173,14 +174,7 @@ impl TestFrontend {
             features: session.features,
         };
         assert!(t.fe.get_queue_num().expect("GET_QUEUE_NUM") >= (2 * pairs) as u64);
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: t.mem.get_host_address(GuestAddress(0)).expect("host addr") as u64,
-            mmap_offset: 0,
-            mmap_handle: t.memfd.as_raw_fd(),
-        };
-        t.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        t.send_mem_table();
         for i in 0..2 * pairs {
             t.setup_queue(i);
         }
@@ -370,40 +364,31 @@ pub struct NetNs {
 impl NetNs {
     pub fn new(tag: &str) -> NetNs {
         let name = format!("vrt-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let run = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("run ip");
-            assert!(st.success(), "ip {args:?}");
-        };
-        run(&["netns", "add", &name]);
+        netns::add(&name).expect("create the test namespace");
         // From here on the guard deletes the namespace, even if a step below fails.
         let ns = NetNs { name };
         // Before the veth exists: with IPv6 on, the kernel sends DAD neighbour solicitations
         // and MLD reports from wire0 as the link comes up, frames the tests never sent that
         // the backend rightly delivers to the guest.
-        ns.enter(disable_ipv6);
-        let name = ns.name.as_str();
-        run(&[
-            "-n", name, "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
+        ns.enter(netns::disable_ipv6)
+            .expect("IPv6 off in the namespace");
+        ns.ip(&[
+            "link", "add", "vf0", "type", "veth", "peer", "name", "wire0",
         ]);
-        run(&["-n", name, "link", "set", "vf0", "up"]);
-        run(&["-n", name, "link", "set", "wire0", "up"]);
-        run(&["-n", name, "link", "set", "lo", "up"]);
+        ns.ip(&["link", "set", "vf0", "up"]);
+        ns.ip(&["link", "set", "wire0", "up"]);
         ns
     }
 
+    /// Runs `ip -n NAME ARGS`; panics with its output on failure.
+    fn ip(&self, args: &[&str]) {
+        let all = [&["-n", self.name.as_str()][..], args].concat();
+        netns::ip(&all).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
-    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("open netns");
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        netns::within(&self.name, f).expect("enter the test namespace")
     }
 
     /// Creates a tap device `name` in the namespace with a transmit queue of `txqueuelen`
@@ -431,17 +416,8 @@ impl NetNs {
             file
         });
         let qlen = txqueuelen.to_string();
-        for args in [
-            &["link", "set", name, "txqueuelen", &qlen][..],
-            &["link", "set", name, "up"],
-        ] {
-            let st = Command::new("ip")
-                .args(["-n", &self.name])
-                .args(args)
-                .status()
-                .expect("run ip");
-            assert!(st.success(), "ip {args:?}");
-        }
+        self.ip(&["link", "set", name, "txqueuelen", &qlen]);
+        self.ip(&["link", "set", name, "up"]);
         file
     }
 
@@ -458,116 +434,36 @@ impl NetNs {
     }
 }
 
-/// Turns IPv6 off in the calling thread's namespace, for interfaces made from now on too
-/// (per-netns sysctls resolve against the opening thread's namespace).
-fn disable_ipv6() {
-    for knob in ["all", "default"] {
-        let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
-        match std::fs::write(&path, "1") {
-            // A kernel without IPv6 sends no IPv6 either.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            r => r.unwrap_or_else(|e| panic!("{path}: {e}")),
-        }
-    }
-}
-
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = netns::delete(&self.name);
     }
 }
 
-/// A raw packet socket on an interface, for the "wire" side of tests.
-pub struct RawSocket {
-    fd: std::os::fd::OwnedFd,
-}
+/// A raw packet socket on an interface, for the "wire" side of tests ([`test_support`]'s,
+/// panicking on failure, receiving with a 200 ms timeout).
+pub struct RawSocket(raw_socket::RawSocket);
 
 impl RawSocket {
-    /// Opens on `ifname` in the calling thread's namespace, with the virtio-net header on
-    /// (so GSO packets are seen whole with their offload metadata).
+    /// Opens on `ifname` in the calling thread's namespace, with the virtio-net header on if
+    /// `vnet_hdr` (so GSO packets are seen whole with their offload metadata), and room for
+    /// bursts of thousands of frames.
     pub fn open(ifname: &str, vnet_hdr: bool) -> RawSocket {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain socket/setsockopt/bind calls on a new fd with local structures.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            );
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-            if vnet_hdr {
-                let one: libc::c_int = 1;
-                let rc = libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_PACKET,
-                    15, // PACKET_VNET_HDR
-                    (&one as *const libc::c_int).cast(),
-                    4,
-                );
-                assert_eq!(rc, 0);
-            }
-            let name = std::ffi::CString::new(ifname).unwrap();
-            let index = libc::if_nametoindex(name.as_ptr());
-            assert!(index > 0, "no interface {ifname}");
-            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-            sll.sll_ifindex = index as i32;
-            let rc = libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-            // Room for bursts of thousands of frames: the test reads slower than the backend
-            // sends, and a full buffer would look like loss.
-            let rcvbuf: libc::c_int = 16 << 20;
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&rcvbuf as *const libc::c_int).cast(),
-                4,
-            );
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            RawSocket { fd }
-        }
+        let options = RawOptions {
+            vnet_hdr,
+            large_rcvbuf: true,
+            ..RawOptions::default()
+        };
+        RawSocket(raw_socket::RawSocket::open(ifname, options).expect("raw socket"))
     }
 
     pub fn send(&self, frame: &[u8]) {
-        // SAFETY: valid fd and buffer.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(
-            n as usize,
-            frame.len(),
-            "send: {}",
-            std::io::Error::last_os_error()
-        );
+        self.0.send(frame).expect("send a frame");
     }
 
-    /// Next frame within the timeout, if any.
+    /// Next frame within 200 ms, if any.
     pub fn recv(&self) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; 70_000];
-        // SAFETY: valid fd and buffer.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n <= 0 {
-            return None;
-        }
-        buf.truncate(n as usize);
-        Some(buf)
+        self.0.recv(Instant::now() + Duration::from_millis(200))
     }
 }
 
@@ -575,57 +471,37 @@ impl RawSocket {
 // Live migration: dirty-page log helpers (used by dirty_log.rs).
 // ---------------------------------------------------------------------------------------
 
-/// `VHOST_F_LOG_ALL`: the frontend wants every guest page the backend writes logged.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
-pub const LOG_PAGE: u64 = 4096;
-
-/// A dirty log as QEMU makes one: a memfd with one bit per 4 KiB guest page.
-pub struct DirtyLogFd {
-    pub file: File,
-    pub size: u64,
-}
+/// A dirty log as QEMU makes one: test-support's [`MigrationLog`] (a memfd with one bit per
+/// 4 KiB guest page), panicking on failure. Its `file` and `size` are reachable through it.
+pub struct DirtyLogFd(pub MigrationLog);
 
 impl DirtyLogFd {
+    /// A zeroed log of `size` bytes.
     pub fn new(size: u64) -> DirtyLogFd {
-        // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-        let fd = unsafe { libc::memfd_create(c"test-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: fd was just created and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size).expect("size log memfd");
-        DirtyLogFd { file, size }
+        DirtyLogFd(MigrationLog::with_size(size).expect("log memfd"))
     }
 
     /// Guest page numbers whose bit is set.
     pub fn pages(&self) -> std::collections::BTreeSet<u64> {
-        use std::os::unix::fs::FileExt;
-        let mut bytes = vec![0u8; self.size as usize];
-        self.file.read_exact_at(&mut bytes, 0).expect("read log");
-        let mut out = std::collections::BTreeSet::new();
-        for (i, b) in bytes.iter().enumerate().filter(|(_, b)| **b != 0) {
-            for bit in 0..8 {
-                if b & (1 << bit) != 0 {
-                    out.insert(i as u64 * 8 + bit);
-                }
-            }
-        }
-        out
+        self.0.pages().expect("read log")
     }
 
     /// Clears the log, as QEMU does when it collects the bits.
     pub fn clear(&self) {
-        use std::os::unix::fs::FileExt;
-        self.file
-            .write_all_at(&vec![0u8; self.size as usize], 0)
-            .expect("clear log");
+        self.0.clear().expect("clear log");
     }
+}
 
-    pub fn region(&self) -> vhost::VhostUserDirtyLogRegion {
-        vhost::VhostUserDirtyLogRegion {
-            mmap_size: self.size,
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
+impl std::ops::Deref for DirtyLogFd {
+    type Target = MigrationLog;
+    fn deref(&self) -> &MigrationLog {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DirtyLogFd {
+    fn deref_mut(&mut self) -> &mut MigrationLog {
+        &mut self.0
     }
 }
 
@@ -695,6 +571,11 @@ impl TestFrontend {
     /// Resends the memory table (as QEMU does on any layout change): the backend maps new
     /// regions for the same guest memory.
     pub fn resend_mem_table(&self) {
+        self.send_mem_table();
+    }
+
+    /// SET_MEM_TABLE with the one region holding all of the guest memory.
+    fn send_mem_table(&self) {
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM_SIZE as u64,
@@ -763,17 +644,7 @@ impl TestFrontend {
                 pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK),
             )
             .expect("SET_PROTOCOL_FEATURES");
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: self
-                .mem
-                .get_host_address(GuestAddress(0))
-                .expect("host addr") as u64,
-            mmap_offset: 0,
-            mmap_handle: self.memfd.as_raw_fd(),
-        };
-        self.fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        self.send_mem_table();
         assert_eq!(bases.len(), self.queues.len(), "one base per ring");
         for (q, &base) in bases.iter().enumerate() {
             self.restart_ring(q, base);

@@ -24,19 +24,16 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use qemu_tests::vduse::{Request, VduseDevice, VduseError, VDUSE_ACCESS_RO, VDUSE_ACCESS_WO};
+use guest_tools::vduse::{Request, VduseDevice, VduseError, VDUSE_ACCESS_RO, VDUSE_ACCESS_WO};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-const VIRTIO_ID_NET: u32 = 1;
-const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// VDUSE refuses devices without it: all addresses the device sees are IOVAs.
-const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+use test_support::features::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 const STATUS_DRIVER_OK: u8 = 4;
 /// `struct virtio_net_hdr_v1` (VERSION_1 makes it 12 bytes whatever else is negotiated).
 const NET_HDR_LEN: usize = 12;

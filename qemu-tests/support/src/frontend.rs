@@ -18,26 +18,29 @@ use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, Vr
 
 use crate::driver::{DriverError, DriverMemory, DriverQueue, RingLayout};
 
-pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// vhost's "log all writes" feature bit: what QEMU sets while it migrates a guest.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+pub use crate::features::{
+    VHOST_F_LOG_ALL, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+};
 /// Dirty log granularity (vhost-user: one bit per 4 KiB page of guest physical memory).
 pub const LOG_PAGE: u64 = 4096;
 
 /// A dirty-page log as QEMU shares it during migration: a memfd, one bit per guest page.
 pub struct MigrationLog {
-    pub memfd: File,
+    pub file: File,
+    /// The size the frontend announces in SET_LOG_BASE (normally the memfd's length).
     pub size: u64,
 }
 
 impl MigrationLog {
-    /// A zeroed log covering `mem_size` bytes of guest memory.
+    /// A zeroed log covering `mem_size` bytes of guest memory (whole pages of log, as QEMU
+    /// allocates it).
     pub fn new(mem_size: u64) -> Result<Self, FrontendError> {
-        let size = (mem_size / LOG_PAGE).div_ceil(8).div_ceil(LOG_PAGE) * LOG_PAGE;
+        Self::with_size((mem_size / LOG_PAGE).div_ceil(8).div_ceil(LOG_PAGE) * LOG_PAGE)
+    }
+
+    /// A zeroed log of exactly `size` bytes.
+    pub fn with_size(size: u64) -> Result<Self, FrontendError> {
         // SAFETY: a static name and flags; the fd is checked and owned below.
         let fd = unsafe { libc::memfd_create(c"vu-frontend-log".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -47,17 +50,16 @@ impl MigrationLog {
             )));
         }
         // SAFETY: fd is fresh and ours.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd
-            .set_len(size)
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
             .map_err(|e| FrontendError::Backend(format!("log memfd: {e}")))?;
-        Ok(MigrationLog { memfd, size })
+        Ok(MigrationLog { file, size })
     }
 
     /// The guest pages marked dirty so far.
     pub fn pages(&self) -> Result<BTreeSet<u64>, FrontendError> {
         let mut bytes = vec![0u8; self.size as usize];
-        self.memfd
+        self.file
             .read_exact_at(&mut bytes, 0)
             .map_err(|e| FrontendError::Backend(format!("reading the log: {e}")))?;
         let mut pages = BTreeSet::new();
@@ -69,6 +71,22 @@ impl MigrationLog {
             }
         }
         Ok(pages)
+    }
+
+    /// Clears the log, as QEMU does when it collects the bits.
+    pub fn clear(&self) -> Result<(), FrontendError> {
+        self.file
+            .write_all_at(&vec![0u8; self.size as usize], 0)
+            .map_err(|e| FrontendError::Backend(format!("clearing the log: {e}")))
+    }
+
+    /// SET_LOG_BASE's payload for this log.
+    pub fn region(&self) -> VhostUserDirtyLogRegion {
+        VhostUserDirtyLogRegion {
+            mmap_size: self.size,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
     }
 }
 
@@ -267,13 +285,8 @@ impl VuSession {
         if !self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD) {
             return Err(FrontendError::Backend("offers no LOG_SHMFD".into()));
         }
-        let region = VhostUserDirtyLogRegion {
-            mmap_size: log.size,
-            mmap_offset: 0,
-            mmap_handle: log.memfd.as_raw_fd(),
-        };
         self.fe
-            .set_log_base(0, Some(region))
+            .set_log_base(0, Some(log.region()))
             .map_err(req("SET_LOG_BASE"))?;
         self.set_features_acked(self.features | VHOST_F_LOG_ALL, "SET_FEATURES with LOG_ALL")
     }

@@ -13,18 +13,19 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use qemu_tests::driver::{loopback, DriverError, DriverMemory, DriverQueue};
+use test_support::driver::{loopback, DriverError, DriverMemory, DriverQueue};
 use vhost::vdpa::VhostVdpa;
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
 use vhost::vhost_kern::VhostKernFeatures;
 use vhost::{VhostBackend, VringConfigData};
 
-const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-const VHOST_BACKEND_F_IOTLB_MSG_V2: u64 = 1 << 1;
+use test_support::features::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+};
+/// vhost-vdpa's backend feature: IOTLB updates as `vhost_msg_v2`.
+const VHOST_BACKEND_F_IOTLB_MSG_V2: u64 =
+    1 << vhost::vhost_kern::vhost_binding::VHOST_BACKEND_F_IOTLB_MSG_V2;
 const S_ACK: u8 = 1;
 const S_DRIVER: u8 = 2;
 const S_DRIVER_OK: u8 = 4;

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use qemu_tests::driver::{loopback, loopback_with, DriverError, DriverMemory, LoopbackReport};
-use qemu_tests::frontend::{
+use test_support::driver::{loopback, loopback_with, DriverError, DriverMemory, LoopbackReport};
+use test_support::frontend::{
     FrontendError, MigrationLog, VuSession, LOG_PAGE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
 };
@@ -48,7 +48,7 @@ enum Error {
     #[error(transparent)]
     Frontend(#[from] FrontendError),
     #[error(transparent)]
-    Driver(#[from] qemu_tests::driver::DriverError),
+    Driver(#[from] test_support::driver::DriverError),
     #[error(
         "{phase}: sent {sent}, received {received}, corrupt {corrupt} (wanted {want} back intact)"
     )]
