@@ -86,10 +86,20 @@ impl Backend {
         workdir: &Path,
         queue_pairs: usize,
     ) -> Result<Self> {
-        let bin = vhost_relay_bin()?;
+        Self::vhost_relay_from(&vhost_relay_bin()?, ns, args, workdir, queue_pairs)
+    }
+
+    /// [`Backend::vhost_relay`] from the binary `bin` (the bench's `--baseline`).
+    pub fn vhost_relay_from(
+        bin: &Path,
+        ns: Option<&NetNs>,
+        args: &[&str],
+        workdir: &Path,
+        queue_pairs: usize,
+    ) -> Result<Self> {
         let mut cmd = match ns {
-            Some(ns) => ns.command(&bin),
-            None => Command::new(&bin),
+            Some(ns) => ns.command(bin),
+            None => Command::new(bin),
         };
         cmd.args(args).env("RUST_LOG", "info");
         Self::spawn("vhost-relay", cmd, workdir, 2 * queue_pairs)

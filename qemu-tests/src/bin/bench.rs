@@ -18,6 +18,11 @@
 //! - memory: vhost-relay's resident memory per port and per queue pair.
 //!
 //! Run as root: `scripts/bench.sh [--quick] [--runs N] [--secs S] [--no-write]`.
+//!
+//! `--baseline BIN` makes the peer another vhost-relay binary (say, one built from the commit
+//! before a change) instead of DPDK, so a change is checked for regressions against the tree
+//! before it in the same run, alternating. Such a table compares two of our builds, so it is
+//! only printed, never written into docs/performance.md.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -47,6 +52,8 @@ struct Opts {
     secs: f64,
     write: bool,
     only: Option<String>,
+    /// The peer is vhost-relay from this binary instead of DPDK testpmd.
+    baseline: Option<PathBuf>,
 }
 
 fn parse_args() -> std::result::Result<Opts, String> {
@@ -56,6 +63,7 @@ fn parse_args() -> std::result::Result<Opts, String> {
         secs: 5.0,
         write: true,
         only: None,
+        baseline: None,
     };
     let mut args = std::env::args().skip(1);
     let mut runs_set = false;
@@ -81,15 +89,27 @@ fn parse_args() -> std::result::Result<Opts, String> {
             }
             "--no-write" => o.write = false,
             "--only" => o.only = Some(args.next().ok_or("--only needs a scenario name prefix")?),
+            "--baseline" => {
+                let bin = PathBuf::from(args.next().ok_or("--baseline needs a vhost-relay binary")?);
+                if !bin.is_file() {
+                    return Err(format!("--baseline: {} is not a file", bin.display()));
+                }
+                o.baseline = Some(bin);
+            }
             "-h" | "--help" => {
                 return Err(
-                    "usage: bench [--quick] [--runs N] [--secs S] [--only PREFIX] [--no-write]\n\
-                     --quick: 2 runs of 2 s each (a smoke test of the benchmark itself)"
+                    "usage: bench [--quick] [--runs N] [--secs S] [--only PREFIX] [--no-write] \
+                     [--baseline BIN]\n\
+                     --quick: 2 runs of 2 s each (a smoke test of the benchmark itself)\n\
+                     --baseline BIN: the peer is the vhost-relay binary BIN, not DPDK (printed only)"
                         .into(),
                 )
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
+    }
+    if o.baseline.is_some() {
+        o.write = false;
     }
     if o.quick {
         if !runs_set {
@@ -241,7 +261,7 @@ fn bench(opts: &Opts) -> Result<()> {
                 [Side::Peer, Side::Ours]
             } {
                 let count = if opts.quick { 200 } else { 1000 };
-                let mut rtts = latency(side, count, dir.path())?;
+                let mut rtts = latency(side, opts.baseline.as_deref(), count, dir.path())?;
                 say(&format!(
                     "latency run {} {side:?}: p50 {:.1} us, p99 {:.1} us ({} replies)",
                     run + 1,
@@ -310,32 +330,34 @@ fn bench(opts: &Opts) -> Result<()> {
     Ok(())
 }
 
-/// Starts the backend of `side`, either looped back or relaying to `ns`'s VF.
+/// Starts the backend of `side`, either looped back or relaying to `ns`'s VF. The peer is
+/// DPDK testpmd, or vhost-relay from the `baseline` binary.
 fn start_backend(
     side: Side,
+    baseline: Option<&Path>,
     ns: Option<&NetNs>,
     vf_mode: Option<&str>,
     socket: &Path,
     dir: &Path,
 ) -> Result<Backend> {
-    match side {
-        Side::Peer => Backend::testpmd_bench(ns, socket, BACKEND_CPU, dir),
-        Side::Ours => {
-            let sock = socket.display().to_string();
-            let cpu = BACKEND_CPU.to_string();
-            let mut args = vec!["--socket-path", &sock, "--cpu-list", &cpu];
-            match ns {
-                Some(ns) => args.extend(["--vf", ns.vf()]),
-                None => args.push("--loopback"),
-            }
-            if let (Some(_), Some(mode)) = (ns, vf_mode) {
-                args.extend(["--vf-mode", mode]);
-            }
-            let mut b = Backend::vhost_relay(ns, &args, dir, 1)?;
-            b.wait_for_socket(socket, Duration::from_secs(10))?;
-            Ok(b)
-        }
+    let bin = match (side, baseline) {
+        (Side::Peer, None) => return Backend::testpmd_bench(ns, socket, BACKEND_CPU, dir),
+        (Side::Peer, Some(bin)) => bin.to_path_buf(),
+        (Side::Ours, _) => vhost_relay_bin()?,
+    };
+    let sock = socket.display().to_string();
+    let cpu = BACKEND_CPU.to_string();
+    let mut args = vec!["--socket-path", &sock, "--cpu-list", &cpu];
+    match ns {
+        Some(ns) => args.extend(["--vf", ns.vf()]),
+        None => args.push("--loopback"),
     }
+    if let (Some(_), Some(mode)) = (ns, vf_mode) {
+        args.extend(["--vf-mode", mode]);
+    }
+    let mut b = Backend::vhost_relay_from(&bin, ns, &args, dir, 1)?;
+    b.wait_for_socket(socket, Duration::from_secs(10))?;
+    Ok(b)
 }
 
 /// A namespace whose veth peer sends every frame straight back (the "wire" of the VF
@@ -354,7 +376,14 @@ fn hairpin_netns() -> Result<NetNs> {
 fn throughput(sc: &Scenario, side: Side, opts: &Opts, dir: &Path) -> Result<Sample> {
     let ns = if sc.vf { Some(hairpin_netns()?) } else { None };
     let socket = dir.join(util::unique_name("b").replace('-', "") + ".sock");
-    let mut backend = start_backend(side, ns.as_ref(), sc.vf_mode, &socket, dir)?;
+    let mut backend = start_backend(
+        side,
+        opts.baseline.as_deref(),
+        ns.as_ref(),
+        sc.vf_mode,
+        &socket,
+        dir,
+    )?;
     let fe_opts = FrontendOptions {
         queues: 1,
         ring_size: Some(RING),
@@ -401,10 +430,10 @@ fn sample(s0: &PortStats, s1: &PortStats, dt: f64) -> Sample {
 
 /// Round-trip times in microseconds of `count` pings at 100 per second from the veth peer
 /// through the backend to testpmd answering them.
-fn latency(side: Side, count: u32, dir: &Path) -> Result<Vec<f64>> {
+fn latency(side: Side, baseline: Option<&Path>, count: u32, dir: &Path) -> Result<Vec<f64>> {
     let ns = NetNs::new("vrt-lat")?;
     let socket = dir.join(util::unique_name("l").replace('-', "") + ".sock");
-    let mut backend = start_backend(side, Some(&ns), None, &socket, dir)?;
+    let mut backend = start_backend(side, baseline, Some(&ns), None, &socket, dir)?;
     let fe_opts = FrontendOptions {
         queues: 1,
         ring_size: Some(RING),
@@ -688,6 +717,13 @@ fn render(
     let mut o = String::new();
     let _ = writeln!(o, "Command: `{command}` (started {started})  ");
     let _ = writeln!(o, "Machine: {machine}  ");
+    if let Some(bin) = &opts.baseline {
+        let _ = writeln!(
+            o,
+            "Peer: vhost-relay from `{}` (the baseline), not DPDK  ",
+            bin.display()
+        );
+    }
     let _ = writeln!(o, "Load average before / after: {} / {}  ", load.0, load.1);
     let _ = writeln!(
         o,
