@@ -3,8 +3,8 @@
 //! Workers own their queues, so each counter has exactly one writer; relaxed atomics are enough
 //! and keep the hot path free of locks. Being the only writer, a worker adds with a plain
 //! load and store rather than `fetch_add`: a locked read-modify-write costs some 20 cycles, and
-//! with two counters per packet that was a sixth of the per-packet cost at 64 bytes. Readers (SIGUSR1, the control socket, tests) see values
-//! that are at most one batch old.
+//! with two counters per packet that was a sixth of the per-packet cost at 64 bytes.
+//! Readers (the SIGUSR1 report, tests) see values that are at most one batch old.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
