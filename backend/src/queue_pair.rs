@@ -622,8 +622,10 @@ impl QueuePair {
 
 /// Adds what a VF socket lost between two readings of its counters to the pair's drops:
 /// receive ring overflows ([`DropReason::Kernel`]), truncated or impossible frames
-/// ([`DropReason::KernelTruncated`]) and transmit descriptors the kernel rejected
-/// ([`DropReason::VfRefused`]).
+/// ([`DropReason::KernelTruncated`]), frames flushed before the socket joined its fanout
+/// group ([`DropReason::BeforeFanout`]) and transmit descriptors the kernel rejected
+/// ([`DropReason::VfRefused`]). The socket's other drop counters (`tx_dropped`, the rest of
+/// `tx_invalid`) count what a send already reported, and [`guest_to_vf`] counted then.
 fn add_vf_drops(stats: &PairStats, was: &VfStats, now: &VfStats) {
     let truncated = |s: &VfStats| s.rx_truncated + s.rx_invalid + s.rx_copy_failed;
     let delta = |a: u64, b: u64| a.saturating_sub(b);
@@ -635,6 +637,10 @@ fn add_vf_drops(stats: &PairStats, was: &VfStats, now: &VfStats) {
         DropReason::KernelTruncated,
         delta(truncated(now), truncated(was)),
     );
+    stats.rx.add_drops(
+        DropReason::BeforeFanout,
+        delta(now.rx_flushed, was.rx_flushed),
+    );
     stats.tx.add_drops(
         DropReason::VfRefused,
         delta(now.kernel_tx_invalid, was.kernel_tx_invalid),
@@ -644,6 +650,35 @@ fn add_vf_drops(stats: &PairStats, was: &VfStats, now: &VfStats) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_vf_drop_counter_reaches_the_pair() {
+        let stats = PairStats::default();
+        let was = VfStats {
+            kernel_rx_drops: 1,
+            rx_truncated: 1,
+            rx_flushed: 1,
+            kernel_tx_invalid: 1,
+            ..VfStats::default()
+        };
+        let now = VfStats {
+            kernel_rx_drops: 4,
+            rx_truncated: 2,
+            rx_invalid: 1,
+            rx_copy_failed: 1,
+            rx_flushed: 3,
+            kernel_tx_invalid: 2,
+            ..VfStats::default()
+        };
+        add_vf_drops(&stats, &was, &now);
+        let (rx, tx) = (stats.rx.snapshot(), stats.tx.snapshot());
+        assert_eq!(rx.dropped(DropReason::Kernel), 3);
+        assert_eq!(rx.dropped(DropReason::KernelTruncated), 3);
+        assert_eq!(rx.dropped(DropReason::BeforeFanout), 2);
+        assert_eq!(rx.drops, 8);
+        assert_eq!(tx.dropped(DropReason::VfRefused), 1);
+        assert_eq!(tx.drops, 1);
+    }
 
     #[test]
     fn spin_adapts_between_its_bounds() {
