@@ -14,7 +14,7 @@
 //! and why.
 //!
 //! This module also answers the questions the device asks about the netdev itself (index, MTU,
-//! MAC address, up/running) through [`interface_info`].
+//! MAC address, up) through [`interface_info`].
 
 pub mod af_packet;
 pub mod af_xdp;
@@ -137,9 +137,6 @@ pub struct InterfaceInfo {
     pub mac: [u8; 6],
     /// Administratively up (`IFF_UP`).
     pub up: bool,
-    /// Operationally up, i.e. carrier present (`IFF_RUNNING`); the device can mirror this into
-    /// `VIRTIO_NET_S_LINK_UP`.
-    pub running: bool,
 }
 
 /// Checks that `ifname` can be an interface name and returns it as a C string.
@@ -216,7 +213,7 @@ fn ifreq_ioctl(
     Ok(ifr)
 }
 
-/// Index, MTU, MAC address and up/running state of `ifname` (`SIOCGIFMTU`, `SIOCGIFHWADDR`,
+/// Index, MTU, MAC address and up state of `ifname` (`SIOCGIFMTU`, `SIOCGIFHWADDR`,
 /// `SIOCGIFFLAGS`). Needs no privilege. Fails with [`VfError::NoSuchInterface`] if it does not
 /// exist and [`VfError::NotEthernet`] if it is not an Ethernet device.
 pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
@@ -262,7 +259,6 @@ pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
         mtu: u32::try_from(mtu).unwrap_or(0),
         mac,
         up: flags & libc::IFF_UP != 0,
-        running: flags & libc::IFF_RUNNING != 0,
     })
 }
 
@@ -317,7 +313,6 @@ mod tests {
             assert_eq!(info.mtu, 1400);
             assert_eq!(info.mac, [0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
             assert!(!info.up);
-            assert!(!info.running);
             ip(&["link", "set", "vfa", "up"]);
             ip(&["link", "set", "vfb", "up"]);
             let info = interface_info("vfa").expect("vfa exists");
