@@ -41,8 +41,8 @@ pub enum VfError {
     #[error("network interface {ifname:?} does not exist (in this network namespace)")]
     NoSuchInterface { ifname: String },
 
-    /// The name can never be an interface name (empty, too long, or containing NUL, '/' or
-    /// whitespace), so we do not even ask the kernel.
+    /// The name can never be an interface name (see [`validate_ifname`]), so we do not even
+    /// ask the kernel.
     #[error("invalid network interface name {ifname:?}: {reason}")]
     InvalidName {
         ifname: String,
@@ -139,30 +139,40 @@ pub struct InterfaceInfo {
     pub up: bool,
 }
 
-/// Checks that `ifname` can be an interface name and returns it as a C string.
+/// Checks that `ifname` can name a network interface; the error says why it cannot.
 ///
-/// Linux allows up to `IFNAMSIZ - 1` (15) bytes and forbids '/', ':' is allowed (aliases), and
-/// whitespace is rejected by `dev_valid_name`.
+/// The kernel's rules (`dev_valid_name`): 1 to `IFNAMSIZ - 1` (15) bytes, not "." or "..", no
+/// '/' and no byte its `isspace` takes for white space (which includes 0xA0). No NUL either,
+/// which a C string cannot carry. ':' is allowed: the netdev ioctls read "eth0:1" as eth0.
+pub fn validate_ifname(ifname: &str) -> Result<(), &'static str> {
+    if ifname.is_empty() {
+        return Err("empty");
+    }
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err("longer than 15 bytes");
+    }
+    if ifname == "." || ifname == ".." {
+        return Err("reserved name");
+    }
+    for b in ifname.bytes() {
+        match b {
+            b'/' => return Err("contains '/'"),
+            0 => return Err("contains NUL"),
+            b' ' | b'\t'..=b'\r' | 0xa0 => return Err("contains white space"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `ifname` can be an interface name ([`validate_ifname`]) and returns it as a C
+/// string.
 pub(crate) fn c_ifname(ifname: &str) -> Result<CString, VfError> {
     let bad = |reason| VfError::InvalidName {
         ifname: ifname.to_owned(),
         reason,
     };
-    if ifname.is_empty() {
-        return Err(bad("empty"));
-    }
-    if ifname.len() >= libc::IFNAMSIZ {
-        return Err(bad("longer than 15 bytes"));
-    }
-    if ifname == "." || ifname == ".." {
-        return Err(bad("reserved name"));
-    }
-    if ifname
-        .bytes()
-        .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
-    {
-        return Err(bad("contains '/', NUL or whitespace"));
-    }
+    validate_ifname(ifname).map_err(bad)?;
     CString::new(ifname).map_err(|_| bad("contains NUL"))
 }
 
@@ -266,6 +276,29 @@ pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
 mod tests {
     use super::testnet::{ip, with_netns};
     use super::*;
+
+    #[test]
+    fn interface_names_follow_the_kernel_rules() {
+        let fifteen = "abcdefghijklmno";
+        for good in ["eth0", "a", fifteen, "eth0:1", "vf.0", "...", "vf-0_a"] {
+            assert_eq!(validate_ifname(good), Ok(()), "{good:?}");
+        }
+        let bad = [
+            ("", "empty"),
+            ("abcdefghijklmnop", "longer than 15 bytes"),
+            (".", "reserved name"),
+            ("..", "reserved name"),
+            ("a/b", "contains '/'"),
+            ("a\0b", "contains NUL"),
+            ("a b", "contains white space"),
+            ("a\tb", "contains white space"),
+            ("a\u{b}b", "contains white space"),
+            ("\u{e0}", "contains white space"),
+        ];
+        for (name, why) in bad {
+            assert_eq!(validate_ifname(name), Err(why), "{name:?}");
+        }
+    }
 
     #[test]
     fn names_are_validated_before_asking_the_kernel() {
