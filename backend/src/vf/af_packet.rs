@@ -75,7 +75,7 @@
 use std::cell::Cell;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -413,19 +413,12 @@ impl PacketSocket {
         let fail = |op: &'static str| VfError::from_os(ifname, op, last_err());
 
         // Protocol 0: nothing is received until `bind` names the interface.
-        // SAFETY: plain socket(2) call, result checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(fail("socket(AF_PACKET, SOCK_RAW)"));
-        }
-        // SAFETY: `raw` is a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = sockopt::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+        .map_err(|e| VfError::from_os(ifname, "socket(AF_PACKET, SOCK_RAW)", e))?;
         let s = fd.as_raw_fd();
         let opt = |name: libc::c_int, op: &'static str, val: libc::c_int| {
             setsockopt(s, libc::SOL_PACKET, name, &val).map_err(|e| VfError::from_os(ifname, op, e))
@@ -498,17 +491,7 @@ impl PacketSocket {
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = info.index as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll of the length passed.
-        let rc = unsafe {
-            libc::bind(
-                s,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(fail("bind(AF_PACKET)"));
-        }
+        sockopt::bind(s, &sll).map_err(|e| VfError::from_os(ifname, "bind(AF_PACKET)", e))?;
 
         let mreq = sys::PacketMreq {
             mr_ifindex: info.index as i32,

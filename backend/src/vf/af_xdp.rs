@@ -42,7 +42,7 @@
 
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -221,13 +221,8 @@ impl XdpSocket {
         zero_copy: bool,
     ) -> Result<XdpSocket, VfError> {
         let fail = |op: &'static str, e: io::Error| VfError::from_os(ifname, op, e);
-        // SAFETY: plain socket(2) call, result checked.
-        let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(fail("socket(AF_XDP)", last_err()));
-        }
-        // SAFETY: a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = sockopt::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0)
+            .map_err(|e| fail("socket(AF_XDP)", e))?;
         let s = fd.as_raw_fd();
 
         let frames = (RX_FRAMES + TX_FRAMES) as usize;
@@ -317,24 +312,16 @@ impl XdpSocket {
             };
         sxdp.sxdp_ifindex = ifindex;
         sxdp.sxdp_queue_id = queue;
-        // SAFETY: `sxdp` is a valid sockaddr_xdp of the length passed.
-        let rc = unsafe {
-            libc::bind(
-                s,
-                (&sxdp as *const libc::sockaddr_xdp).cast(),
-                std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(fail(
+        sockopt::bind(s, &sxdp).map_err(|e| {
+            fail(
                 if zero_copy {
                     "bind(AF_XDP, zero copy)"
                 } else {
                     "bind(AF_XDP, copy)"
                 },
-                last_err(),
-            ));
-        }
+                e,
+            )
+        })?;
         prog.insert(queue, s).map_err(|e| VfError::AfXdp {
             ifname: ifname.to_owned(),
             reason: e.to_string(),

@@ -32,7 +32,7 @@ pub use socket::{open_af_xdp, open_queues, VfMode, VfSocket};
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 /// Errors of the VF data path. Every variant names the interface it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +176,13 @@ pub(crate) fn c_ifname(ifname: &str) -> Result<CString, VfError> {
     CString::new(ifname).map_err(|_| bad("contains NUL"))
 }
 
+/// A socket for the generic netdev ioctls (`SIOCGIF*`, `SIOCETHTOOL`): any socket serves,
+/// and a UDP socket needs no privilege.
+pub(crate) fn ioctl_socket(ifname: &str) -> Result<OwnedFd, VfError> {
+    sockopt::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        .map_err(|e| VfError::from_os(ifname, "socket(AF_INET) for ioctl", e))
+}
+
 /// Resolves an interface name to its index; a missing interface is an error naming it.
 pub fn if_index(ifname: &str) -> Result<u32, VfError> {
     let c = c_ifname(ifname)?;
@@ -229,18 +236,7 @@ fn ifreq_ioctl(
 pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
     let index = if_index(ifname)?;
     let name = c_ifname(ifname)?;
-    // Any socket serves for the generic netdev ioctls; a UDP socket needs no privilege.
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(VfError::from_os(
-            ifname,
-            "socket(AF_INET) for ioctl",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = ioctl_socket(ifname)?;
 
     let ifr = ifreq_ioctl(&fd, ifname, &name, libc::SIOCGIFMTU, "SIOCGIFMTU")?;
     // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member.

@@ -1,10 +1,40 @@
-//! Socket-option calls both VF socket kinds (`AF_PACKET`, `AF_XDP`) make.
+//! The socket calls of the VF side (`AF_PACKET`, `AF_XDP`, the ioctl and netlink sockets):
+//! creation, binding, options and pending errors, each unsafe call in one place.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 pub fn last_err() -> io::Error {
     io::Error::last_os_error()
+}
+
+/// `socket(domain, ty, protocol)`, owned; `ty` carries `SOCK_CLOEXEC` and friends.
+pub fn socket(domain: libc::c_int, ty: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let raw = unsafe { libc::socket(domain, ty, protocol) };
+    if raw < 0 {
+        return Err(last_err());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `bind(fd, addr)` with `addr`'s size as the address length (`addr` is a `sockaddr_*`).
+pub fn bind<T>(fd: RawFd, addr: &T) -> io::Result<()> {
+    // SAFETY: `addr` points to a live `T` of `size_of::<T>()` bytes, which the kernel only
+    // reads (and refuses if it is no address of the socket's family).
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (addr as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(last_err())
+    } else {
+        Ok(())
+    }
 }
 
 /// `setsockopt(fd, level, name, val)` with `val`'s size as the option length.
