@@ -37,7 +37,7 @@
 //! `csum_start`/`hdr_len` are shifted by the 4 bytes.
 //!
 //! # Transmit
-//! [`PacketSocket::tx_batch`] sends up to [`MAX_TX_BATCH`] packets per `sendmmsg` from iovecs that
+//! [`PacketSocket::try_tx_batch`] sends up to [`MAX_TX_BATCH`] packets per `sendmmsg` from iovecs that
 //! point straight into guest memory (no user-space copy). `PACKET_QDISC_BYPASS` hands packets to
 //! the driver directly: the queueing discipline is the guest's business, and bypassing it also
 //! keeps our transmissions out of other packet taps. The socket is non-blocking: a full socket
@@ -62,7 +62,7 @@
 //! that is *up* (`fanout_add()` requires `PACKET_SOCK_RUNNING`, else `EINVAL`); 6.13 lifted that.
 //! An interface that is down at [`PacketSocket::open`] is not an error: the join is retried by
 //! [`PacketSocket::rx_batch`] (traffic means the link is back) and, at most every 100 ms, by
-//! [`PacketSocket::tx_batch`]; frames that reached the ring before the join are discarded, because
+//! [`PacketSocket::try_tx_batch`]; frames that reached the ring before the join are discarded, because
 //! every sibling socket received them too ([`VfStats::rx_flushed`]).
 //!
 //! # Promiscuous mode
@@ -85,7 +85,7 @@ use super::sys::{self, Tpacket2Hdr, TPACKET2_HDRLEN};
 use super::{interface_info, VfError};
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN};
 
-/// Most packets one `sendmmsg` carries; [`PacketSocket::tx_batch`] splits longer lists.
+/// Most packets one `sendmmsg` carries; [`PacketSocket::try_tx_batch`] splits longer lists.
 pub const MAX_TX_BATCH: usize = 64;
 
 /// Largest packet (Ethernet header included, VLAN tag reinserted) [`PacketSocket::rx_batch`] delivers:
@@ -341,9 +341,9 @@ pub struct PacketSocket {
     fanout_group: Option<u16>,
     fanout_pending: bool,
     last_fanout_attempt: Instant,
-    /// Preallocated `sendmmsg` headers; their pointers are only valid during `tx_batch`.
+    /// Preallocated `sendmmsg` headers; their pointers are only valid during `try_tx_batch`.
     msgs: Vec<libc::mmsghdr>,
-    stats: VfStats,
+    pub(super) stats: VfStats,
     kernel_packets: Cell<u64>,
     kernel_drops: Cell<u64>,
 }
@@ -887,20 +887,6 @@ impl PacketSocket {
             len,
         });
         Some(Ready::Bounce)
-    }
-
-    /// Sends packets with one `sendmmsg` per [`MAX_TX_BATCH`], dropping (and counting in
-    /// [`VfStats::tx_dropped`]) whatever a full send queue refused; see
-    /// [`PacketSocket::try_tx_batch`] for the description of the packets. Returns how many the
-    /// kernel accepted.
-    pub fn tx_batch(
-        &mut self,
-        iovs: &[libc::iovec],
-        pkts: &[Range<usize>],
-    ) -> Result<usize, VfError> {
-        let p = self.try_tx_batch(iovs, pkts)?;
-        self.stats.tx_dropped += (pkts.len() - p.settled) as u64;
-        Ok(p.accepted)
     }
 
     /// Sends packets with one `sendmmsg` per [`MAX_TX_BATCH`], in order, until the send queue

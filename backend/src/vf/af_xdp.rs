@@ -202,7 +202,7 @@ pub struct XdpSocket {
     scratch: Vec<u8>,
     /// Frames (address, length) holding the segments of the super-frame being queued.
     segs: Vec<(u64, u32)>,
-    stats: VfStats,
+    pub(super) stats: VfStats,
 }
 
 // SAFETY: the raw pointers (inside `Mapping`s) refer to this socket's own mappings; nothing is
@@ -522,18 +522,6 @@ impl XdpSocket {
         }
         self.reap();
         Ok(())
-    }
-
-    /// [`XdpSocket::try_tx_batch`], dropping (and counting in [`VfStats::tx_dropped`]) what
-    /// found no free transmit frame. Returns how many packets were queued whole.
-    pub fn tx_batch(
-        &mut self,
-        iovs: &[libc::iovec],
-        pkts: &[Range<usize>],
-    ) -> Result<usize, VfError> {
-        let p = self.try_tx_batch(iovs, pkts)?;
-        self.stats.tx_dropped += (pkts.len() - p.settled) as u64;
-        Ok(p.accepted)
     }
 
     /// Sends packets described like [`super::VfSocket::tx_batch`]'s: `pkts[i]` is the range of

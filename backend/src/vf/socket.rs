@@ -119,18 +119,20 @@ impl VfSocket {
         }
     }
 
-    /// Sends packets; `pkts[i]` is the range of `iovs` forming packet `i`, whose first iovec is
-    /// its 10-byte [`VnetHdr`]. Returns how many were accepted; see [`PacketSocket::tx_batch`].
-    #[inline]
+    /// Sends packets once: [`VfSocket::try_tx_batch`], dropping (and counting in
+    /// [`VfStats::tx_dropped`]) what a full send queue refused. Returns how many were accepted.
     pub fn tx_batch(
         &mut self,
         iovs: &[libc::iovec],
         pkts: &[Range<usize>],
     ) -> Result<usize, VfError> {
-        match &mut self.kind {
-            Kind::Packet(s) => s.tx_batch(iovs, pkts),
-            Kind::Xdp(s) => s.tx_batch(iovs, pkts),
-        }
+        let p = self.try_tx_batch(iovs, pkts)?;
+        let stats = match &mut self.kind {
+            Kind::Packet(s) => &mut s.stats,
+            Kind::Xdp(s) => &mut s.stats,
+        };
+        stats.tx_dropped += (pkts.len() - p.settled) as u64;
+        Ok(p.accepted)
     }
 
     /// Sends packets in order until the send queue is full; the rest may be tried again.
