@@ -80,6 +80,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use vm_memory::ByteValued;
+
 use super::sockopt::{self, last_err, setsockopt};
 use super::sys::{self, Tpacket2Hdr, TPACKET2_HDRLEN};
 use super::{interface_info, VfError};
@@ -355,18 +357,6 @@ unsafe impl Send for PacketSocket {}
 
 fn fanout_arg(group: u16) -> u32 {
     u32::from(group) | ((sys::PACKET_FANOUT_HASH | sys::PACKET_FANOUT_FLAG_IGNORE_OUTGOING) << 16)
-}
-
-/// Serialises a header in the socket's byte order (little-endian hosts only, like `VnetHdr`).
-fn vnet_to_bytes(h: &VnetHdr) -> [u8; VNET_HDR_LEN] {
-    let mut b = [0u8; VNET_HDR_LEN];
-    b[0] = h.flags;
-    b[1] = h.gso_type;
-    b[2..4].copy_from_slice(&h.hdr_len.to_le_bytes());
-    b[4..6].copy_from_slice(&h.gso_size.to_le_bytes());
-    b[6..8].copy_from_slice(&h.csum_start.to_le_bytes());
-    b[8..10].copy_from_slice(&h.csum_offset.to_le_bytes());
-    b
 }
 
 /// Adjusts a header for a VLAN tag inserted after the MAC addresses.
@@ -770,7 +760,7 @@ impl PacketSocket {
                     mac -= VLAN_HLEN;
                     len += VLAN_HLEN;
                     std::ptr::copy_nonoverlapping(
-                        vnet_to_bytes(&hdr).as_ptr(),
+                        hdr.as_slice().as_ptr(),
                         frame.add(mac - VNET_HDR_LEN),
                         VNET_HDR_LEN,
                     );

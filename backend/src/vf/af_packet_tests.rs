@@ -102,6 +102,11 @@ fn send(
     sock.try_tx_batch(iovs, pkts).map(|p| p.accepted)
 }
 
+/// A header as the socket reads it (in-memory layout, little-endian hosts like `VnetHdr`).
+fn vnet_to_bytes(h: &VnetHdr) -> Vec<u8> {
+    h.as_slice().to_vec()
+}
+
 fn iov(b: &[u8]) -> libc::iovec {
     libc::iovec {
         iov_base: b.as_ptr() as *mut libc::c_void,
