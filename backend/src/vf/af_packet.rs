@@ -1016,19 +1016,12 @@ impl PacketSocket {
     /// Counters; reads (and accumulates) the kernel's clear-on-read `PACKET_STATISTICS`, one
     /// system call.
     pub fn stats(&self) -> VfStats {
-        let mut st = sys::TpacketStats::default();
-        let mut len = std::mem::size_of::<sys::TpacketStats>() as libc::socklen_t;
-        // SAFETY: `st`/`len` are valid, writable, and `len` holds the buffer size.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                sys::PACKET_STATISTICS,
-                (&mut st as *mut sys::TpacketStats).cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
+        let read = sockopt::getsockopt::<sys::TpacketStats>(
+            self.fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            sys::PACKET_STATISTICS,
+        );
+        if let Ok((st, _)) = read {
             self.kernel_packets
                 .set(self.kernel_packets.get() + u64::from(st.tp_packets));
             self.kernel_drops

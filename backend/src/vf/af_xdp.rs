@@ -250,23 +250,10 @@ impl XdpSocket {
         setsockopt(s, libc::SOL_XDP, libc::XDP_TX_RING, &size(TX_FRAMES))
             .map_err(|e| fail("setsockopt(XDP_TX_RING)", e))?;
 
-        // SAFETY: xdp_mmap_offsets is plain old data; zero is valid.
-        let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
-        // SAFETY: `off`/`len` are valid and writable; `len` holds the buffer size.
-        let rc = unsafe {
-            libc::getsockopt(
-                s,
-                libc::SOL_XDP,
-                libc::XDP_MMAP_OFFSETS,
-                (&mut off as *mut libc::xdp_mmap_offsets).cast(),
-                &mut len,
-            )
-        };
-        if rc < 0 {
-            return Err(fail("getsockopt(XDP_MMAP_OFFSETS)", last_err()));
-        }
-        if len as usize != std::mem::size_of::<libc::xdp_mmap_offsets>() {
+        let (off, len) =
+            sockopt::getsockopt::<libc::xdp_mmap_offsets>(s, libc::SOL_XDP, libc::XDP_MMAP_OFFSETS)
+                .map_err(|e| fail("getsockopt(XDP_MMAP_OFFSETS)", e))?;
+        if len != std::mem::size_of::<libc::xdp_mmap_offsets>() {
             // Kernels before 5.4 lack the flags words (need_wakeup); not supported.
             return Err(fail(
                 "getsockopt(XDP_MMAP_OFFSETS)",
@@ -730,21 +717,13 @@ impl XdpSocket {
 
     /// Counters; the kernel's `XDP_STATISTICS` (cumulative) fill the `kernel_*` fields.
     pub fn stats(&self) -> VfStats {
-        // SAFETY: xdp_statistics is plain old data; zero is valid.
-        let mut st: libc::xdp_statistics = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::xdp_statistics>() as libc::socklen_t;
-        // SAFETY: `st`/`len` are valid, writable, and `len` holds the buffer size.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_XDP,
-                libc::XDP_STATISTICS,
-                (&mut st as *mut libc::xdp_statistics).cast(),
-                &mut len,
-            )
-        };
+        let read = sockopt::getsockopt::<libc::xdp_statistics>(
+            self.fd.as_raw_fd(),
+            libc::SOL_XDP,
+            libc::XDP_STATISTICS,
+        );
         let mut out = self.stats;
-        if rc == 0 {
+        if let Ok((st, _)) = read {
             // A packet the kernel could not place is counted once, in `rx_dropped` (no free
             // UMEM frame) or `rx_ring_full`; `rx_fill_ring_empty_descs` counts the same
             // failed allocations again and is left out.
