@@ -84,7 +84,7 @@ use vm_memory::ByteValued;
 
 use super::sockopt::{self, last_err, setsockopt};
 use super::sys::{self, Tpacket2Hdr, TPACKET2_HDRLEN};
-use super::{interface_info, VfError};
+use super::{check_tx_batch, interface_info, VfError};
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN};
 
 /// Most packets one `sendmmsg` carries; [`PacketSocket::try_tx_batch`] splits longer lists.
@@ -899,22 +899,7 @@ impl PacketSocket {
         if self.fanout_pending && self.last_fanout_attempt.elapsed() >= FANOUT_RETRY_INTERVAL {
             self.retry_fanout();
         }
-        for (i, r) in pkts.iter().enumerate() {
-            let bad = |reason| VfError::BadTxBatch {
-                ifname: self.ifname.clone(),
-                packet: i,
-                reason,
-            };
-            if r.start >= r.end || r.end > iovs.len() {
-                return Err(bad("iovec range empty or out of bounds"));
-            }
-            if r.len() > MAX_IOV_PER_PACKET {
-                return Err(bad("more than 1024 iovecs"));
-            }
-            if iovs[r.start].iov_len != VNET_HDR_LEN {
-                return Err(bad("first iovec is not the 10-byte virtio-net header"));
-            }
-        }
+        check_tx_batch(&self.ifname, iovs, pkts, Some(MAX_IOV_PER_PACKET))?;
         let mut p = TxProgress::default();
         for chunk in pkts.chunks(MAX_TX_BATCH) {
             self.send_chunk(iovs, chunk, &mut p)?;

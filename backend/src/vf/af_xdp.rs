@@ -49,7 +49,7 @@ use std::sync::Arc;
 
 use super::sockopt::{self, last_err, setsockopt};
 use super::xdp_prog::{self, XdpProgram};
-use super::{TxProgress, VfError, VfStats};
+use super::{check_tx_batch, TxProgress, VfError, VfStats};
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
 use crate::offload;
 use crate::vring::GuestSlice;
@@ -522,19 +522,7 @@ impl XdpSocket {
         iovs: &[libc::iovec],
         pkts: &[Range<usize>],
     ) -> Result<TxProgress, VfError> {
-        for (i, r) in pkts.iter().enumerate() {
-            let bad = |reason| VfError::BadTxBatch {
-                ifname: self.ifname.clone(),
-                packet: i,
-                reason,
-            };
-            if r.start >= r.end || r.end > iovs.len() {
-                return Err(bad("iovec range empty or out of bounds"));
-            }
-            if iovs[r.start].iov_len != VNET_HDR_LEN {
-                return Err(bad("first iovec is not the 10-byte virtio-net header"));
-            }
-        }
+        check_tx_batch(&self.ifname, iovs, pkts, None)?;
         self.reap();
         let mut p = TxProgress::default();
         for r in pkts {

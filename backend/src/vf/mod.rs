@@ -139,6 +139,34 @@ pub struct InterfaceInfo {
     pub up: bool,
 }
 
+/// Checks a transmit batch's description (see [`VfSocket::try_tx_batch`]): each packet a
+/// non-empty range of `iovs`, of at most `max_iovs` iovecs if given, whose first iovec is
+/// exactly the 10-byte [`crate::net_hdr::VnetHdr`].
+pub(crate) fn check_tx_batch(
+    ifname: &str,
+    iovs: &[libc::iovec],
+    pkts: &[std::ops::Range<usize>],
+    max_iovs: Option<usize>,
+) -> Result<(), VfError> {
+    for (i, r) in pkts.iter().enumerate() {
+        let bad = |reason| VfError::BadTxBatch {
+            ifname: ifname.to_owned(),
+            packet: i,
+            reason,
+        };
+        if r.start >= r.end || r.end > iovs.len() {
+            return Err(bad("iovec range empty or out of bounds"));
+        }
+        if max_iovs.is_some_and(|max| r.len() > max) {
+            return Err(bad("more iovecs than UIO_MAXIOV (1024)"));
+        }
+        if iovs[r.start].iov_len != crate::net_hdr::VNET_HDR_LEN {
+            return Err(bad("first iovec is not the 10-byte virtio-net header"));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `ifname` can name a network interface; the error says why it cannot.
 ///
 /// The kernel's rules (`dev_valid_name`): 1 to `IFNAMSIZ - 1` (15) bytes, not "." or "..", no
