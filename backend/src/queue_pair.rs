@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use log::{error, warn};
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -95,6 +95,14 @@ pub struct QueuePair {
 /// The vring state behind a queue's lock, as a run holds it.
 type RingState = VringState<crate::GuestMemoryAtomicB>;
 
+/// What a run's TX and RX rounds work with besides the queues.
+#[derive(Clone, Copy)]
+struct RunInputs<'a> {
+    mem: &'a GuestMemoryMmapB,
+    neg: Negotiated,
+    stats: &'a PairStats,
+}
+
 /// One direction of a pair: what its runs know of the queue besides the ring itself.
 struct QueueState {
     /// "port P queue Q (rx|tx)", for logs.
@@ -167,7 +175,7 @@ impl QueueState {
 
     /// Restores the used index of a running ring if something other than a stop or reset
     /// moved it since our last run (see `published_used`).
-    fn keep_used_index(&self, queue: &mut virtio_queue::Queue) {
+    fn keep_used_index(&self, queue: &mut Queue) {
         if let Some(ours) = self.published_used {
             let theirs = queue.next_used();
             if theirs != ours {
@@ -226,7 +234,7 @@ impl QueueState {
 
 /// Why `queue`'s available index cannot be right, if it cannot: more than a ring's worth of
 /// entries pending.
-fn impossible_avail(queue: &virtio_queue::Queue, mem: &GuestMemoryMmapB) -> Option<String> {
+fn impossible_avail(queue: &Queue, mem: &GuestMemoryMmapB) -> Option<String> {
     let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?.0;
     let pending = avail.wrapping_sub(queue.next_avail());
     (pending > queue.size()).then(|| {
@@ -424,14 +432,15 @@ impl QueuePair {
         let mut tx_state = tx_vring.get_mut();
         self.begin(&mut rx_state, &mut tx_state, mem, stats);
 
+        let run = RunInputs { mem, neg, stats };
         let mut rounds = 0usize;
         let mut idle_since: Option<Instant> = None;
         let work_left = loop {
             let tx_before = tx_state.get_queue().next_used();
             let rx_before = rx_state.get_queue().next_used();
             let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
-            let mut progress = self.tx_round(tx_queue, rx_queue, mem, neg, stats);
-            progress += self.rx_round(rx_state.get_queue_mut(), mem, neg, stats);
+            let mut progress = self.tx_round(tx_queue, rx_queue, run);
+            progress += self.rx_round(rx_state.get_queue_mut(), run);
             self.tx.notify(&tx_state, mem, tx_before);
             self.rx.notify(&rx_state, mem, rx_before);
 
@@ -510,17 +519,11 @@ impl QueuePair {
     }
 
     /// One TX batch from the guest to where the link takes it; returns the chains consumed.
-    fn tx_round(
-        &mut self,
-        tx_queue: &mut virtio_queue::Queue,
-        rx_queue: &mut virtio_queue::Queue,
-        mem: &GuestMemoryMmapB,
-        neg: Negotiated,
-        stats: &PairStats,
-    ) -> usize {
+    fn tx_round(&mut self, tx_queue: &mut Queue, rx_queue: &mut Queue, run: RunInputs) -> usize {
         if !self.tx.active() {
             return 0;
         }
+        let RunInputs { mem, neg, stats } = run;
         let result = match &mut self.link {
             Link::Vf(_) if self.vf_gone => self.batch.discard(
                 tx_queue,
@@ -538,7 +541,7 @@ impl QueuePair {
                 &stats.tx,
                 self.tx_wait,
             ),
-            Link::Loopback => self.loopback(tx_queue, rx_queue, mem, neg, stats),
+            Link::Loopback => self.loopback(tx_queue, rx_queue, run),
         };
         result.unwrap_or_else(|e| {
             self.tx.mark_broken(e);
@@ -550,12 +553,11 @@ impl QueuePair {
     /// the RX side) while that is not served.
     fn loopback(
         &mut self,
-        tx_queue: &mut virtio_queue::Queue,
-        rx_queue: &mut virtio_queue::Queue,
-        mem: &GuestMemoryMmapB,
-        neg: Negotiated,
-        stats: &PairStats,
+        tx_queue: &mut Queue,
+        rx_queue: &mut Queue,
+        run: RunInputs,
     ) -> Result<usize, TxError> {
+        let RunInputs { mem, neg, stats } = run;
         if self.rx.active() {
             match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
                 Ok(mut ring) => {
@@ -586,16 +588,11 @@ impl QueuePair {
 
     /// One RX batch from the VF into the guest (loopback's RX is filled by its TX round);
     /// returns the frames consumed.
-    fn rx_round(
-        &mut self,
-        rx_queue: &mut virtio_queue::Queue,
-        mem: &GuestMemoryMmapB,
-        neg: Negotiated,
-        stats: &PairStats,
-    ) -> usize {
+    fn rx_round(&mut self, rx_queue: &mut Queue, run: RunInputs) -> usize {
         if !self.rx.active() {
             return 0;
         }
+        let RunInputs { mem, neg, stats } = run;
         let Link::Vf(vf) = &mut self.link else {
             return 0;
         };
