@@ -156,12 +156,12 @@ impl PortSpec {
                 return Err(bad("the vDPA device path is empty".into()))
             }
             (None, false, Some(p)) => LinkConfig::Vdpa(p),
-            (Some(vf), false, None)
-                if vf.is_empty() || vf.len() >= libc::IFNAMSIZ || vf.contains(['/', ' ']) =>
-            {
-                return Err(bad(format!("'{vf}' is not a valid interface name")))
-            }
-            (Some(vf), false, None) => LinkConfig::Vf(vf),
+            (Some(vf), false, None) => match crate::vf::validate_ifname(&vf) {
+                Ok(()) => LinkConfig::Vf(vf),
+                Err(why) => {
+                    return Err(bad(format!("'{vf}' is not a valid interface name: {why}")))
+                }
+            },
             (None, true, None) => LinkConfig::Loopback,
             (None, false, None) => {
                 return Err(bad(

@@ -342,7 +342,7 @@ impl VhostUserBackend for NetDevice {
     /// so no buffer is in flight when the base is read.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         if let Some(mut pair) = self.port.pair(queue_index as usize / 2) {
-            pair.stopped(queue_index as usize);
+            pair.forget_queue(queue_index as usize);
         }
         Ok(())
     }

@@ -8,18 +8,19 @@
 //! GET_VRING_BASE and friends) is never starved; when it runs out the worker pokes its
 //! reschedule eventfd, so the epoll loop comes straight back.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
-use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::offload::RxOffloads;
 use crate::rx::{vf_to_guest, RxRing, RxStop};
 use crate::stats::{DropReason, PairStats};
-use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch};
+use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch, TxError};
 use crate::vf::{VfSocket, VfStats};
 use crate::GuestMemoryMmapB;
 use virtq::needs_notification;
@@ -63,10 +64,10 @@ pub struct QueuePair {
     batch: TxBatch,
     /// Loopback's copy of each packet, and the offload fallback's segment buffer.
     bufs: PacketBufs,
-    /// The guest ran out of RX buffers with VF frames still waiting.
-    rx_waiting: bool,
-    rx_broken: bool,
-    tx_broken: bool,
+    /// The guest's RX queue (virtqueue 2 * index), as this pair's runs see it.
+    rx: QueueState,
+    /// The guest's TX queue (virtqueue 2 * index + 1).
+    tx: QueueState,
     /// Written when a run ends with work left; registered in the worker's epoll.
     pub resched: EventFd,
     /// Fires every [`VF_COUNTERS_INTERVAL`]; registered in the worker's epoll, which then
@@ -89,15 +90,159 @@ pub struct QueuePair {
     spin: Spin,
     /// When the worker last went to sleep, for the spin's adaptation.
     slept_at: Option<Instant>,
-    /// The used index this worker last published on the RX and TX queue, while the ring runs
-    /// (`None` until its first run, and again after a stop or reset). vhost-user-backend's
+}
+
+/// The vring state behind a queue's lock, as a run holds it.
+type RingState = VringState<crate::GuestMemoryAtomicB>;
+
+/// What a run's TX and RX rounds work with besides the queues.
+#[derive(Clone, Copy)]
+struct RunInputs<'a> {
+    mem: &'a GuestMemoryMmapB,
+    neg: Negotiated,
+    stats: &'a PairStats,
+}
+
+/// One direction of a pair: what its runs know of the queue besides the ring itself.
+struct QueueState {
+    /// "port P queue Q (rx|tx)", for logs.
+    label: String,
+    /// A ring or guest error stopped the queue until the device is reset or the frontend
+    /// sets the queue up again (see [`QueueState::mark_broken`]).
+    broken: bool,
+    /// Served by the current run: set up, enabled and not broken when the run began.
+    on: bool,
+    /// The worker waits on the guest for this queue, so it sleeps with the guest's
+    /// notifications on: always for TX (its packets come from the guest), for RX only while
+    /// the guest is out of buffers with VF frames still waiting.
+    waiting: bool,
+    /// The used index this worker last published on the queue, while the ring runs (`None`
+    /// until its first run, and again after a stop or reset). vhost-user-backend's
     /// SET_VRING_ADDR re-derives `next_used` from the used index in guest memory in two steps
     /// (read it, then store it, each under its own lock), so a worker run that publishes in
     /// between is rolled back, and the next batch would overwrite used entries the guest has
     /// already seen. QEMU re-sends SET_VRING_ADDR to every running ring when a migration
     /// turns logging on or off, so this happens under traffic. Only a stop (GET_VRING_BASE)
     /// or reset may move a running ring's used index; otherwise ours stands.
-    published_used: [Option<u16>; 2],
+    published_used: Option<u16>,
+}
+
+impl QueueState {
+    fn new(port: &str, queue: usize, waiting: bool) -> Self {
+        let dir = if queue.is_multiple_of(2) { "rx" } else { "tx" };
+        QueueState {
+            label: format!("port {port} queue {queue} ({dir})"),
+            broken: false,
+            on: false,
+            waiting,
+            published_used: None,
+        }
+    }
+
+    /// Polled now: on when the run began and not broken since.
+    fn active(&self) -> bool {
+        self.on && !self.broken
+    }
+
+    /// The one place a queue is marked broken: logged, and left alone until the device is
+    /// reset or the queue set up again ([`QueuePair::forget_queue`]).
+    fn mark_broken(&mut self, why: impl std::fmt::Display) {
+        error!(
+            "{}: {why}; queue stopped until the device is reset",
+            self.label
+        );
+        self.broken = true;
+    }
+
+    /// Forgets what a previous connection or set-up of the queue left (but `waiting`).
+    fn forget(&mut self) {
+        self.broken = false;
+        self.published_used = None;
+    }
+
+    /// Starts a run: decides whether the queue is served, and keeps its used index.
+    fn begin(&mut self, state: &mut RingState) {
+        self.on = !self.broken && state.get_queue().ready() && state.is_enabled();
+        if self.on {
+            self.keep_used_index(state.get_queue_mut());
+        }
+    }
+
+    /// Ends a run: remembers the used index it published (see `published_used`).
+    fn end(&mut self, state: &RingState) {
+        self.published_used = self.on.then(|| state.get_queue().next_used());
+    }
+
+    /// Restores the used index of a running ring if something other than a stop or reset
+    /// moved it since our last run (see `published_used`).
+    fn keep_used_index(&self, queue: &mut Queue) {
+        if let Some(ours) = self.published_used {
+            let theirs = queue.next_used();
+            if theirs != ours {
+                log::debug!(
+                    "{}: used index {theirs} set behind our back (SET_VRING_ADDR racing a batch); keeping {ours}",
+                    self.label
+                );
+                queue.set_next_used(ours);
+            }
+        }
+    }
+
+    /// We poll from here on: asks the guest not to kick us (without event idx this sets
+    /// VRING_USED_F_NO_NOTIFY; with it, the avail event simply stays behind). A frontend
+    /// that polls its own side then never makes a syscall for us.
+    fn quiet(&self, state: &mut RingState, mem: &GuestMemoryMmapB) {
+        if self.active() && self.waiting {
+            let _ = state.get_queue_mut().disable_notification(mem);
+        }
+    }
+
+    /// Signals the guest if the round published used entries it wants to hear of (at most
+    /// one interrupt per queue and round); `used_before` is the used index before the round.
+    fn notify(&self, state: &RingState, mem: &GuestMemoryMmapB, used_before: u16) {
+        if self.on && needs_notification(state.get_queue(), mem, used_before) {
+            if let Err(e) = state.signal_used_queue() {
+                warn!("{}: cannot signal the guest: {e}", self.label);
+            }
+        }
+    }
+
+    /// Before sleeping: turns the guest's notifications on if we wait on it; true if work
+    /// arrived meanwhile. Also catches a guest that published an impossible available index
+    /// (more than a ring's worth ahead of us): that queue is broken until the device is reset.
+    fn arm(&mut self, state: &mut RingState, mem: &GuestMemoryMmapB) -> bool {
+        if !self.active() || !self.waiting {
+            return false;
+        }
+        let queue = state.get_queue_mut();
+        match queue.enable_notification(mem) {
+            Ok(false) => false,
+            Ok(true) => match impossible_avail(queue, mem) {
+                Some(why) => {
+                    self.mark_broken(why);
+                    false
+                }
+                None => true,
+            },
+            Err(e) => {
+                self.mark_broken(e);
+                false
+            }
+        }
+    }
+}
+
+/// Why `queue`'s available index cannot be right, if it cannot: more than a ring's worth of
+/// entries pending.
+fn impossible_avail(queue: &Queue, mem: &GuestMemoryMmapB) -> Option<String> {
+    let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?.0;
+    let pending = avail.wrapping_sub(queue.next_avail());
+    (pending > queue.size()).then(|| {
+        format!(
+            "guest published avail index {avail} with {pending} pending on a {}-entry ring",
+            queue.size()
+        )
+    })
 }
 
 /// How long an idle worker spins before it sleeps, adapted to the traffic. What decides is
@@ -144,6 +289,18 @@ impl Spin {
     pub fn miss(&mut self) {
         self.current = (self.current / 2).max(MIN_SPIN).min(self.max);
     }
+
+    /// Idle since `idle_since` (set now if `None`): whether to poll on rather than sleep.
+    /// Under load the next packets are microseconds away, and sleeping costs a kick, an epoll
+    /// wake-up and a context switch each time (and makes the frontend kick at all).
+    pub fn keep_polling(&self, idle_since: &mut Option<Instant>) -> bool {
+        if self.current == Duration::ZERO {
+            return false;
+        }
+        let now = Instant::now();
+        let since = *idle_since.get_or_insert(now);
+        now.duration_since(since) < self.current
+    }
 }
 
 impl QueuePair {
@@ -154,9 +311,8 @@ impl QueuePair {
             link,
             batch: TxBatch::default(),
             bufs: PacketBufs::default(),
-            rx_waiting: false,
-            rx_broken: false,
-            tx_broken: false,
+            rx: QueueState::new(port, 2 * index, false),
+            tx: QueueState::new(port, 2 * index + 1, true),
             resched: EventFd::new(EFD_NONBLOCK)?,
             counters_timer: {
                 let mut t = TimerFd::new()?;
@@ -170,7 +326,6 @@ impl QueuePair {
             pinned: false,
             spin: Spin::new(DEFAULT_BUSY_POLL),
             slept_at: None,
-            published_used: [None; 2],
         })
     }
 
@@ -181,27 +336,24 @@ impl QueuePair {
 
     /// Forgets what a previous connection marked broken.
     pub fn reset(&mut self) {
-        self.rx_waiting = false;
-        self.rx_broken = false;
-        self.tx_broken = false;
+        self.forget_queue(0);
+        self.forget_queue(1);
         self.pinned = false;
         self.slept_at = None;
-        self.published_used = [None; 2];
-        self.batch.forget();
         let _ = self.resched.read();
     }
 
-    /// The frontend stopped virtqueue `queue` of this pair (GET_VRING_BASE): whatever it was
-    /// marked, it starts afresh when the frontend sets it up again (a guest reboot).
-    pub fn stopped(&mut self, queue: usize) {
+    /// Forgets what virtqueue `queue` of this pair was marked (broken, waiting, its used
+    /// index, a half-sent batch): the frontend stopped it (GET_VRING_BASE) or the device is
+    /// reset, and it starts afresh when the frontend sets it up again (a guest reboot).
+    pub fn forget_queue(&mut self, queue: usize) {
         if queue.is_multiple_of(2) {
-            self.rx_broken = false;
-            self.rx_waiting = false;
+            self.rx.forget();
+            self.rx.waiting = false;
         } else {
-            self.tx_broken = false;
+            self.tx.forget();
             self.batch.forget();
         }
-        self.published_used[queue % 2] = None;
     }
 
     /// Logs (rate-limited) an error the kernel reported on the VF socket, e.g. the VF
@@ -228,29 +380,14 @@ impl QueuePair {
         let _ = self.resched.write(1);
     }
 
-    /// Adds what the VF socket's kernel side lost since the last call to the pair's drops:
-    /// receive ring overflows ([`DropReason::Kernel`]), truncated or impossible frames
-    /// ([`DropReason::KernelTruncated`]) and transmit descriptors the kernel rejected
-    /// ([`DropReason::VfRefused`]). Called on the worker thread (the counters' only writer).
+    /// Adds what the VF socket lost since the last call to the pair's drops (see
+    /// [`add_vf_drops`]). Called on the worker thread (the counters' only writer).
     pub fn count_vf_drops(&mut self, stats: &PairStats) {
         let _ = self.counters_timer.wait();
         let Link::Vf(vf) = &self.link else { return };
         let now = vf.stats();
         let was = std::mem::replace(&mut self.vf_counted, now);
-        let truncated = |s: &VfStats| s.rx_truncated + s.rx_invalid + s.rx_copy_failed;
-        let delta = |a: u64, b: u64| a.saturating_sub(b);
-        stats.rx.add_drops(
-            DropReason::Kernel,
-            delta(now.kernel_rx_drops, was.kernel_rx_drops),
-        );
-        stats.rx.add_drops(
-            DropReason::KernelTruncated,
-            delta(truncated(&now), truncated(&was)),
-        );
-        stats.tx.add_drops(
-            DropReason::VfRefused,
-            delta(now.kernel_tx_invalid, was.kernel_tx_invalid),
-        );
+        add_vf_drops(stats, &was, &now);
     }
 
     /// Pins the calling worker thread to this pair's CPU, once per connection.
@@ -279,15 +416,9 @@ impl QueuePair {
         }
     }
 
-    fn rx_label(&self) -> String {
-        format!("port {} queue {} (rx)", self.port, 2 * self.index)
-    }
-
-    fn tx_label(&self) -> String {
-        format!("port {} queue {} (tx)", self.port, 2 * self.index + 1)
-    }
-
-    /// Moves packets both ways until idle or out of budget.
+    /// Moves packets both ways until idle or out of budget: rounds of a TX batch, an RX
+    /// batch and the guest's interrupts; when idle, a spin, then notifications armed and
+    /// sleep. Out of budget with work left, the reschedule event brings the worker back.
     pub fn run(
         &mut self,
         rx_vring: &VringRwLock<crate::GuestMemoryAtomicB>,
@@ -296,6 +427,59 @@ impl QueuePair {
         neg: Negotiated,
         stats: &PairStats,
     ) {
+        self.wake();
+        let mut rx_state = rx_vring.get_mut();
+        let mut tx_state = tx_vring.get_mut();
+        self.begin(&mut rx_state, &mut tx_state, mem, stats);
+
+        let run = RunInputs { mem, neg, stats };
+        let mut rounds = 0usize;
+        let mut idle_since: Option<Instant> = None;
+        let work_left = loop {
+            let tx_before = tx_state.get_queue().next_used();
+            let rx_before = rx_state.get_queue().next_used();
+            let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
+            let mut progress = self.tx_round(tx_queue, rx_queue, run);
+            progress += self.rx_round(rx_state.get_queue_mut(), run);
+            self.tx.notify(&tx_state, mem, tx_before);
+            self.rx.notify(&rx_state, mem, rx_before);
+
+            if progress > 0 {
+                if idle_since.take().is_some() {
+                    self.spin.hit();
+                }
+            } else {
+                if self.spin.keep_polling(&mut idle_since) {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                // Ask to be woken, then look once more to close the race with a guest that
+                // added work just before notifications were turned on.
+                let more_tx = self.tx.arm(&mut tx_state, mem);
+                let more_rx = self.rx.arm(&mut rx_state, mem);
+                if !more_tx && !more_rx {
+                    break false;
+                }
+                idle_since = None;
+            }
+            rounds += 1;
+            if rounds >= ROUNDS_PER_RUN {
+                break true;
+            }
+        };
+        self.rx.end(&rx_state);
+        self.tx.end(&tx_state);
+        if work_left {
+            // Budget spent with work left: come back through the epoll loop.
+            let _ = self.resched.write(1);
+        } else {
+            self.slept_at = Some(Instant::now());
+        }
+    }
+
+    /// A run starts: pins the thread (once per connection), takes the reschedule event and
+    /// tells the spin how long the worker slept.
+    fn wake(&mut self) {
         if !self.pinned {
             self.pin();
         }
@@ -303,257 +487,195 @@ impl QueuePair {
         if let Some(t) = self.slept_at.take() {
             self.spin.woke_after(t.elapsed());
         }
-        let mut rx_state = rx_vring.get_mut();
-        let mut tx_state = tx_vring.get_mut();
-        let rx_on = !self.rx_broken && rx_state.get_queue().ready() && rx_state.is_enabled();
-        let tx_on = !self.tx_broken && tx_state.get_queue().ready() && tx_state.is_enabled();
-        if rx_on {
-            self.keep_used_index(0, rx_state.get_queue_mut());
-        }
-        if tx_on {
-            self.keep_used_index(1, tx_state.get_queue_mut());
-        }
+    }
+
+    /// Decides which queues the run serves, drops what waits for an RX queue that is not
+    /// served, and turns the guest's kicks off while we poll.
+    fn begin(
+        &mut self,
+        rx_state: &mut RingState,
+        tx_state: &mut RingState,
+        mem: &GuestMemoryMmapB,
+        stats: &PairStats,
+    ) {
+        self.rx.begin(rx_state);
+        self.tx.begin(tx_state);
         log::trace!(
             "port {} pair {}: run (rx {}, tx {})",
             self.port,
             self.index,
-            if rx_on { "on" } else { "off" },
-            if tx_on { "on" } else { "off" }
+            if self.rx.on { "on" } else { "off" },
+            if self.tx.on { "on" } else { "off" }
         );
-
-        if !rx_on {
+        if !self.rx.on {
             // Nobody to deliver to: don't let stale frames pile up for a later guest.
             if let Link::Vf(vf) = &mut self.link {
                 let dropped = vf.rx_batch(usize::MAX, |_, _| true);
                 stats.rx.add_drops(DropReason::QueueOff, dropped as u64);
             }
         }
-
-        // We poll from here on: ask the guest not to kick us (without event idx this sets
-        // VRING_USED_F_NO_NOTIFY; with it, the avail event simply stays behind). A frontend
-        // that polls its own side then never makes a syscall for us.
-        if tx_on && !self.tx_broken {
-            let _ = tx_state.get_queue_mut().disable_notification(mem);
-        }
-        if rx_on && !self.rx_broken && self.rx_waiting {
-            let _ = rx_state.get_queue_mut().disable_notification(mem);
-        }
-
-        let mut rounds = 0usize;
-        let mut idle_since: Option<Instant> = None;
-        loop {
-            let mut progress = 0usize;
-            let tx_before = tx_state.get_queue().next_used();
-            let rx_before = rx_state.get_queue().next_used();
-
-            if tx_on && !self.tx_broken {
-                let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
-                let result = match &mut self.link {
-                    Link::Vf(_) if self.vf_gone => self.batch.discard(
-                        tx_queue,
-                        mem,
-                        neg.hdr_len,
-                        (&stats.tx, &stats.tx),
-                        DropReason::VfDown,
-                    ),
-                    Link::Vf(vf) => guest_to_vf(
-                        tx_queue,
-                        mem,
-                        neg.hdr_len,
-                        vf,
-                        &mut self.batch,
-                        &stats.tx,
-                        self.tx_wait,
-                    ),
-                    Link::Loopback if rx_on && !self.rx_broken => {
-                        match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
-                            Ok(mut ring) => guest_to_guest(
-                                tx_queue,
-                                &mut ring,
-                                mem,
-                                neg.offloads,
-                                &mut self.batch,
-                                &mut self.bufs,
-                                (&stats.tx, &stats.rx),
-                            ),
-                            Err(e) => {
-                                error!(
-                                    "{}: {e}; queue stopped until the device is reset",
-                                    self.rx_label()
-                                );
-                                self.rx_broken = true;
-                                Ok(0)
-                            }
-                        }
-                    }
-                    Link::Loopback => {
-                        // RX side unusable: the packets are lost, counted on the RX side.
-                        self.batch.discard(
-                            tx_queue,
-                            mem,
-                            neg.hdr_len,
-                            (&stats.tx, &stats.rx),
-                            DropReason::QueueOff,
-                        )
-                    }
-                };
-                match result {
-                    Ok(n) => progress += n,
-                    Err(e) => {
-                        error!(
-                            "{}: {e}; queue stopped until the device is reset",
-                            self.tx_label()
-                        );
-                        self.tx_broken = true;
-                    }
-                }
-            }
-
-            if rx_on && !self.rx_broken {
-                if let Link::Vf(vf) = &mut self.link {
-                    match RxRing::new(rx_state.get_queue_mut(), mem, neg.mergeable, neg.hdr_len) {
-                        Ok(mut ring) => {
-                            let (n, stop) = vf_to_guest(
-                                vf,
-                                &mut ring,
-                                neg.offloads,
-                                &mut self.bufs.scratch,
-                                &stats.rx,
-                                RX_BATCH,
-                            );
-                            progress += n;
-                            self.rx_waiting = stop == RxStop::GuestFull;
-                        }
-                        Err(e) => {
-                            error!(
-                                "{}: {e}; queue stopped until the device is reset",
-                                self.rx_label()
-                            );
-                            self.rx_broken = true;
-                        }
-                    }
-                }
-            }
-
-            // At most one interrupt per queue and round, and only if the guest wants it.
-            if tx_on && needs_notification(tx_state.get_queue(), mem, tx_before) {
-                if let Err(e) = tx_state.signal_used_queue() {
-                    warn!("{}: cannot signal the guest: {e}", self.tx_label());
-                }
-            }
-            if rx_on && needs_notification(rx_state.get_queue(), mem, rx_before) {
-                if let Err(e) = rx_state.signal_used_queue() {
-                    warn!("{}: cannot signal the guest: {e}", self.rx_label());
-                }
-            }
-
-            if progress > 0 {
-                if idle_since.take().is_some() {
-                    self.spin.hit();
-                }
-                rounds += 1;
-                if rounds >= ROUNDS_PER_RUN {
-                    break;
-                }
-                continue;
-            }
-            // Idle. Busy-poll a bounded while first: under load the next packets are
-            // microseconds away, and sleeping costs a kick, an epoll wake-up and a context
-            // switch each time (and makes the frontend kick at all).
-            let budget = self.spin.budget();
-            if budget > Duration::ZERO {
-                let now = Instant::now();
-                let since = *idle_since.get_or_insert(now);
-                if now.duration_since(since) < budget {
-                    std::hint::spin_loop();
-                    continue;
-                }
-            }
-            // Ask to be woken, then look once more to close the race with a guest that added
-            // work just before notifications were turned on.
-            let more_tx = tx_on
-                && !self.tx_broken
-                && arm(&mut tx_state, mem, &self.tx_label(), &mut self.tx_broken);
-            let more_rx = rx_on
-                && !self.rx_broken
-                && self.rx_waiting
-                && arm(&mut rx_state, mem, &self.rx_label(), &mut self.rx_broken);
-            if !more_tx && !more_rx {
-                self.slept_at = Some(Instant::now());
-                self.published_used = [
-                    rx_on.then(|| rx_state.get_queue().next_used()),
-                    tx_on.then(|| tx_state.get_queue().next_used()),
-                ];
-                return;
-            }
-            idle_since = None;
-            rounds += 1;
-            if rounds >= ROUNDS_PER_RUN {
-                break;
-            }
-        }
-        // Budget spent with work left: come back through the epoll loop.
-        self.published_used = [
-            rx_on.then(|| rx_state.get_queue().next_used()),
-            tx_on.then(|| tx_state.get_queue().next_used()),
-        ];
-        let _ = self.resched.write(1);
+        self.tx.quiet(tx_state, mem);
+        self.rx.quiet(rx_state, mem);
     }
 
-    /// Restores the used index of a running ring (`which`: 0 RX, 1 TX) if something other
-    /// than a stop or reset moved it since our last run (see `published_used`).
-    fn keep_used_index(&self, which: usize, queue: &mut virtio_queue::Queue) {
-        if let Some(ours) = self.published_used[which] {
-            let theirs = queue.next_used();
-            if theirs != ours {
-                log::debug!(
-                    "{}: used index {theirs} set behind our back (SET_VRING_ADDR racing a batch); keeping {ours}",
-                    if which == 0 { self.rx_label() } else { self.tx_label() }
+    /// One TX batch from the guest to where the link takes it; returns the chains consumed.
+    fn tx_round(&mut self, tx_queue: &mut Queue, rx_queue: &mut Queue, run: RunInputs) -> usize {
+        if !self.tx.active() {
+            return 0;
+        }
+        let RunInputs { mem, neg, stats } = run;
+        let result = match &mut self.link {
+            Link::Vf(_) if self.vf_gone => self.batch.discard(
+                tx_queue,
+                mem,
+                neg.hdr_len,
+                (&stats.tx, &stats.tx),
+                DropReason::VfDown,
+            ),
+            Link::Vf(vf) => guest_to_vf(
+                tx_queue,
+                mem,
+                neg.hdr_len,
+                vf,
+                &mut self.batch,
+                &stats.tx,
+                self.tx_wait,
+            ),
+            Link::Loopback => self.loopback(tx_queue, rx_queue, run),
+        };
+        result.unwrap_or_else(|e| {
+            self.tx.mark_broken(e);
+            0
+        })
+    }
+
+    /// Loopback's TX round: the guest's packets back into its RX queue, or lost (counted on
+    /// the RX side) while that is not served.
+    fn loopback(
+        &mut self,
+        tx_queue: &mut Queue,
+        rx_queue: &mut Queue,
+        run: RunInputs,
+    ) -> Result<usize, TxError> {
+        let RunInputs { mem, neg, stats } = run;
+        if self.rx.active() {
+            match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
+                Ok(mut ring) => {
+                    return guest_to_guest(
+                        tx_queue,
+                        &mut ring,
+                        mem,
+                        neg.offloads,
+                        &mut self.batch,
+                        &mut self.bufs,
+                        (&stats.tx, &stats.rx),
+                    )
+                }
+                Err(e) => {
+                    self.rx.mark_broken(e);
+                    return Ok(0);
+                }
+            }
+        }
+        self.batch.discard(
+            tx_queue,
+            mem,
+            neg.hdr_len,
+            (&stats.tx, &stats.rx),
+            DropReason::QueueOff,
+        )
+    }
+
+    /// One RX batch from the VF into the guest (loopback's RX is filled by its TX round);
+    /// returns the frames consumed.
+    fn rx_round(&mut self, rx_queue: &mut Queue, run: RunInputs) -> usize {
+        if !self.rx.active() {
+            return 0;
+        }
+        let RunInputs { mem, neg, stats } = run;
+        let Link::Vf(vf) = &mut self.link else {
+            return 0;
+        };
+        match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
+            Ok(mut ring) => {
+                let (n, stop) = vf_to_guest(
+                    vf,
+                    &mut ring,
+                    neg.offloads,
+                    &mut self.bufs.scratch,
+                    &stats.rx,
+                    RX_BATCH,
                 );
-                queue.set_next_used(ours);
+                self.rx.waiting = stop == RxStop::GuestFull;
+                n
+            }
+            Err(e) => {
+                self.rx.mark_broken(e);
+                0
             }
         }
     }
 }
 
-/// Turns on guest notifications; true if work arrived meanwhile. Also catches a guest that
-/// published an impossible available index (more than a ring's worth ahead of us): that queue
-/// is broken until the device is reset.
-fn arm(
-    state: &mut vhost_user_backend::VringState<crate::GuestMemoryAtomicB>,
-    mem: &GuestMemoryMmapB,
-    label: &str,
-    broken: &mut bool,
-) -> bool {
-    let queue = state.get_queue_mut();
-    match queue.enable_notification(mem) {
-        Ok(more) => {
-            if more {
-                if let Ok(avail) = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-                    let pending = avail.0.wrapping_sub(queue.next_avail());
-                    if pending > queue.size() {
-                        error!(
-                            "{label}: guest published avail index {} with {} pending on a {}-entry ring; queue stopped until reset",
-                            avail.0, pending, queue.size()
-                        );
-                        *broken = true;
-                        return false;
-                    }
-                }
-            }
-            more
-        }
-        Err(e) => {
-            error!("{label}: {e}; queue stopped until the device is reset");
-            *broken = true;
-            false
-        }
-    }
+/// Adds what a VF socket lost between two readings of its counters to the pair's drops:
+/// receive ring overflows ([`DropReason::Kernel`]), truncated or impossible frames
+/// ([`DropReason::KernelTruncated`]), frames flushed before the socket joined its fanout
+/// group ([`DropReason::BeforeFanout`]) and transmit descriptors the kernel rejected
+/// ([`DropReason::VfRefused`]). The socket's other drop counters (`tx_dropped`, the rest of
+/// `tx_invalid`) count what a send already reported, and [`guest_to_vf`] counted then.
+fn add_vf_drops(stats: &PairStats, was: &VfStats, now: &VfStats) {
+    let truncated = |s: &VfStats| s.rx_truncated + s.rx_invalid + s.rx_copy_failed;
+    let delta = |a: u64, b: u64| a.saturating_sub(b);
+    stats.rx.add_drops(
+        DropReason::Kernel,
+        delta(now.kernel_rx_drops, was.kernel_rx_drops),
+    );
+    stats.rx.add_drops(
+        DropReason::KernelTruncated,
+        delta(truncated(now), truncated(was)),
+    );
+    stats.rx.add_drops(
+        DropReason::BeforeFanout,
+        delta(now.rx_flushed, was.rx_flushed),
+    );
+    stats.tx.add_drops(
+        DropReason::VfRefused,
+        delta(now.kernel_tx_invalid, was.kernel_tx_invalid),
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_vf_drop_counter_reaches_the_pair() {
+        let stats = PairStats::default();
+        let was = VfStats {
+            kernel_rx_drops: 1,
+            rx_truncated: 1,
+            rx_flushed: 1,
+            kernel_tx_invalid: 1,
+            ..VfStats::default()
+        };
+        let now = VfStats {
+            kernel_rx_drops: 4,
+            rx_truncated: 2,
+            rx_invalid: 1,
+            rx_copy_failed: 1,
+            rx_flushed: 3,
+            kernel_tx_invalid: 2,
+            ..VfStats::default()
+        };
+        add_vf_drops(&stats, &was, &now);
+        let (rx, tx) = (stats.rx.snapshot(), stats.tx.snapshot());
+        assert_eq!(rx.dropped(DropReason::Kernel), 3);
+        assert_eq!(rx.dropped(DropReason::KernelTruncated), 3);
+        assert_eq!(rx.dropped(DropReason::BeforeFanout), 2);
+        assert_eq!(rx.drops, 8);
+        assert_eq!(tx.dropped(DropReason::VfRefused), 1);
+        assert_eq!(tx.drops, 1);
+    }
 
     #[test]
     fn spin_adapts_between_its_bounds() {

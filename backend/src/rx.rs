@@ -12,7 +12,7 @@
 //! buffer wakes us. All guest memory is written through vm-memory, so the dirty bitmap sees
 //! every byte we write when migration turns logging on.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{ByteValued, GuestMemoryBackend};
 
 use crate::net_hdr::{VirtioNetHdr, VnetHdr, VIRTIO_NET_HDR_LEN};
@@ -49,13 +49,25 @@ pub enum RxError {
     Queue(#[from] virtio_queue::Error),
 }
 
-/// What [`RxRing::deliver`] did with a packet.
+/// What became of a packet offered to the guest's RX queue.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Delivery {
-    /// In guest memory, using this many buffers.
+    /// In guest memory, using this many buffers (at least one).
     Delivered(u16),
+    /// Split (or checksummed) in software first; each resulting segment was delivered or
+    /// dropped, and counted, on its own.
+    Adapted,
+    /// Consumed and lost (counted): a malformed chain, or too big for the guest's buffers.
+    Dropped,
     /// The guest has no (or not enough) buffers right now; nothing was consumed.
     NoBuffers,
+}
+
+impl Delivery {
+    /// True if the packet is done with (delivered, adapted or dropped): the caller moves on.
+    pub fn consumed(&self) -> bool {
+        *self != Delivery::NoBuffers
+    }
 }
 
 /// The guest's RX queue, borrowed for one batch. Used entries are published when it is
@@ -68,8 +80,6 @@ pub struct RxRing<'a, M: GuestMemoryBackend> {
     hdr_len: usize,
     /// Chains popped for the packet being placed: (head, bytes written).
     used: Vec<(u16, u32)>,
-    /// Used entries added since the last [`RxRing::take_added`].
-    added: usize,
     /// Packets left before the next descriptor prefetch.
     prefetched: u16,
 }
@@ -91,7 +101,6 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             mergeable,
             hdr_len: hdr_len.clamp(crate::net_hdr::VNET_HDR_LEN, VIRTIO_NET_HDR_LEN),
             used: Vec::with_capacity(64),
-            added: 0,
             prefetched: 0,
         })
     }
@@ -101,29 +110,13 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         self.hdr_len
     }
 
-    /// Used entries added since last asked; the caller signals the guest if this is non-zero.
-    pub fn take_added(&mut self) -> usize {
-        std::mem::take(&mut self.added)
-    }
-
     /// Makes what was delivered so far visible to the guest.
     pub fn flush(&mut self) {
         self.ring.sync();
     }
 
-    /// Turns guest notifications for new RX buffers on; returns true if buffers arrived
-    /// meanwhile (so the caller should go on instead of sleeping).
-    pub fn enable_notification(&mut self) -> Result<bool, RxError> {
-        let mem = self.ring.map.mem();
-        Ok(self.ring.queue().enable_notification(mem)?)
-    }
-
-    pub fn disable_notification(&mut self) -> Result<(), RxError> {
-        let mem = self.ring.map.mem();
-        Ok(self.ring.queue().disable_notification(mem)?)
-    }
-
-    /// Places one packet (`hdr` then `data`) into guest buffers.
+    /// Places one packet (`hdr` then `data`) into guest buffers: [`Delivery::Delivered`] or
+    /// [`Delivery::NoBuffers`].
     ///
     /// On `Err` the packet is dropped, and any chain it had taken is returned to the guest
     /// with length 0 (the guest counts a length error and reuses it): a bad chain costs one
@@ -214,7 +207,6 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         for &(h, n) in &self.used {
             self.ring.add_used(h, n);
         }
-        self.added += self.used.len();
         Ok(Delivery::Delivered(buffers))
     }
 
@@ -223,7 +215,6 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         for &(h, _) in &self.used {
             self.ring.add_used(h, 0);
         }
-        self.added += self.used.len();
     }
 
     /// Copies bytes `written..` of the packet (the header, then `segs`) into one chain;
@@ -364,8 +355,11 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
 /// Why an RX batch stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RxStop {
-    /// The VF ring is empty, or the batch budget was used up.
-    Drained,
+    /// The VF socket had no more frames to hand over.
+    VfEmpty,
+    /// The batch's budget was used up; frames may be waiting (the caller sees progress and
+    /// comes back for more in its next round).
+    BudgetSpent,
     /// The guest ran out of buffers with frames still waiting.
     GuestFull,
 }
@@ -382,27 +376,23 @@ pub fn vf_to_guest<M: GuestMemoryBackend>(
 ) -> (usize, RxStop) {
     let mut guest_full = false;
     let consumed = vf.rx_batch(budget, |hdr, frame| {
-        match deliver_adapted(ring, offloads, hdr, frame, scratch, stats) {
-            Delivery::NoBuffers => {
-                guest_full = true;
-                false
-            }
-            Delivery::Delivered(_) => true,
-        }
+        let consumed = deliver_adapted(ring, offloads, hdr, frame, scratch, stats).consumed();
+        guest_full = !consumed;
+        consumed
     });
-    // A full budget with frames left is still "Drained" from the guest's side: the caller
-    // sees progress and comes back for more in its next round.
     let stop = if guest_full {
         RxStop::GuestFull
+    } else if consumed >= budget {
+        RxStop::BudgetSpent
     } else {
-        RxStop::Drained
+        RxStop::VfEmpty
     };
     (consumed, stop)
 }
 
 /// Delivers one frame, doing in software the offloads the guest did not negotiate.
-/// Returns `NoBuffers` only if nothing was consumed; errors are counted and the frame dropped
-/// (reported as delivered so the caller moves on).
+/// Returns `NoBuffers` only if nothing was consumed; errors are counted and the frame
+/// [`Delivery::Dropped`].
 pub fn deliver_adapted<M: GuestMemoryBackend>(
     ring: &mut RxRing<'_, M>,
     offloads: RxOffloads,
@@ -429,23 +419,25 @@ pub fn deliver_adapted<M: GuestMemoryBackend>(
             h.flags = 0;
         }
         match ring.deliver(&h, seg) {
-            Ok(Delivery::Delivered(_)) => stats.add_packets(1, seg.len() as u64),
             Ok(Delivery::NoBuffers) => {
                 out_of_buffers = true;
                 stats.add_drops(DropReason::NoBuffers, 1);
             }
+            // `RxRing::deliver` answers `Delivered` or `NoBuffers`.
+            Ok(_) => stats.add_packets(1, seg.len() as u64),
             Err(e) => count_error(stats, &e),
         }
     });
     if let Err(e) = result {
         stats.add_errors(1);
         crate::warn_limited!("rx: dropping a frame the guest cannot take: {e}");
+        return Delivery::Dropped;
     }
-    Delivery::Delivered(0)
+    Delivery::Adapted
 }
 
 /// Delivers a packet the guest accepts as it is (scattered over `segs`), counting it; errors
-/// are counted and the packet dropped (reported as delivered so the caller moves on).
+/// are counted and the packet [`Delivery::Dropped`].
 pub fn deliver_counted<M: GuestMemoryBackend>(
     ring: &mut RxRing<'_, M>,
     hdr: &VnetHdr,
@@ -458,10 +450,10 @@ pub fn deliver_counted<M: GuestMemoryBackend>(
             stats.add_packets(1, len as u64);
             Delivery::Delivered(n)
         }
-        Ok(Delivery::NoBuffers) => Delivery::NoBuffers,
+        Ok(other) => other,
         Err(e) => {
             count_error(stats, &e);
-            Delivery::Delivered(0)
+            Delivery::Dropped
         }
     }
 }
@@ -478,6 +470,7 @@ fn count_error(stats: &QueueStats, e: &RxError) {
 mod tests {
     use super::*;
     use crate::net_hdr::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4};
+    use virtio_queue::QueueT;
     use virtq::mock::*;
 
     fn gso_hdr() -> VnetHdr {
@@ -512,7 +505,6 @@ mod tests {
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
         );
-        assert_eq!(ring.take_added(), 1);
         // Nothing is visible before the batch is published (on flush, or drop).
         assert_eq!(gq.used_idx(), 0);
         ring.flush();
@@ -632,7 +624,6 @@ mod tests {
             ring.deliver(&VnetHdr::default(), &pattern(500, 0)).unwrap(),
             Delivery::NoBuffers
         );
-        assert_eq!(ring.take_added(), 0);
         drop(ring);
         assert_eq!(q.next_avail(), 0);
         assert_eq!(gq.used_idx(), 0);

@@ -3,8 +3,8 @@
 //! Workers own their queues, so each counter has exactly one writer; relaxed atomics are enough
 //! and keep the hot path free of locks. Being the only writer, a worker adds with a plain
 //! load and store rather than `fetch_add`: a locked read-modify-write costs some 20 cycles, and
-//! with two counters per packet that was a sixth of the per-packet cost at 64 bytes. Readers (SIGUSR1, the control socket, tests) see values
-//! that are at most one batch old.
+//! with two counters per packet that was a sixth of the per-packet cost at 64 bytes.
+//! Readers (the SIGUSR1 report, tests) see values that are at most one batch old.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,10 +30,13 @@ pub enum DropReason {
     /// Truncated by the kernel (oversized frame without a queued copy) or an impossible
     /// frame layout in the VF socket's ring.
     KernelTruncated,
+    /// Reached the `AF_PACKET` socket's ring before it could join its fanout group (the VF
+    /// was down when it opened); every sibling socket got the frame too, so each discards it.
+    BeforeFanout,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::NoBuffers,
         DropReason::QueueOff,
         DropReason::TooBig,
@@ -42,6 +45,7 @@ impl DropReason {
         DropReason::VfRefused,
         DropReason::Kernel,
         DropReason::KernelTruncated,
+        DropReason::BeforeFanout,
     ];
 
     /// The name in the stats lines (`drop_NAME=N`).
@@ -55,6 +59,7 @@ impl DropReason {
             DropReason::VfRefused => "vf_refused",
             DropReason::Kernel => "kernel",
             DropReason::KernelTruncated => "kernel_truncated",
+            DropReason::BeforeFanout => "before_fanout",
         }
     }
 }
@@ -216,13 +221,13 @@ mod tests {
             lines[0],
             "stats port=vm1 queue=0 dir=rx packets=0 bytes=0 drops=7 errors=2 retries=0 \
              drop_no_buffers=2 drop_queue_off=0 drop_too_big=0 drop_vf_full=0 drop_vf_down=0 \
-             drop_vf_refused=0 drop_kernel=5 drop_kernel_truncated=0"
+             drop_vf_refused=0 drop_kernel=5 drop_kernel_truncated=0 drop_before_fanout=0"
         );
         assert_eq!(
             lines[3],
             "stats port=vm1 queue=3 dir=tx packets=3 bytes=180 drops=1 errors=0 retries=4 \
              drop_no_buffers=0 drop_queue_off=0 drop_too_big=0 drop_vf_full=1 drop_vf_down=0 \
-             drop_vf_refused=0 drop_kernel=0 drop_kernel_truncated=0"
+             drop_vf_refused=0 drop_kernel=0 drop_kernel_truncated=0 drop_before_fanout=0"
         );
     }
 }

@@ -37,7 +37,7 @@
 //! `csum_start`/`hdr_len` are shifted by the 4 bytes.
 //!
 //! # Transmit
-//! [`PacketSocket::tx_batch`] sends up to [`MAX_TX_BATCH`] packets per `sendmmsg` from iovecs that
+//! [`PacketSocket::try_tx_batch`] sends up to [`MAX_TX_BATCH`] packets per `sendmmsg` from iovecs that
 //! point straight into guest memory (no user-space copy). `PACKET_QDISC_BYPASS` hands packets to
 //! the driver directly: the queueing discipline is the guest's business, and bypassing it also
 //! keeps our transmissions out of other packet taps. The socket is non-blocking: a full socket
@@ -62,7 +62,7 @@
 //! that is *up* (`fanout_add()` requires `PACKET_SOCK_RUNNING`, else `EINVAL`); 6.13 lifted that.
 //! An interface that is down at [`PacketSocket::open`] is not an error: the join is retried by
 //! [`PacketSocket::rx_batch`] (traffic means the link is back) and, at most every 100 ms, by
-//! [`PacketSocket::tx_batch`]; frames that reached the ring before the join are discarded, because
+//! [`PacketSocket::try_tx_batch`]; frames that reached the ring before the join are discarded, because
 //! every sibling socket received them too ([`VfStats::rx_flushed`]).
 //!
 //! # Promiscuous mode
@@ -75,17 +75,19 @@
 use std::cell::Cell;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use vm_memory::ByteValued;
+
 use super::sockopt::{self, last_err, setsockopt};
 use super::sys::{self, Tpacket2Hdr, TPACKET2_HDRLEN};
-use super::{interface_info, VfError};
+use super::{check_tx_batch, interface_info, VfError};
 use crate::net_hdr::{VnetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN};
 
-/// Most packets one `sendmmsg` carries; [`PacketSocket::tx_batch`] splits longer lists.
+/// Most packets one `sendmmsg` carries; [`PacketSocket::try_tx_batch`] splits longer lists.
 pub const MAX_TX_BATCH: usize = 64;
 
 /// Largest packet (Ethernet header included, VLAN tag reinserted) [`PacketSocket::rx_batch`] delivers:
@@ -341,9 +343,9 @@ pub struct PacketSocket {
     fanout_group: Option<u16>,
     fanout_pending: bool,
     last_fanout_attempt: Instant,
-    /// Preallocated `sendmmsg` headers; their pointers are only valid during `tx_batch`.
+    /// Preallocated `sendmmsg` headers; their pointers are only valid during `try_tx_batch`.
     msgs: Vec<libc::mmsghdr>,
-    stats: VfStats,
+    pub(super) stats: VfStats,
     kernel_packets: Cell<u64>,
     kernel_drops: Cell<u64>,
 }
@@ -355,18 +357,6 @@ unsafe impl Send for PacketSocket {}
 
 fn fanout_arg(group: u16) -> u32 {
     u32::from(group) | ((sys::PACKET_FANOUT_HASH | sys::PACKET_FANOUT_FLAG_IGNORE_OUTGOING) << 16)
-}
-
-/// Serialises a header in the socket's byte order (little-endian hosts only, like `VnetHdr`).
-fn vnet_to_bytes(h: &VnetHdr) -> [u8; VNET_HDR_LEN] {
-    let mut b = [0u8; VNET_HDR_LEN];
-    b[0] = h.flags;
-    b[1] = h.gso_type;
-    b[2..4].copy_from_slice(&h.hdr_len.to_le_bytes());
-    b[4..6].copy_from_slice(&h.gso_size.to_le_bytes());
-    b[6..8].copy_from_slice(&h.csum_start.to_le_bytes());
-    b[8..10].copy_from_slice(&h.csum_offset.to_le_bytes());
-    b
 }
 
 /// Adjusts a header for a VLAN tag inserted after the MAC addresses.
@@ -413,19 +403,12 @@ impl PacketSocket {
         let fail = |op: &'static str| VfError::from_os(ifname, op, last_err());
 
         // Protocol 0: nothing is received until `bind` names the interface.
-        // SAFETY: plain socket(2) call, result checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(fail("socket(AF_PACKET, SOCK_RAW)"));
-        }
-        // SAFETY: `raw` is a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = sockopt::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+        .map_err(|e| VfError::from_os(ifname, "socket(AF_PACKET, SOCK_RAW)", e))?;
         let s = fd.as_raw_fd();
         let opt = |name: libc::c_int, op: &'static str, val: libc::c_int| {
             setsockopt(s, libc::SOL_PACKET, name, &val).map_err(|e| VfError::from_os(ifname, op, e))
@@ -498,17 +481,7 @@ impl PacketSocket {
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = info.index as i32;
-        // SAFETY: `sll` is a valid sockaddr_ll of the length passed.
-        let rc = unsafe {
-            libc::bind(
-                s,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(fail("bind(AF_PACKET)"));
-        }
+        sockopt::bind(s, &sll).map_err(|e| VfError::from_os(ifname, "bind(AF_PACKET)", e))?;
 
         let mreq = sys::PacketMreq {
             mr_ifindex: info.index as i32,
@@ -787,7 +760,7 @@ impl PacketSocket {
                     mac -= VLAN_HLEN;
                     len += VLAN_HLEN;
                     std::ptr::copy_nonoverlapping(
-                        vnet_to_bytes(&hdr).as_ptr(),
+                        hdr.as_slice().as_ptr(),
                         frame.add(mac - VNET_HDR_LEN),
                         VNET_HDR_LEN,
                     );
@@ -906,20 +879,6 @@ impl PacketSocket {
         Some(Ready::Bounce)
     }
 
-    /// Sends packets with one `sendmmsg` per [`MAX_TX_BATCH`], dropping (and counting in
-    /// [`VfStats::tx_dropped`]) whatever a full send queue refused; see
-    /// [`PacketSocket::try_tx_batch`] for the description of the packets. Returns how many the
-    /// kernel accepted.
-    pub fn tx_batch(
-        &mut self,
-        iovs: &[libc::iovec],
-        pkts: &[Range<usize>],
-    ) -> Result<usize, VfError> {
-        let p = self.try_tx_batch(iovs, pkts)?;
-        self.stats.tx_dropped += (pkts.len() - p.settled) as u64;
-        Ok(p.accepted)
-    }
-
     /// Sends packets with one `sendmmsg` per [`MAX_TX_BATCH`], in order, until the send queue
     /// is full.
     ///
@@ -940,22 +899,7 @@ impl PacketSocket {
         if self.fanout_pending && self.last_fanout_attempt.elapsed() >= FANOUT_RETRY_INTERVAL {
             self.retry_fanout();
         }
-        for (i, r) in pkts.iter().enumerate() {
-            let bad = |reason| VfError::BadTxBatch {
-                ifname: self.ifname.clone(),
-                packet: i,
-                reason,
-            };
-            if r.start >= r.end || r.end > iovs.len() {
-                return Err(bad("iovec range empty or out of bounds"));
-            }
-            if r.len() > MAX_IOV_PER_PACKET {
-                return Err(bad("more than 1024 iovecs"));
-            }
-            if iovs[r.start].iov_len != VNET_HDR_LEN {
-                return Err(bad("first iovec is not the 10-byte virtio-net header"));
-            }
-        }
+        check_tx_batch(&self.ifname, iovs, pkts, Some(MAX_IOV_PER_PACKET))?;
         let mut p = TxProgress::default();
         for chunk in pkts.chunks(MAX_TX_BATCH) {
             self.send_chunk(iovs, chunk, &mut p)?;
@@ -1057,19 +1001,12 @@ impl PacketSocket {
     /// Counters; reads (and accumulates) the kernel's clear-on-read `PACKET_STATISTICS`, one
     /// system call.
     pub fn stats(&self) -> VfStats {
-        let mut st = sys::TpacketStats::default();
-        let mut len = std::mem::size_of::<sys::TpacketStats>() as libc::socklen_t;
-        // SAFETY: `st`/`len` are valid, writable, and `len` holds the buffer size.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_PACKET,
-                sys::PACKET_STATISTICS,
-                (&mut st as *mut sys::TpacketStats).cast(),
-                &mut len,
-            )
-        };
-        if rc == 0 {
+        let read = sockopt::getsockopt::<sys::TpacketStats>(
+            self.fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            sys::PACKET_STATISTICS,
+        );
+        if let Ok((st, _)) = read {
             self.kernel_packets
                 .set(self.kernel_packets.get() + u64::from(st.tp_packets));
             self.kernel_drops

@@ -42,14 +42,14 @@
 
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use super::sockopt::{self, last_err, setsockopt};
 use super::xdp_prog::{self, XdpProgram};
-use super::{TxProgress, VfError, VfStats};
+use super::{check_tx_batch, TxProgress, VfError, VfStats};
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
 use crate::offload;
 use virtq::GuestSlice;
@@ -202,7 +202,7 @@ pub struct XdpSocket {
     scratch: Vec<u8>,
     /// Frames (address, length) holding the segments of the super-frame being queued.
     segs: Vec<(u64, u32)>,
-    stats: VfStats,
+    pub(super) stats: VfStats,
 }
 
 // SAFETY: the raw pointers (inside `Mapping`s) refer to this socket's own mappings; nothing is
@@ -221,13 +221,8 @@ impl XdpSocket {
         zero_copy: bool,
     ) -> Result<XdpSocket, VfError> {
         let fail = |op: &'static str, e: io::Error| VfError::from_os(ifname, op, e);
-        // SAFETY: plain socket(2) call, result checked.
-        let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(fail("socket(AF_XDP)", last_err()));
-        }
-        // SAFETY: a new descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = sockopt::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0)
+            .map_err(|e| fail("socket(AF_XDP)", e))?;
         let s = fd.as_raw_fd();
 
         let frames = (RX_FRAMES + TX_FRAMES) as usize;
@@ -255,23 +250,10 @@ impl XdpSocket {
         setsockopt(s, libc::SOL_XDP, libc::XDP_TX_RING, &size(TX_FRAMES))
             .map_err(|e| fail("setsockopt(XDP_TX_RING)", e))?;
 
-        // SAFETY: xdp_mmap_offsets is plain old data; zero is valid.
-        let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
-        // SAFETY: `off`/`len` are valid and writable; `len` holds the buffer size.
-        let rc = unsafe {
-            libc::getsockopt(
-                s,
-                libc::SOL_XDP,
-                libc::XDP_MMAP_OFFSETS,
-                (&mut off as *mut libc::xdp_mmap_offsets).cast(),
-                &mut len,
-            )
-        };
-        if rc < 0 {
-            return Err(fail("getsockopt(XDP_MMAP_OFFSETS)", last_err()));
-        }
-        if len as usize != std::mem::size_of::<libc::xdp_mmap_offsets>() {
+        let (off, len) =
+            sockopt::getsockopt::<libc::xdp_mmap_offsets>(s, libc::SOL_XDP, libc::XDP_MMAP_OFFSETS)
+                .map_err(|e| fail("getsockopt(XDP_MMAP_OFFSETS)", e))?;
+        if len != std::mem::size_of::<libc::xdp_mmap_offsets>() {
             // Kernels before 5.4 lack the flags words (need_wakeup); not supported.
             return Err(fail(
                 "getsockopt(XDP_MMAP_OFFSETS)",
@@ -317,24 +299,16 @@ impl XdpSocket {
             };
         sxdp.sxdp_ifindex = ifindex;
         sxdp.sxdp_queue_id = queue;
-        // SAFETY: `sxdp` is a valid sockaddr_xdp of the length passed.
-        let rc = unsafe {
-            libc::bind(
-                s,
-                (&sxdp as *const libc::sockaddr_xdp).cast(),
-                std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(fail(
+        sockopt::bind(s, &sxdp).map_err(|e| {
+            fail(
                 if zero_copy {
                     "bind(AF_XDP, zero copy)"
                 } else {
                     "bind(AF_XDP, copy)"
                 },
-                last_err(),
-            ));
-        }
+                e,
+            )
+        })?;
         prog.insert(queue, s).map_err(|e| VfError::AfXdp {
             ifname: ifname.to_owned(),
             reason: e.to_string(),
@@ -537,18 +511,6 @@ impl XdpSocket {
         Ok(())
     }
 
-    /// [`XdpSocket::try_tx_batch`], dropping (and counting in [`VfStats::tx_dropped`]) what
-    /// found no free transmit frame. Returns how many packets were queued whole.
-    pub fn tx_batch(
-        &mut self,
-        iovs: &[libc::iovec],
-        pkts: &[Range<usize>],
-    ) -> Result<usize, VfError> {
-        let p = self.try_tx_batch(iovs, pkts)?;
-        self.stats.tx_dropped += (pkts.len() - p.settled) as u64;
-        Ok(p.accepted)
-    }
-
     /// Sends packets described like [`super::VfSocket::tx_batch`]'s: `pkts[i]` is the range of
     /// `iovs` forming packet `i`, the first iovec being its 10-byte [`VnetHdr`]. Each packet is
     /// copied into UMEM frames, segmented / checksummed in software as its header asks, in
@@ -560,19 +522,7 @@ impl XdpSocket {
         iovs: &[libc::iovec],
         pkts: &[Range<usize>],
     ) -> Result<TxProgress, VfError> {
-        for (i, r) in pkts.iter().enumerate() {
-            let bad = |reason| VfError::BadTxBatch {
-                ifname: self.ifname.clone(),
-                packet: i,
-                reason,
-            };
-            if r.start >= r.end || r.end > iovs.len() {
-                return Err(bad("iovec range empty or out of bounds"));
-            }
-            if iovs[r.start].iov_len != VNET_HDR_LEN {
-                return Err(bad("first iovec is not the 10-byte virtio-net header"));
-            }
-        }
+        check_tx_batch(&self.ifname, iovs, pkts, None)?;
         self.reap();
         let mut p = TxProgress::default();
         for r in pkts {
@@ -755,21 +705,13 @@ impl XdpSocket {
 
     /// Counters; the kernel's `XDP_STATISTICS` (cumulative) fill the `kernel_*` fields.
     pub fn stats(&self) -> VfStats {
-        // SAFETY: xdp_statistics is plain old data; zero is valid.
-        let mut st: libc::xdp_statistics = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::xdp_statistics>() as libc::socklen_t;
-        // SAFETY: `st`/`len` are valid, writable, and `len` holds the buffer size.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_XDP,
-                libc::XDP_STATISTICS,
-                (&mut st as *mut libc::xdp_statistics).cast(),
-                &mut len,
-            )
-        };
+        let read = sockopt::getsockopt::<libc::xdp_statistics>(
+            self.fd.as_raw_fd(),
+            libc::SOL_XDP,
+            libc::XDP_STATISTICS,
+        );
         let mut out = self.stats;
-        if rc == 0 {
+        if let Ok((st, _)) = read {
             // A packet the kernel could not place is counted once, in `rx_dropped` (no free
             // UMEM frame) or `rx_ring_full`; `rx_fill_ring_empty_descs` counts the same
             // failed allocations again and is left out.

@@ -40,15 +40,9 @@ fn iov(b: &[u8]) -> libc::iovec {
     }
 }
 
-fn hdr_bytes(h: &VnetHdr) -> [u8; 10] {
-    let mut b = [0u8; 10];
-    b[0] = h.flags;
-    b[1] = h.gso_type;
-    b[2..4].copy_from_slice(&h.hdr_len.to_le_bytes());
-    b[4..6].copy_from_slice(&h.gso_size.to_le_bytes());
-    b[6..8].copy_from_slice(&h.csum_start.to_le_bytes());
-    b[8..10].copy_from_slice(&h.csum_offset.to_le_bytes());
-    b
+/// A header as the socket reads it (in-memory layout, little-endian hosts like `VnetHdr`).
+fn hdr_bytes(h: &VnetHdr) -> Vec<u8> {
+    vm_memory::ByteValued::as_slice(h).to_vec()
 }
 
 /// Drains `sock` until `want` test frames arrived or `WAIT` passed.

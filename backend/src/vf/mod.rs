@@ -14,7 +14,7 @@
 //! and why.
 //!
 //! This module also answers the questions the device asks about the netdev itself (index, MTU,
-//! MAC address, up/running) through [`interface_info`].
+//! MAC address, up) through [`interface_info`].
 
 pub mod af_packet;
 pub mod af_xdp;
@@ -32,7 +32,7 @@ pub use socket::{open_af_xdp, open_queues, VfMode, VfSocket};
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 /// Errors of the VF data path. Every variant names the interface it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +41,8 @@ pub enum VfError {
     #[error("network interface {ifname:?} does not exist (in this network namespace)")]
     NoSuchInterface { ifname: String },
 
-    /// The name can never be an interface name (empty, too long, or containing NUL, '/' or
-    /// whitespace), so we do not even ask the kernel.
+    /// The name can never be an interface name (see [`validate_ifname`]), so we do not even
+    /// ask the kernel.
     #[error("invalid network interface name {ifname:?}: {reason}")]
     InvalidName {
         ifname: String,
@@ -137,36 +137,78 @@ pub struct InterfaceInfo {
     pub mac: [u8; 6],
     /// Administratively up (`IFF_UP`).
     pub up: bool,
-    /// Operationally up, i.e. carrier present (`IFF_RUNNING`); the device can mirror this into
-    /// `VIRTIO_NET_S_LINK_UP`.
-    pub running: bool,
 }
 
-/// Checks that `ifname` can be an interface name and returns it as a C string.
+/// Checks a transmit batch's description (see [`VfSocket::try_tx_batch`]): each packet a
+/// non-empty range of `iovs`, of at most `max_iovs` iovecs if given, whose first iovec is
+/// exactly the 10-byte [`crate::net_hdr::VnetHdr`].
+pub(crate) fn check_tx_batch(
+    ifname: &str,
+    iovs: &[libc::iovec],
+    pkts: &[std::ops::Range<usize>],
+    max_iovs: Option<usize>,
+) -> Result<(), VfError> {
+    for (i, r) in pkts.iter().enumerate() {
+        let bad = |reason| VfError::BadTxBatch {
+            ifname: ifname.to_owned(),
+            packet: i,
+            reason,
+        };
+        if r.start >= r.end || r.end > iovs.len() {
+            return Err(bad("iovec range empty or out of bounds"));
+        }
+        if max_iovs.is_some_and(|max| r.len() > max) {
+            return Err(bad("more iovecs than UIO_MAXIOV (1024)"));
+        }
+        if iovs[r.start].iov_len != crate::net_hdr::VNET_HDR_LEN {
+            return Err(bad("first iovec is not the 10-byte virtio-net header"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `ifname` can name a network interface; the error says why it cannot.
 ///
-/// Linux allows up to `IFNAMSIZ - 1` (15) bytes and forbids '/', ':' is allowed (aliases), and
-/// whitespace is rejected by `dev_valid_name`.
+/// The kernel's rules (`dev_valid_name`): 1 to `IFNAMSIZ - 1` (15) bytes, not "." or "..", no
+/// '/' and no byte its `isspace` takes for white space (which includes 0xA0). No NUL either,
+/// which a C string cannot carry. ':' is allowed: the netdev ioctls read "eth0:1" as eth0.
+pub fn validate_ifname(ifname: &str) -> Result<(), &'static str> {
+    if ifname.is_empty() {
+        return Err("empty");
+    }
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err("longer than 15 bytes");
+    }
+    if ifname == "." || ifname == ".." {
+        return Err("reserved name");
+    }
+    for b in ifname.bytes() {
+        match b {
+            b'/' => return Err("contains '/'"),
+            0 => return Err("contains NUL"),
+            b' ' | b'\t'..=b'\r' | 0xa0 => return Err("contains white space"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `ifname` can be an interface name ([`validate_ifname`]) and returns it as a C
+/// string.
 pub(crate) fn c_ifname(ifname: &str) -> Result<CString, VfError> {
     let bad = |reason| VfError::InvalidName {
         ifname: ifname.to_owned(),
         reason,
     };
-    if ifname.is_empty() {
-        return Err(bad("empty"));
-    }
-    if ifname.len() >= libc::IFNAMSIZ {
-        return Err(bad("longer than 15 bytes"));
-    }
-    if ifname == "." || ifname == ".." {
-        return Err(bad("reserved name"));
-    }
-    if ifname
-        .bytes()
-        .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace())
-    {
-        return Err(bad("contains '/', NUL or whitespace"));
-    }
+    validate_ifname(ifname).map_err(bad)?;
     CString::new(ifname).map_err(|_| bad("contains NUL"))
+}
+
+/// A socket for the generic netdev ioctls (`SIOCGIF*`, `SIOCETHTOOL`): any socket serves,
+/// and a UDP socket needs no privilege.
+pub(crate) fn ioctl_socket(ifname: &str) -> Result<OwnedFd, VfError> {
+    sockopt::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+        .map_err(|e| VfError::from_os(ifname, "socket(AF_INET) for ioctl", e))
 }
 
 /// Resolves an interface name to its index; a missing interface is an error naming it.
@@ -216,24 +258,13 @@ fn ifreq_ioctl(
     Ok(ifr)
 }
 
-/// Index, MTU, MAC address and up/running state of `ifname` (`SIOCGIFMTU`, `SIOCGIFHWADDR`,
+/// Index, MTU, MAC address and up state of `ifname` (`SIOCGIFMTU`, `SIOCGIFHWADDR`,
 /// `SIOCGIFFLAGS`). Needs no privilege. Fails with [`VfError::NoSuchInterface`] if it does not
 /// exist and [`VfError::NotEthernet`] if it is not an Ethernet device.
 pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
     let index = if_index(ifname)?;
     let name = c_ifname(ifname)?;
-    // Any socket serves for the generic netdev ioctls; a UDP socket needs no privilege.
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(VfError::from_os(
-            ifname,
-            "socket(AF_INET) for ioctl",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = ioctl_socket(ifname)?;
 
     let ifr = ifreq_ioctl(&fd, ifname, &name, libc::SIOCGIFMTU, "SIOCGIFMTU")?;
     // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member.
@@ -262,7 +293,6 @@ pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
         mtu: u32::try_from(mtu).unwrap_or(0),
         mac,
         up: flags & libc::IFF_UP != 0,
-        running: flags & libc::IFF_RUNNING != 0,
     })
 }
 
@@ -270,6 +300,29 @@ pub fn interface_info(ifname: &str) -> Result<InterfaceInfo, VfError> {
 mod tests {
     use super::testnet::{ip, with_netns};
     use super::*;
+
+    #[test]
+    fn interface_names_follow_the_kernel_rules() {
+        let fifteen = "abcdefghijklmno";
+        for good in ["eth0", "a", fifteen, "eth0:1", "vf.0", "...", "vf-0_a"] {
+            assert_eq!(validate_ifname(good), Ok(()), "{good:?}");
+        }
+        let bad = [
+            ("", "empty"),
+            ("abcdefghijklmnop", "longer than 15 bytes"),
+            (".", "reserved name"),
+            ("..", "reserved name"),
+            ("a/b", "contains '/'"),
+            ("a\0b", "contains NUL"),
+            ("a b", "contains white space"),
+            ("a\tb", "contains white space"),
+            ("a\u{b}b", "contains white space"),
+            ("\u{e0}", "contains white space"),
+        ];
+        for (name, why) in bad {
+            assert_eq!(validate_ifname(name), Err(why), "{name:?}");
+        }
+    }
 
     #[test]
     fn names_are_validated_before_asking_the_kernel() {
@@ -317,7 +370,6 @@ mod tests {
             assert_eq!(info.mtu, 1400);
             assert_eq!(info.mac, [0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
             assert!(!info.up);
-            assert!(!info.running);
             ip(&["link", "set", "vfa", "up"]);
             ip(&["link", "set", "vfb", "up"]);
             let info = interface_info("vfa").expect("vfa exists");

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::af_xdp::{XdpSocket, MAX_XDP_FRAME};
 use super::xdp_prog::XdpProgram;
 use super::{interface_info, PacketSocket, RingConfig, TxProgress, VfError, VfStats};
+use super::{sockopt, sys};
 use crate::net_hdr::VnetHdr;
 
 /// Which socket kind a port uses for its VF.
@@ -118,18 +119,20 @@ impl VfSocket {
         }
     }
 
-    /// Sends packets; `pkts[i]` is the range of `iovs` forming packet `i`, whose first iovec is
-    /// its 10-byte [`VnetHdr`]. Returns how many were accepted; see [`PacketSocket::tx_batch`].
-    #[inline]
+    /// Sends packets once: [`VfSocket::try_tx_batch`], dropping (and counting in
+    /// [`VfStats::tx_dropped`]) what a full send queue refused. Returns how many were accepted.
     pub fn tx_batch(
         &mut self,
         iovs: &[libc::iovec],
         pkts: &[Range<usize>],
     ) -> Result<usize, VfError> {
-        match &mut self.kind {
-            Kind::Packet(s) => s.tx_batch(iovs, pkts),
-            Kind::Xdp(s) => s.tx_batch(iovs, pkts),
-        }
+        let p = self.try_tx_batch(iovs, pkts)?;
+        let stats = match &mut self.kind {
+            Kind::Packet(s) => &mut s.stats,
+            Kind::Xdp(s) => &mut s.stats,
+        };
+        stats.tx_dropped += (pkts.len() - p.settled) as u64;
+        Ok(p.accepted)
     }
 
     /// Sends packets in order until the send queue is full; the rest may be tried again.
@@ -203,19 +206,8 @@ const SIOCETHTOOL: libc::c_ulong = 0x8946;
 /// RX and TX queue counts of the netdev (`ETHTOOL_GCHANNELS`); a driver without channel
 /// information has one of each.
 fn queue_counts(ifname: &str) -> Result<(u32, u32), VfError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
     let name = super::c_ifname(ifname)?;
-    // SAFETY: plain socket(2) call; checked.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(VfError::from_os(
-            ifname,
-            "socket for ethtool",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fd = super::ioctl_socket(ifname)?;
     let mut ch = EthtoolChannels {
         cmd: ETHTOOL_GCHANNELS,
         ..Default::default()
@@ -251,49 +243,27 @@ fn queue_counts(ifname: &str) -> Result<(u32, u32), VfError> {
 /// its `PACKET_MR_PROMISC` membership is reference counted by the kernel and undone when it
 /// closes, exactly as with the `AF_PACKET` data path (see [`super::af_packet`]).
 fn promiscuous(ifname: &str, ifindex: u32) -> Result<std::os::fd::OwnedFd, VfError> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let fail = |op| VfError::from_os(ifname, op, io::Error::last_os_error());
-    // SAFETY: plain socket(2) call; checked.
-    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(fail("socket(AF_PACKET) for promiscuous mode"));
-    }
-    // SAFETY: fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let fail = |op| move |e| VfError::from_os(ifname, op, e);
+    let fd = sockopt::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0)
+        .map_err(fail("socket(AF_PACKET) for promiscuous mode"))?;
     // SAFETY: sockaddr_ll is plain old data; zero is valid.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_protocol = 0;
     sll.sll_ifindex = ifindex as i32;
-    // SAFETY: `sll` is a valid sockaddr_ll of the length passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(fail("bind(AF_PACKET) for promiscuous mode"));
-    }
-    let mreq = super::sys::PacketMreq {
+    sockopt::bind(fd.as_raw_fd(), &sll).map_err(fail("bind(AF_PACKET) for promiscuous mode"))?;
+    let mreq = sys::PacketMreq {
         mr_ifindex: ifindex as i32,
-        mr_type: super::sys::PACKET_MR_PROMISC,
+        mr_type: sys::PACKET_MR_PROMISC,
         ..Default::default()
     };
-    // SAFETY: `mreq` is a live packet_mreq of the size passed, which the kernel only reads.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            super::sys::PACKET_ADD_MEMBERSHIP,
-            (&mreq as *const super::sys::PacketMreq).cast(),
-            std::mem::size_of::<super::sys::PacketMreq>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(fail("setsockopt(PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC)"));
-    }
+    sockopt::setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_PACKET,
+        sys::PACKET_ADD_MEMBERSHIP,
+        &mreq,
+    )
+    .map_err(fail("setsockopt(PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC)"))?;
     Ok(fd)
 }
 

@@ -4,7 +4,9 @@
 //! appeared, so a port can re-open its sockets on the new one.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::sockopt;
 
 /// An interface that exists now (`RTM_NEWLINK`: created, or its state changed).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,34 +28,16 @@ const RTA_HDRLEN: usize = 4;
 
 impl LinkWatch {
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = sockopt::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )?;
         // SAFETY: sockaddr_nl is plain old data; zero is valid (pid 0: the kernel assigns).
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         addr.nl_family = libc::AF_NETLINK as u16;
         addr.nl_groups = libc::RTMGRP_LINK as u32;
-        // SAFETY: `addr` is a valid sockaddr_nl of the length passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        sockopt::bind(fd.as_raw_fd(), &addr)?;
         Ok(LinkWatch {
             fd,
             buf: vec![0; 64 * 1024],
