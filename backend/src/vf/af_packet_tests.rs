@@ -6,7 +6,7 @@
 use super::*;
 use crate::net_hdr::{VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4};
 use crate::vf::testnet::{
-    enter_new_netns, gettid, ip, veth_pair, wait_readable, with_netns, RawSock,
+    enter_new_netns, gettid, ip, veth_pair, wait_for, wait_readable, with_netns, RawSock,
 };
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -133,20 +133,6 @@ fn collect(
         if got.len() >= want || !wait_readable(sock.as_raw_fd(), deadline) {
             return got;
         }
-    }
-}
-
-/// Polls `cond` every millisecond until it holds or `timeout` passes.
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

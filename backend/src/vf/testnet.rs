@@ -101,3 +101,18 @@ pub fn set_tx_checksum(ifname: &str, on: bool) {
         );
     }
 }
+
+/// Polls `cond` every millisecond until it holds or `timeout` passes. For what the kernel
+/// finishes after a call returns, or that a forked child's copy of an fd delays.
+pub fn wait_for(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
