@@ -768,11 +768,16 @@ fn render(
                 rmax
             );
         }
+        let peer = if opts.baseline.is_some() {
+            "the baseline vhost-relay, run as ours is"
+        } else {
+            "testpmd `net_vhost` io forwarding (loopback: onto itself; vf-relay: to \
+             `net_af_packet` on the same veth)"
+        };
         let _ = writeln!(
             o,
-            "\nPeer: testpmd `net_vhost` io forwarding (loopback: onto itself; vf-relay: to \
-             `net_af_packet` on the same veth). Mpps = packets the traffic source received \
-             back; Gbit/s = their layer-2 bytes (no CRC)."
+            "\nPeer: {peer}. Mpps = packets the traffic source received back; Gbit/s = their \
+             layer-2 bytes (no CRC)."
         );
         let vf: Vec<&Row> = rows.iter().filter(|r| r.0.vf).collect();
         if !vf.is_empty() {
