@@ -15,8 +15,8 @@
 
 use log::{info, warn};
 
-use crate::device::Port;
 use crate::net_hdr::{VnetHdr, VNET_HDR_LEN};
+use crate::port::Relay;
 use crate::queue_pair::Link;
 
 /// Ethertype of reverse ARP.
@@ -68,7 +68,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 /// Broadcasts the RARP frame for `mac` out of the port's VF. One frame is enough: all queue
 /// pairs of a port share one VF, so it goes out on pair 0's socket.
-pub fn announce(port: &Port, mac: [u8; 6]) -> Result<(), AnnounceError> {
+pub fn announce(port: &Relay, mac: [u8; 6]) -> Result<(), AnnounceError> {
     let frame = rarp_frame(mac);
     let mac_text = format_mac(&mac);
     let Some(mut pair) = port.pair(0) else {
@@ -119,7 +119,7 @@ pub fn announce(port: &Port, mac: [u8; 6]) -> Result<(), AnnounceError> {
 /// [`announce`], with a failure logged rather than returned: the frontend's request is
 /// answered either way (a lost announcement costs the guest some seconds of reachability,
 /// not its connection).
-pub fn announce_logged(port: &Port, mac: [u8; 6]) {
+pub fn announce_logged(port: &Relay, mac: [u8; 6]) {
     if let Err(e) = announce(port, mac) {
         warn!("{e}");
     }

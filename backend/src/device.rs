@@ -8,9 +8,9 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
@@ -23,9 +23,8 @@ use vmm_sys_util::event::{
 };
 
 use crate::offload::RxOffloads;
-use crate::queue_pair::{Link, Negotiated, QueuePair};
-use crate::stats::PortStats;
-use crate::vf::VfSocket;
+use crate::port::Relay;
+use crate::queue_pair::Negotiated;
 use crate::{GuestMemoryAtomicB, GuestMemoryMmapB};
 
 /// Ring size QEMU may ask for (its `rx_queue_size`/`tx_queue_size` go up to 1024).
@@ -92,91 +91,9 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 /// A worker's epoll handler (one per queue pair and session).
 pub type Handler = vhost_user_backend::VringEpollHandler<Arc<NetDevice>>;
 
-/// A port's queue pairs and counters: created once, kept across frontend connections.
-pub struct Port {
-    pub name: String,
-    pub pairs: Vec<Mutex<QueuePair>>,
-    pub stats: Arc<PortStats>,
-    /// The current session's worker epoll handlers (empty between sessions), so that VF
-    /// sockets re-opened meanwhile ([`Port::replace_vf`]) are watched by their worker.
-    /// Taken before any pair's lock.
-    pub handlers: Mutex<Vec<Arc<Handler>>>,
-    /// vDPA mode: the device, opened (and owned) once for the port's life; a session takes
-    /// it and gives it back when its frontend goes away. `None` inside while a session runs.
-    pub vdpa: Option<Mutex<Option<vdpa::KernelDevice>>>,
-}
-
-impl Port {
-    pub fn new(name: &str, pairs: Vec<QueuePair>, stats: Arc<PortStats>) -> Self {
-        Port {
-            name: name.to_string(),
-            pairs: pairs.into_iter().map(Mutex::new).collect(),
-            stats,
-            handlers: Mutex::new(Vec::new()),
-            vdpa: None,
-        }
-    }
-
-    /// A vDPA port: no queue pairs of ours, the device instead.
-    pub fn new_vdpa(name: &str, dev: vdpa::KernelDevice, stats: Arc<PortStats>) -> Self {
-        Port {
-            name: name.to_string(),
-            pairs: Vec::new(),
-            stats,
-            handlers: Mutex::new(Vec::new()),
-            vdpa: Some(Mutex::new(Some(dev))),
-        }
-    }
-
-    /// Event id of a pair's VF socket in its worker's epoll (ids up to the queue count are
-    /// the library's).
-    pub fn vf_event_id(&self) -> u64 {
-        2 * self.pairs.len() as u64 + 1
-    }
-
-    /// Puts new VF sockets (one per pair, as [`crate::vf::open_queues`] opened them) in
-    /// place of the pairs' old ones, moving the running session's epoll watch over.
-    pub fn replace_vf(&self, socks: Vec<VfSocket>) {
-        let handlers = self.handlers.lock().unwrap_or_else(|e| e.into_inner());
-        let events = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        for (i, sock) in socks.into_iter().enumerate() {
-            let Some(mut pair) = self.pair(i) else { break };
-            if let Some(h) = handlers.get(i) {
-                if let Link::Vf(old) = &pair.link {
-                    let _ = h.unregister_listener(old.as_raw_fd(), events, self.vf_event_id());
-                }
-                if let Err(e) = h.register_listener(sock.as_raw_fd(), events, self.vf_event_id()) {
-                    warn!(
-                        "port {} pair {i}: cannot watch the re-opened VF socket: {e}",
-                        self.name
-                    );
-                }
-            }
-            pair.replace_vf(sock);
-        }
-    }
-
-    /// The VF is gone: every pair drops the guest's packets until [`Port::replace_vf`].
-    pub fn mark_vf_gone(&self) {
-        for i in 0..self.pairs.len() {
-            if let Some(mut pair) = self.pair(i) {
-                pair.vf_gone = true;
-            }
-        }
-    }
-
-    pub fn pair(&self, index: usize) -> Option<MutexGuard<'_, QueuePair>> {
-        // A poisoned lock means a worker panicked mid-batch; the pair's state is still
-        // consistent at batch granularity, so keep serving rather than take the port down.
-        self.pairs
-            .get(index)
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
-
 /// The device for one frontend connection.
 pub struct NetDevice {
-    port: Arc<Port>,
+    relay: Arc<Relay>,
     mem: GuestMemoryAtomicB,
     acked: AtomicU64,
     /// Dirty-page logging for live migration: told about LOG_ALL and memory changes here;
@@ -190,15 +107,15 @@ pub struct NetDevice {
 }
 
 impl NetDevice {
-    pub fn new(port: Arc<Port>, mem: GuestMemoryAtomicB) -> Self {
-        for i in 0..port.pairs.len() {
-            if let Some(mut p) = port.pair(i) {
+    pub fn new(relay: Arc<Relay>, mem: GuestMemoryAtomicB) -> Self {
+        for i in 0..relay.pairs.len() {
+            if let Some(mut p) = relay.pair(i) {
                 p.reset();
             }
         }
         NetDevice {
-            dirty: migration::DirtyLog::new(format!("port {}", port.name)),
-            port,
+            dirty: migration::DirtyLog::new(format!("port {}", relay.name)),
+            relay,
             mem,
             acked: AtomicU64::new(0),
             exit_fds: Mutex::new(Vec::new()),
@@ -217,7 +134,7 @@ impl NetDevice {
     /// Event id of a pair's VF socket in its worker's epoll (ids up to `num_queues` are the
     /// library's).
     pub fn vf_event_id(&self) -> u64 {
-        self.port.vf_event_id()
+        self.relay.vf_event_id()
     }
 
     /// Event id of a pair's reschedule eventfd.
@@ -270,7 +187,7 @@ impl VhostUserBackend for NetDevice {
     type Vring = VringRwLock<GuestMemoryAtomicB>;
 
     fn num_queues(&self) -> usize {
-        2 * self.port.pairs.len()
+        2 * self.relay.pairs.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -282,7 +199,7 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn acked_features(&self, features: u64) {
-        info!("port {}: guest features {features:#x}", self.port.name);
+        info!("port {}: guest features {features:#x}", self.relay.name);
         self.acked.store(features, Ordering::Release);
         // Logging stops when a SET_FEATURES clears LOG_ALL (a cancelled migration), which
         // vhost-user-backend's own bitmap ignores. Errors are logged by the dirty log; this
@@ -297,17 +214,17 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn reset_device(&self) {
-        info!("port {}: device reset", self.port.name);
+        info!("port {}: device reset", self.relay.name);
         self.acked.store(0, Ordering::Release);
-        for i in 0..self.port.pairs.len() {
-            if let Some(mut p) = self.port.pair(i) {
+        for i in 0..self.relay.pairs.len() {
+            if let Some(mut p) = self.relay.pair(i) {
                 p.reset();
             }
         }
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        debug!("port {}: event idx {enabled}", self.port.name);
+        debug!("port {}: event idx {enabled}", self.relay.name);
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomicB) -> io::Result<()> {
@@ -315,7 +232,7 @@ impl VhostUserBackend for NetDevice {
         // of it must log into the current dirty log (if migrating): the library gives new
         // regions a bitmap with no log at all. A log that does not cover a new region fails
         // the message (and the connection) rather than corrupt the migrated guest.
-        debug!("port {}: memory table updated", self.port.name);
+        debug!("port {}: memory table updated", self.relay.name);
         check_region_files(&mem.memory())?;
         self.dirty
             .update_memory(&mem.memory())
@@ -323,7 +240,7 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.port.pairs.len())
+        (0..self.relay.pairs.len())
             .map(|i| 0b11u64 << (2 * i))
             .collect()
     }
@@ -341,7 +258,7 @@ impl VhostUserBackend for NetDevice {
     /// waits for a batch in progress to finish, and every batch completes the chains it took,
     /// so no buffer is in flight when the base is read.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(mut pair) = self.port.pair(queue_index as usize / 2) {
+        if let Some(mut pair) = self.relay.pair(queue_index as usize / 2) {
             pair.forget_queue(queue_index as usize);
         }
         Ok(())
@@ -355,25 +272,25 @@ impl VhostUserBackend for NetDevice {
         thread_id: usize,
     ) -> io::Result<()> {
         if u64::from(device_event) == self.vf_event_id() && evset.contains(EventSet::ERROR) {
-            if let Some(pair) = self.port.pair(thread_id) {
+            if let Some(pair) = self.relay.pair(thread_id) {
                 pair.report_vf_error();
             }
         }
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Ok(());
         };
-        let Some(stats) = self.port.stats.pairs.get(thread_id) else {
+        let Some(stats) = self.relay.stats.pairs.get(thread_id) else {
             return Ok(());
         };
         if u64::from(device_event) == self.counters_event_id() {
-            if let Some(mut pair) = self.port.pair(thread_id) {
+            if let Some(mut pair) = self.relay.pair(thread_id) {
                 pair.count_vf_drops(stats);
             }
             return Ok(());
         }
         let neg = self.negotiated();
         let mem = self.mem.memory();
-        if let Some(mut pair) = self.port.pair(thread_id) {
+        if let Some(mut pair) = self.relay.pair(thread_id) {
             pair.run(rx, tx, &mem, neg, stats);
         }
         Ok(())

@@ -18,6 +18,7 @@ pub mod device;
 pub mod log_limit;
 pub mod net_hdr;
 pub mod offload;
+pub mod port;
 pub mod protocol_shim;
 pub mod queue_pair;
 pub mod region_check;

@@ -14,7 +14,7 @@ use clap::Parser;
 use log::{error, info, warn};
 
 use vhost_relay::config::{self, PortConfig, PortSpec, SocketMode};
-use vhost_relay::device::Port;
+use vhost_relay::port::Port;
 use vhost_relay::server::{open_port, run_port};
 use vhost_relay::signals;
 

@@ -17,8 +17,10 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::announce::format_mac;
 use crate::config::{LinkConfig, PortConfig, SocketMode};
-use crate::device::{NetDevice, Port};
+use crate::device::NetDevice;
+use crate::port::{Port, PortKind, Relay, VdpaSlot};
 use crate::protocol_shim;
 use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
@@ -76,67 +78,67 @@ pub enum ServerError {
     },
 }
 
-/// Opens everything the port needs before any frontend comes: a missing VF is found now, not
-/// when the guest boots.
+/// Opens everything the port needs before any frontend comes: a missing VF or vDPA device
+/// is found now, not when the guest boots.
 pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
     let stats = Arc::new(PortStats::new(&cfg.name, cfg.queues));
-    let vf = match &cfg.link {
+    let kind = match &cfg.link {
         LinkConfig::Vdpa(path) => {
-            // Opened now, so a missing or busy device is reported before any frontend comes.
             let dev = vdpa::KernelDevice::open(path).map_err(|source| ServerError::Vdpa {
                 port: cfg.name.clone(),
                 source,
             })?;
             info!("port {}: vDPA device {}", cfg.name, path.display());
-            return Ok(Arc::new(Port::new_vdpa(&cfg.name, dev, stats)));
+            PortKind::Vdpa(VdpaSlot::new(dev))
         }
-        LinkConfig::Vf(vf) => Some(vf),
-        LinkConfig::Loopback => None,
+        LinkConfig::Vf(vf) => PortKind::Vf(open_vf_relay(cfg, vf, &stats)?),
+        LinkConfig::Loopback => {
+            let links = (0..cfg.queues).map(|_| Link::Loopback).collect();
+            let pairs = new_pairs(cfg, links)?;
+            PortKind::Loopback(Arc::new(Relay::new(&cfg.name, pairs, stats.clone())))
+        }
     };
-    let mut pairs = Vec::with_capacity(cfg.queues);
-    let mut vf_index = None;
-    if let Some(vf) = vf {
-        let vf_err = |source| ServerError::Vf {
-            port: cfg.name.clone(),
-            vf: vf.clone(),
-            source,
-        };
-        let info = interface_info(vf).map_err(vf_err)?;
-        vf_index = Some(info.index);
-        info!(
-            "port {}: VF {vf} (index {}, mtu {}, mac {}) with {} queue pair(s), promiscuous",
-            cfg.name,
-            info.index,
-            info.mtu,
-            format_mac(&info.mac),
-            cfg.queues
-        );
-    }
+    Ok(Arc::new(Port::new(&cfg.name, stats, kind)))
+}
+
+/// The queue pairs of a VF port, one VF socket each, and the watch that re-opens them when
+/// the VF is re-created.
+fn open_vf_relay(
+    cfg: &PortConfig,
+    vf: &str,
+    stats: &Arc<PortStats>,
+) -> Result<Arc<Relay>, ServerError> {
+    let vf_err = |source| ServerError::Vf {
+        port: cfg.name.clone(),
+        vf: vf.to_string(),
+        source,
+    };
+    let info = interface_info(vf).map_err(vf_err)?;
+    info!(
+        "port {}: VF {vf} (index {}, mtu {}, mac {}) with {} queue pair(s), promiscuous",
+        cfg.name,
+        info.index,
+        info.mtu,
+        format_mac(&info.mac),
+        cfg.queues
+    );
     // A fanout group id that no other port of this process (or, likely, another process) uses.
-    let group = fanout_group_id(&cfg.name);
-    let mut links: Vec<Link> = match vf {
-        Some(vf) => {
-            let fanout = (cfg.queues > 1).then_some(group);
-            open_queues(
-                &cfg.name,
-                vf,
-                cfg.queues,
-                cfg.vf_mode,
-                fanout,
-                &RingConfig::default(),
-            )
-            .map_err(|source| ServerError::Vf {
-                port: cfg.name.clone(),
-                vf: vf.clone(),
-                source,
-            })?
-            .into_iter()
-            .map(|s| Link::Vf(Box::new(s)))
-            .collect()
-        }
-        None => (0..cfg.queues).map(|_| Link::Loopback).collect(),
-    };
-    for (i, link) in links.drain(..).enumerate() {
+    let fanout = (cfg.queues > 1).then_some(fanout_group_id(&cfg.name));
+    let ring = RingConfig::default();
+    let links = open_queues(&cfg.name, vf, cfg.queues, cfg.vf_mode, fanout, &ring)
+        .map_err(vf_err)?
+        .into_iter()
+        .map(|s| Link::Vf(Box::new(s)))
+        .collect();
+    let relay = Arc::new(Relay::new(&cfg.name, new_pairs(cfg, links)?, stats.clone()));
+    spawn_vf_watch(cfg.clone(), relay.clone(), vf.to_string(), info.index);
+    Ok(relay)
+}
+
+/// One queue pair per link, set up as the port's configuration says.
+fn new_pairs(cfg: &PortConfig, links: Vec<Link>) -> Result<Vec<QueuePair>, ServerError> {
+    let mut pairs = Vec::with_capacity(links.len());
+    for (i, link) in links.into_iter().enumerate() {
         let mut pair = QueuePair::new(&cfg.name, i, link).map_err(|source| ServerError::Io {
             port: cfg.name.clone(),
             message: "cannot create an eventfd".into(),
@@ -147,22 +149,18 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
         pair.tx_wait = cfg.vf_tx_wait;
         pairs.push(pair);
     }
-    let port = Arc::new(Port::new(&cfg.name, pairs, stats));
-    if let (Some(vf), Some(index)) = (vf, vf_index) {
-        spawn_vf_watch(cfg.clone(), port.clone(), vf.clone(), index);
-    }
-    Ok(port)
+    Ok(pairs)
 }
 
 /// Watches the port's VF by name (rtnetlink) and re-opens its sockets, in the same mode and
 /// with a fresh fanout group, when it reappears with another index (deleted and created
 /// again, e.g. by a driver reset). Until then its sockets, bound to the old index, drop what
 /// the guest sends (`vf_down`).
-fn spawn_vf_watch(cfg: PortConfig, port: Arc<Port>, vf: String, index: u32) {
+fn spawn_vf_watch(cfg: PortConfig, relay: Arc<Relay>, vf: String, index: u32) {
     let port_name = cfg.name.clone();
     let state = VfWatch {
         cfg,
-        port: port.clone(),
+        relay,
         vf,
         index,
         generation: 0,
@@ -172,14 +170,14 @@ fn spawn_vf_watch(cfg: PortConfig, port: Arc<Port>, vf: String, index: u32) {
         .name(format!("vf-watch-{port_name}"))
         .spawn(move || state.run());
     if let Err(e) = spawned {
-        warn!("port {}: cannot start the VF watch thread: {e}", port.name);
+        warn!("port {port_name}: cannot start the VF watch thread: {e}");
     }
 }
 
 /// What the VF watch of one port knows.
 struct VfWatch {
     cfg: PortConfig,
-    port: Arc<Port>,
+    relay: Arc<Relay>,
     vf: String,
     /// The index the port's sockets are bound to.
     index: u32,
@@ -222,7 +220,7 @@ impl VfWatch {
         let Ok(now) = if_index(vf) else {
             if !self.gone {
                 info!("port {name}: VF {vf} is gone; dropping its traffic until it is back");
-                self.port.mark_vf_gone();
+                self.relay.mark_vf_gone();
                 self.gone = true;
             }
             return;
@@ -240,7 +238,7 @@ impl VfWatch {
         let ring = RingConfig::default();
         match open_queues(name, vf, self.cfg.queues, self.cfg.vf_mode, fanout, &ring) {
             Ok(socks) => {
-                self.port.replace_vf(socks);
+                self.relay.replace_vf(socks);
                 self.index = now;
                 self.gone = false;
             }
@@ -257,13 +255,6 @@ fn fanout_group_id(name: &str) -> u16 {
         h = h.wrapping_mul(31).wrapping_add(u32::from(b));
     }
     (h ^ (h >> 16)) as u16
-}
-
-fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Serves the port until a fatal error (its listening socket failing). Frontends coming and
@@ -378,109 +369,163 @@ fn serve_connection(cfg: &PortConfig, port: &Arc<Port>, frontend: UnixStream) {
     }
 }
 
-type Daemon = VhostUserDaemon<Arc<NetDevice>>;
-
-/// Serves one frontend connection to its end: a fresh device and daemon, reached through the
-/// protocol shim.
+/// Serves one frontend connection to its end, whatever the port's kind: the protocol shim
+/// checks and relays the frontend's messages to the kind's request handler, over a socket
+/// of ours.
 fn run_session(
     cfg: &PortConfig,
     port: &Arc<Port>,
     frontend: UnixStream,
 ) -> Result<(), ServerError> {
-    if port.vdpa.is_some() {
-        return run_vdpa_session(cfg, port, frontend);
-    }
-    let io_err = |message: &str, source| ServerError::Io {
+    let (handler, shim_end) = SessionHandler::start(cfg, port)?;
+    let shim = protocol_shim::spawn(
+        &cfg.name,
+        handler.rings(),
+        frontend,
+        shim_end,
+        handler.on_rarp(cfg),
+    )
+    .map_err(|source| ServerError::Io {
         port: cfg.name.clone(),
-        message: message.into(),
+        message: "cannot start the protocol shim".into(),
         source,
-    };
-    let (mut daemon, _dev) = new_session(cfg, port)?;
-    // The library accepts on a listener only; give it a private one and connect the shim.
-    let (mut lib_listener, shim_end) = private_connection(&cfg.name)
-        .map_err(|e| io_err("cannot set up the backend-side socket", e))?;
-    let started = daemon.start(&mut lib_listener);
-    drop(lib_listener);
-    if let Err(e) = started {
-        stop_workers(&daemon);
-        warn!("port {}: cannot start serving the frontend: {e}", cfg.name);
-        return Ok(());
+    });
+    match shim {
+        Ok(shim) => {
+            handler.serve(cfg);
+            // The handler's end is closed by now, so the shim closes the frontend's and ends.
+            let _ = shim.join();
+            Ok(())
+        }
+        Err(e) => {
+            handler.abandon();
+            Err(e)
+        }
     }
-    let announcer = port.clone();
-    let on_rarp: protocol_shim::RarpHandler =
-        Box::new(move |mac| crate::announce::announce_logged(&announcer, mac));
-    let shim = protocol_shim::spawn(&cfg.name, 2 * cfg.queues, frontend, shim_end, on_rarp)
-        .map_err(|e| io_err("cannot start the protocol shim", e))?;
-    match daemon.wait() {
-        Ok(()) => info!("port {}: frontend disconnected", cfg.name),
-        Err(e) => warn!("port {}: frontend connection ended: {e}", cfg.name),
+}
+
+type Daemon = VhostUserDaemon<Arc<NetDevice>>;
+
+/// The request handler of one session, per port kind.
+enum SessionHandler<'a> {
+    /// vhost-user-backend's daemon over a fresh device on the port's queue pairs.
+    Relay {
+        relay: &'a Arc<Relay>,
+        daemon: Box<Daemon>,
+    },
+    /// The `vdpa` crate's session on the port's device, once it has it.
+    Vdpa {
+        slot: &'a VdpaSlot,
+        stats: Arc<PortStats>,
+        ours: UnixStream,
+    },
+}
+
+impl<'a> SessionHandler<'a> {
+    /// The handler for a new connection, and the socket end the shim is to talk to it on.
+    fn start(cfg: &PortConfig, port: &'a Port) -> Result<(Self, UnixStream), ServerError> {
+        let io_err = |source| ServerError::Io {
+            port: cfg.name.clone(),
+            message: "cannot set up the backend-side socket".into(),
+            source,
+        };
+        match &port.kind {
+            PortKind::Vf(relay) | PortKind::Loopback(relay) => {
+                let mut daemon = new_daemon(cfg, relay)?;
+                let (mut listener, shim_end) = private_connection(&cfg.name).map_err(io_err)?;
+                // Takes the connection pending on the listener and starts serving it.
+                if let Err(cause) = daemon.start(&mut listener) {
+                    stop_workers(&daemon);
+                    return Err(ServerError::Daemon {
+                        port: cfg.name.clone(),
+                        cause,
+                    });
+                }
+                let daemon = Box::new(daemon);
+                Ok((SessionHandler::Relay { relay, daemon }, shim_end))
+            }
+            PortKind::Vdpa(slot) => {
+                let (ours, shim_end) = UnixStream::pair().map_err(io_err)?;
+                let stats = port.stats.clone();
+                Ok((SessionHandler::Vdpa { slot, stats, ours }, shim_end))
+            }
+        }
     }
-    stop_workers(&daemon);
-    port.handlers
+
+    /// Rings the frontend may address (the shim's bound on per-ring state).
+    fn rings(&self) -> usize {
+        match self {
+            SessionHandler::Relay { relay, .. } => 2 * relay.pairs.len(),
+            SessionHandler::Vdpa { .. } => vdpa::session::NUM_QUEUES,
+        }
+    }
+
+    /// What a SEND_RARP does: a relay broadcasts the guest's announcement on its VF. The vDPA
+    /// session does not offer the RARP protocol feature (the frames would have to come from
+    /// the device, which has no way to inject them), so there a SEND_RARP is a frontend
+    /// going beyond what was negotiated: answered, logged, not acted on.
+    fn on_rarp(&self, cfg: &PortConfig) -> protocol_shim::RarpHandler {
+        match self {
+            SessionHandler::Relay { relay, .. } => {
+                let relay = Arc::clone(relay);
+                Box::new(move |mac| crate::announce::announce_logged(&relay, mac))
+            }
+            SessionHandler::Vdpa { .. } => {
+                let port = cfg.name.clone();
+                Box::new(move |_mac| {
+                    warn!("port {port}: SEND_RARP ignored: a vDPA port does not offer RARP");
+                })
+            }
+        }
+    }
+
+    /// Serves the connection until the frontend goes away, then leaves the port ready for
+    /// the next one.
+    fn serve(self, cfg: &PortConfig) {
+        match self {
+            SessionHandler::Relay { relay, mut daemon } => {
+                match daemon.wait() {
+                    Ok(()) => info!("port {}: frontend disconnected", cfg.name),
+                    Err(e) => warn!("port {}: frontend connection ended: {e}", cfg.name),
+                }
+                end_relay_session(relay, &daemon);
+            }
+            SessionHandler::Vdpa { slot, stats, ours } => match slot.take() {
+                Some(dev) => serve_vdpa_device(cfg, slot, dev, stats, ours),
+                None => warn!(
+                    "port {}: the vDPA device is still held by the last session",
+                    cfg.name
+                ),
+            },
+        }
+    }
+
+    /// Gives up a session whose shim could not start.
+    fn abandon(self) {
+        if let SessionHandler::Relay { relay, daemon } = self {
+            end_relay_session(relay, &daemon);
+        }
+    }
+}
+
+/// Stops the session's workers and forgets their epoll handlers.
+fn end_relay_session(relay: &Relay, daemon: &Daemon) {
+    stop_workers(daemon);
+    relay
+        .handlers
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clear();
     if let Some(h) = daemon.shutdown_handle() {
         h.shutdown();
     }
-    let _ = shim.join();
-    Ok(())
-}
-
-/// Serves one frontend connection in vDPA mode: our own request handler (the session),
-/// reached through the same protocol shim as the relay mode, owns the device until the
-/// frontend goes away, then resets it and hands it back to the port.
-fn run_vdpa_session(
-    cfg: &PortConfig,
-    port: &Arc<Port>,
-    frontend: UnixStream,
-) -> Result<(), ServerError> {
-    let Some(slot) = &port.vdpa else {
-        return Ok(());
-    };
-    // The sockets and the shim first: if they cannot be had, the device stays in its slot.
-    let (ours, shim_end) = UnixStream::pair().map_err(|source| ServerError::Io {
-        port: cfg.name.clone(),
-        message: "cannot set up the backend-side socket".into(),
-        source,
-    })?;
-    // The vDPA session does not offer the RARP protocol feature (the frames would have to
-    // come from the device, which has no way to inject them), so a SEND_RARP is a frontend
-    // going beyond what was negotiated: answered, logged, not acted on.
-    let port_name = cfg.name.clone();
-    let on_rarp: protocol_shim::RarpHandler = Box::new(move |_mac| {
-        warn!("port {port_name}: SEND_RARP ignored: a vDPA port does not offer RARP");
-    });
-    let rings = vdpa::session::NUM_QUEUES;
-    let shim =
-        protocol_shim::spawn(&cfg.name, rings, frontend, shim_end, on_rarp).map_err(|source| {
-            ServerError::Io {
-                port: cfg.name.clone(),
-                message: "cannot start the protocol shim".into(),
-                source,
-            }
-        })?;
-    let dev = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-    match dev {
-        Some(dev) => serve_vdpa_device(cfg, slot, dev, port.stats.clone(), ours),
-        None => {
-            warn!(
-                "port {}: the vDPA device is still held by the last session",
-                cfg.name
-            );
-            drop(ours);
-        }
-    }
-    // Our end is closed by now, so the shim closes the frontend's and ends.
-    let _ = shim.join();
-    Ok(())
 }
 
 /// Runs the vDPA session on `dev` over `ours` until the frontend goes away, then puts the
 /// (reset) device back in `slot`.
 fn serve_vdpa_device(
     cfg: &PortConfig,
-    slot: &std::sync::Mutex<Option<vdpa::KernelDevice>>,
+    slot: &VdpaSlot,
     dev: vdpa::KernelDevice,
     counters: Arc<dyn vdpa::Counters>,
     ours: UnixStream,
@@ -491,7 +536,7 @@ fn serve_vdpa_device(
         Ok(s) => Arc::new(Mutex::new(s)),
         Err((e, dev)) => {
             error!("{e}");
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+            slot.put_back(dev);
             return;
         }
     };
@@ -520,20 +565,17 @@ fn serve_vdpa_device(
                 .unwrap_or_else(|e| e.into_inner())
                 .into_device();
             info!("port {}: vdpa: reset", cfg.name);
-            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(dev);
+            slot.put_back(dev);
         }
         Err(_) => error!("port {}: the vDPA session is still referenced", cfg.name),
     }
 }
 
-/// A fresh device and daemon, with each pair's VF socket and reschedule event registered in
-/// its worker's epoll.
-fn new_session(
-    cfg: &PortConfig,
-    port: &Arc<Port>,
-) -> Result<(Daemon, Arc<NetDevice>), ServerError> {
+/// A fresh device and daemon on the relay's queue pairs, with each pair's VF socket,
+/// reschedule event and counters timer registered in its worker's epoll.
+fn new_daemon(cfg: &PortConfig, relay: &Arc<Relay>) -> Result<Daemon, ServerError> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let dev = Arc::new(NetDevice::new(port.clone(), mem.clone()));
+    let dev = Arc::new(NetDevice::new(relay.clone(), mem.clone()));
     let daemon = VhostUserDaemon::new(cfg.name.clone(), dev.clone(), mem).map_err(|cause| {
         ServerError::Daemon {
             port: cfg.name.clone(),
@@ -542,43 +584,40 @@ fn new_session(
     })?;
     let handlers = daemon.get_epoll_handlers();
     // Held while registering, so a VF re-opened meanwhile is registered here or there.
-    let mut current = port.handlers.lock().unwrap_or_else(|e| e.into_inner());
+    let mut current = relay.handlers.lock().unwrap_or_else(|e| e.into_inner());
     for (i, handler) in handlers.iter().enumerate() {
-        let Some(pair) = port.pair(i) else { continue };
+        let Some(pair) = relay.pair(i) else { continue };
         let io_err = |source, what: &str| ServerError::Io {
             port: cfg.name.clone(),
             message: format!("queue pair {i}: cannot watch {what}"),
             source,
         };
+        let watch = |fd, events, id, what| {
+            handler
+                .register_listener(fd, events, id)
+                .map_err(|e| io_err(e, what))
+        };
+        watch(
+            pair.resched.as_raw_fd(),
+            EventSet::IN,
+            dev.resched_event_id(),
+            "its reschedule event",
+        )?;
         if let Link::Vf(vf) = &pair.link {
-            handler
-                .register_listener(
-                    vf.as_raw_fd(),
-                    EventSet::IN | EventSet::EDGE_TRIGGERED,
-                    dev.vf_event_id(),
-                )
-                .map_err(|e| io_err(e, "the VF socket"))?;
-        }
-        handler
-            .register_listener(
-                pair.resched.as_raw_fd(),
+            let edge = EventSet::IN | EventSet::EDGE_TRIGGERED;
+            watch(vf.as_raw_fd(), edge, dev.vf_event_id(), "the VF socket")?;
+            let timer = pair.counters_timer.as_raw_fd();
+            watch(
+                timer,
                 EventSet::IN,
-                dev.resched_event_id(),
-            )
-            .map_err(|e| io_err(e, "its reschedule event"))?;
-        if let Link::Vf(_) = &pair.link {
-            handler
-                .register_listener(
-                    pair.counters_timer.as_raw_fd(),
-                    EventSet::IN,
-                    dev.counters_event_id(),
-                )
-                .map_err(|e| io_err(e, "its counters timer"))?;
+                dev.counters_event_id(),
+                "its counters timer",
+            )?;
         }
     }
     *current = handlers;
     drop(current);
-    Ok((daemon, dev))
+    Ok(daemon)
 }
 
 fn stop_workers(daemon: &Daemon) {
@@ -624,28 +663,16 @@ fn check_listening_socket(port: &str, fd: RawFd) -> Result<(), ServerError> {
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(bad("not a socket"));
     }
-    if socket_option(fd, libc::SO_ACCEPTCONN) != Some(1) {
+    let socket_option = |name| {
+        crate::vf::sockopt::getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, name)
+            .ok()
+            .map(|(v, _)| v)
+    };
+    if socket_option(libc::SO_ACCEPTCONN) != Some(1) {
         return Err(bad("not listening"));
     }
-    if socket_option(fd, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
+    if socket_option(libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
         return Err(bad("not a unix socket"));
     }
     Ok(())
-}
-
-/// An integer `SOL_SOCKET` option of `fd`, or `None` if it cannot be read.
-fn socket_option(fd: RawFd, option: libc::c_int) -> Option<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into the local `val`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&mut val as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(val)
 }

@@ -19,7 +19,7 @@
 pub mod af_packet;
 pub mod af_xdp;
 mod socket;
-mod sockopt;
+pub(crate) mod sockopt;
 mod sys;
 #[cfg(test)]
 mod testnet;
