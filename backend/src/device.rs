@@ -6,9 +6,9 @@
 //! mutex per queue pair that only that pair's worker thread (and `stop_vring`) ever takes.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use log::{debug, info};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -18,13 +18,12 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{Address, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::offload::RxOffloads;
 use crate::port::Relay;
 use crate::queue_pair::Negotiated;
+use crate::vhost_user_backend_workarounds::ExitFds;
 use crate::{GuestMemoryAtomicB, GuestMemoryMmapB};
 
 /// Ring size QEMU may ask for (its `rx_queue_size`/`tx_queue_size` go up to 1024).
@@ -99,11 +98,8 @@ pub struct NetDevice {
     /// Dirty-page logging for live migration: told about LOG_ALL and memory changes here;
     /// SET_LOG_BASE reaches it through the guest memory bitmaps.
     dirty: migration::DirtyLog,
-    /// Exit eventfds handed to the library's workers. It registers them in epoll with
-    /// `into_raw_fd()` and never closes them, so they are closed here when the session's
-    /// device goes away (after its workers are gone); otherwise every reconnect leaks one
-    /// fd per queue pair.
-    exit_fds: Mutex<Vec<std::os::fd::RawFd>>,
+    /// Exit eventfds handed to the library's workers (it never closes them).
+    exit_fds: ExitFds,
 }
 
 impl NetDevice {
@@ -118,7 +114,7 @@ impl NetDevice {
             relay,
             mem,
             acked: AtomicU64::new(0),
-            exit_fds: Mutex::new(Vec::new()),
+            exit_fds: ExitFds::default(),
         }
     }
 
@@ -145,19 +141,6 @@ impl NetDevice {
     /// Event id of a pair's VF counters timer.
     pub fn counters_event_id(&self) -> u64 {
         self.num_queues() as u64 + 3
-    }
-}
-
-impl Drop for NetDevice {
-    fn drop(&mut self) {
-        let fds = std::mem::take(self.exit_fds.get_mut().unwrap_or_else(|e| e.into_inner()));
-        for fd in fds {
-            // SAFETY: each fd is an eventfd we created for a worker; the library took it with
-            // into_raw_fd() and never closes it. The device is dropped only after the daemon,
-            // its handler and every worker thread (which hold clones of it) are gone, so no
-            // one uses the fd any more.
-            drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-        }
     }
 }
 
@@ -246,12 +229,7 @@ impl VhostUserBackend for NetDevice {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let pair = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        self.exit_fds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pair.0.as_raw_fd());
-        Some(pair)
+        self.exit_fds.new_event()
     }
 
     /// GET_VRING_BASE: the library has already unregistered the queue; taking the pair's lock
@@ -301,6 +279,7 @@ impl VhostUserBackend for NetDevice {
 mod tests {
     use super::*;
     use std::fs::File;
+    use std::os::fd::FromRawFd;
     use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
     fn memfd(len: u64) -> File {

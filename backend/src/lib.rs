@@ -1,16 +1,37 @@
-//! vhost-relay: a vhost-user virtio-net backend that relays guest NICs to VF netdevs.
+//! vhost-relay: a vhost-user virtio-net backend that relays guest NICs to VF netdevs, loops
+//! them back, or hands their rings to a vhost-vdpa device.
 //!
-//! Layers, each behind a narrow interface:
-//! - [`config`]: what the user asked for (command line or TOML), validated;
+//! Where things live:
+//! - [`config`]: what the user asked for (command line or TOML), validated; `main.rs` is
+//!   only the command line and the wiring of ports to threads;
+//! - [`port`]: a port and its kind ([`port::PortKind`]: VF relay, loopback, vDPA) — what
+//!   each kind does for a connection is behind [`server`]'s one connection loop
+//!   (`SessionHandler`: vhost-user-backend's daemon on our queue pairs, or the `vdpa` crate's
+//!   session on the device);
 //! - [`server`]: one thread per port owning the vhost-user socket (listen, inherited fd, or
-//!   client with reconnect), a fresh device per frontend connection;
-//! - [`device`]: the vhost-user device (features, queues, events) on vhost-user-backend;
-//! - [`queue_pair`]: one worker per queue pair moving packets both ways;
-//! - [`tx`] and [`rx`]: the packet paths, one file per direction;
-//! - the guest's split rings are the `virtq` crate (`backend/virtq`, shared with vDPA's shadow
-//!   relay): its crate docs say where a descriptor is validated and where a dirty page is marked;
-//! - [`vf`]: the VF netdev through packet sockets; [`offload`]: software offloads;
+//!   client with reconnect), opening the port and serving one connection after another;
+//! - [`protocol_shim`]: sits between the frontend and the request handler of every kind: the
+//!   checks on what a frontend sends (memory regions against their files in
+//!   [`region_check`], slot and payload limits, fds) and the workarounds for
+//!   vhost-user-backend it needs ([`vhost_user_backend_workarounds`]);
+//! - [`device`]: the vhost-user device of relay ports (features, queues, worker events) on
+//!   vhost-user-backend;
+//! - [`queue_pair`]: one worker per queue pair moving packets both ways; [`tx`] and [`rx`]:
+//!   the packet paths, one file per direction; [`vf`]: the VF netdev through AF_PACKET or
+//!   AF_XDP sockets; [`offload`]: software offloads; [`stats`]: the counters;
 //! - [`announce`]: the RARP broadcast QEMU asks for after a migration (`SEND_RARP`).
+//!
+//! Where a guest descriptor is validated: the `virtq` crate (`backend/virtq`), shared with
+//! vDPA's shadow relay — `virtq::Chain::next_desc` checks every descriptor (index in its
+//! table, indirect tables whole and mapped, loops cut), `virtq::GuestRings::resolve` the
+//! rings, `virtq::SplitRing::pop` the avail index. [`tx`] and [`rx`] then check what a
+//! packet needs (lengths, direction flags, header sizes) and drop one packet for one bad
+//! chain.
+//!
+//! Where a dirty page is marked for live migration: `virtq::GuestMap` (its `write`, and the
+//! RX path's `mark_dirty` of each buffer it filled, before the used index shows it to the
+//! guest), and the used ring when it is published (`virtq::GuestRings::publish_used`). The
+//! bitmap and the shared log are the `migration` crate's.
 
 pub mod announce;
 pub mod config;
@@ -28,6 +49,7 @@ pub mod signals;
 pub mod stats;
 pub mod tx;
 pub mod vf;
+pub mod vhost_user_backend_workarounds;
 
 #[cfg(test)]
 mod fuzz;

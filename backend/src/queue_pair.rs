@@ -22,6 +22,7 @@ use crate::rx::{vf_to_guest, RxRing, RxStop};
 use crate::stats::{DropReason, PairStats};
 use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch, TxError};
 use crate::vf::{VfSocket, VfStats};
+use crate::vhost_user_backend_workarounds::UsedIndexKeeper;
 use crate::GuestMemoryMmapB;
 use virtq::needs_notification;
 
@@ -116,15 +117,9 @@ struct QueueState {
     /// notifications on: always for TX (its packets come from the guest), for RX only while
     /// the guest is out of buffers with VF frames still waiting.
     waiting: bool,
-    /// The used index this worker last published on the queue, while the ring runs (`None`
-    /// until its first run, and again after a stop or reset). vhost-user-backend's
-    /// SET_VRING_ADDR re-derives `next_used` from the used index in guest memory in two steps
-    /// (read it, then store it, each under its own lock), so a worker run that publishes in
-    /// between is rolled back, and the next batch would overwrite used entries the guest has
-    /// already seen. QEMU re-sends SET_VRING_ADDR to every running ring when a migration
-    /// turns logging on or off, so this happens under traffic. Only a stop (GET_VRING_BASE)
-    /// or reset may move a running ring's used index; otherwise ours stands.
-    published_used: Option<u16>,
+    /// The used index this worker last published, put back if vhost-user-backend's
+    /// SET_VRING_ADDR rolls it back under traffic (see [`UsedIndexKeeper`]).
+    published_used: UsedIndexKeeper,
 }
 
 impl QueueState {
@@ -135,7 +130,7 @@ impl QueueState {
             broken: false,
             on: false,
             waiting,
-            published_used: None,
+            published_used: UsedIndexKeeper::default(),
         }
     }
 
@@ -157,35 +152,22 @@ impl QueueState {
     /// Forgets what a previous connection or set-up of the queue left (but `waiting`).
     fn forget(&mut self) {
         self.broken = false;
-        self.published_used = None;
+        self.published_used.forget();
     }
 
     /// Starts a run: decides whether the queue is served, and keeps its used index.
     fn begin(&mut self, state: &mut RingState) {
         self.on = !self.broken && state.get_queue().ready() && state.is_enabled();
         if self.on {
-            self.keep_used_index(state.get_queue_mut());
+            self.published_used
+                .restore(state.get_queue_mut(), &self.label);
         }
     }
 
     /// Ends a run: remembers the used index it published (see `published_used`).
     fn end(&mut self, state: &RingState) {
-        self.published_used = self.on.then(|| state.get_queue().next_used());
-    }
-
-    /// Restores the used index of a running ring if something other than a stop or reset
-    /// moved it since our last run (see `published_used`).
-    fn keep_used_index(&self, queue: &mut Queue) {
-        if let Some(ours) = self.published_used {
-            let theirs = queue.next_used();
-            if theirs != ours {
-                log::debug!(
-                    "{}: used index {theirs} set behind our back (SET_VRING_ADDR racing a batch); keeping {ours}",
-                    self.label
-                );
-                queue.set_next_used(ours);
-            }
-        }
+        self.published_used
+            .published(self.on.then(|| state.get_queue().next_used()));
     }
 
     /// We poll from here on: asks the guest not to kick us (without event idx this sets

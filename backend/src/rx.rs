@@ -9,8 +9,9 @@
 //!
 //! A packet that finds no guest buffer stays in the VF ring (backpressure; the kernel drops
 //! when that fills) and the RX queue's notifications are turned on so the guest's next
-//! buffer wakes us. All guest memory is written through vm-memory, so the dirty bitmap sees
-//! every byte we write when migration turns logging on.
+//! buffer wakes us. Guest memory is written through `virtq::GuestMap`, and
+//! each filled buffer is marked in the dirty bitmap before the used index publishes it, so
+//! migration sees every byte we write once logging is on.
 
 use virtio_queue::Queue;
 use vm_memory::{ByteValued, GuestMemoryBackend};

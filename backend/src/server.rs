@@ -12,7 +12,6 @@ use std::thread;
 use std::time::Duration;
 
 use log::{error, info, warn};
-use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -26,6 +25,7 @@ use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
 use crate::vf::watch::LinkWatch;
 use crate::vf::{if_index, interface_info, open_queues, RingConfig};
+use crate::vhost_user_backend_workarounds;
 
 /// How long a client-mode port waits between attempts to reach its frontend.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -432,7 +432,9 @@ impl<'a> SessionHandler<'a> {
         match &port.kind {
             PortKind::Vf(relay) | PortKind::Loopback(relay) => {
                 let mut daemon = new_daemon(cfg, relay)?;
-                let (mut listener, shim_end) = private_connection(&cfg.name).map_err(io_err)?;
+                let (mut listener, shim_end) =
+                    vhost_user_backend_workarounds::private_connection(&cfg.name)
+                        .map_err(io_err)?;
                 // Takes the connection pending on the listener and starts serving it.
                 if let Err(cause) = daemon.start(&mut listener) {
                     stop_workers(&daemon);
@@ -624,29 +626,6 @@ fn stop_workers(daemon: &Daemon) {
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
-}
-
-/// A listener with one connection already pending on it, and that connection's other end.
-///
-/// The socket is bound in a fresh directory only we can enter, connected to, and then the
-/// socket and directory are removed at once (a pending connection survives the unlink), so
-/// nothing else can reach the library's side and nothing is left on disk if we are killed.
-fn private_connection(port: &str) -> std::io::Result<(Listener, UnixStream)> {
-    use std::os::unix::fs::DirBuilderExt;
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let safe: String = port
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("vhost-relay.{}.{safe}.{n}", std::process::id()));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    let sock = dir.join("backend.sock");
-    let made = UnixListener::bind(&sock).and_then(|l| Ok((l, UnixStream::connect(&sock)?)));
-    let _ = std::fs::remove_file(&sock);
-    let _ = std::fs::remove_dir(&dir);
-    let (listener, stream) = made?;
-    Ok((Listener::from(listener), stream))
 }
 
 fn check_listening_socket(port: &str, fd: RawFd) -> Result<(), ServerError> {
