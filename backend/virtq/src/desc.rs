@@ -147,10 +147,6 @@ impl<'a> Chain<'a> {
         }
     }
 
-    pub fn head(&self) -> u16 {
-        self.head
-    }
-
     /// The walk ended because the chain had more descriptors than its table: it loops.
     pub fn was_cut(&self) -> bool {
         self.cut
