@@ -230,7 +230,7 @@ fn impossible_avail(queue: &Queue, mem: &GuestMemoryMmapB) -> Option<String> {
 /// How long an idle worker spins before it sleeps, adapted to the traffic. What decides is
 /// how long the worker then slept: woken again within the longest spin, it would have done
 /// better to keep polling (a kick and a wake-up cost more than the spin), so the next spin
-/// doubles; asleep for longer, the spin was wasted and halves (down to [`MIN_SPIN`]). Work
+/// doubles; asleep for longer, the spin was wasted and halves (down to `MIN_SPIN`). Work
 /// found while spinning also doubles it. Steady traffic with short gaps so keeps the worker
 /// polling and the frontend free of kicks; sparse traffic (pings) costs a few microseconds
 /// of spinning per packet.
@@ -363,7 +363,7 @@ impl QueuePair {
     }
 
     /// Adds what the VF socket lost since the last call to the pair's drops (see
-    /// [`add_vf_drops`]). Called on the worker thread (the counters' only writer).
+    /// `add_vf_drops`). Called on the worker thread (the counters' only writer).
     pub fn count_vf_drops(&mut self, stats: &PairStats) {
         let _ = self.counters_timer.wait();
         let Link::Vf(vf) = &self.link else { return };

@@ -1019,7 +1019,7 @@ impl PacketSocket {
         }
     }
 
-    /// Reads and clears the socket's pending error (see [`sockopt::take_error`]).
+    /// Reads and clears the socket's pending error (see `sockopt::take_error`).
     pub fn take_error(&self) -> Option<io::Error> {
         sockopt::take_error(self.fd.as_raw_fd())
     }

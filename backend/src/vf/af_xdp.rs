@@ -725,7 +725,7 @@ impl XdpSocket {
         out
     }
 
-    /// Reads and clears the socket's pending error (see [`sockopt::take_error`]).
+    /// Reads and clears the socket's pending error (see `sockopt::take_error`).
     pub fn take_error(&self) -> Option<io::Error> {
         sockopt::take_error(self.fd.as_raw_fd())
     }
