@@ -8,22 +8,23 @@ use std::path::{Path, PathBuf};
 
 use vhost::vdpa::VhostVdpa;
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
+use vhost::vhost_kern::vhost_binding::{
+    VHOST_BACKEND_F_IOTLB_BATCH, VHOST_BACKEND_F_IOTLB_MSG_V2, VHOST_BACKEND_F_SUSPEND,
+};
 use vhost::vhost_kern::VhostKernFeatures;
 use vhost::{VhostBackend, VhostIotlbBackend, VhostIotlbMsg, VhostIotlbType, VringConfigData};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-/// vhost backend feature bits (linux/vhost_types.h).
-pub const BACKEND_F_IOTLB_MSG_V2: u64 = 1 << 1;
-pub const BACKEND_F_IOTLB_BATCH: u64 = 1 << 2;
-pub const BACKEND_F_SUSPEND: u64 = 1 << 4;
+/// vhost backend feature masks (the bindings give bit numbers, linux/vhost_types.h).
+pub const BACKEND_F_IOTLB_MSG_V2: u64 = 1 << VHOST_BACKEND_F_IOTLB_MSG_V2;
+pub const BACKEND_F_IOTLB_BATCH: u64 = 1 << VHOST_BACKEND_F_IOTLB_BATCH;
+pub const BACKEND_F_SUSPEND: u64 = 1 << VHOST_BACKEND_F_SUSPEND;
 /// The only backend features we ack: the IOTLB message format and batching the memory
 /// table's updates, and SUSPEND to stop a device cleanly before reading its rings.
 pub const WANTED_BACKEND_FEATURES: u64 =
     BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH | BACKEND_F_SUSPEND;
-
-/// virtio-net device id.
-pub const VIRTIO_ID_NET: u32 = 1;
 
 /// What the session needs from a vhost-vdpa device. Addresses given to the device are IOVAs
 /// (here always guest physical addresses, or our shadow rings' IOVAs); `va` in `dma_map` is

@@ -27,7 +27,8 @@ use migration::{check_guest_region, DirtyBitmap, DirtyLog, LogMemory, RegionDesc
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
@@ -48,8 +49,10 @@ type VuResult<T> = vhost::vhost_user::Result<T>;
 /// multiqueue).
 pub const NUM_QUEUES: usize = 2;
 
-const LOG_ALL: u64 = 1 << 26;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The vhost-user feature bits (not virtio ones): the frontend logs dirty pages, and the
+/// frontend speaks the protocol-feature negotiation. Never passed on to the device.
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// Counters of packets relayed by this process (shadow mode only).
 pub trait Counters: Send + Sync {
@@ -123,10 +126,10 @@ pub fn offered_features(device: u64) -> u64 {
         VIRTIO_NET_F_VQ_NOTF_COAL,
         VIRTIO_NET_F_RSS,
         VIRTIO_NET_F_HASH_REPORT,
-        26,
-        30,
     ];
     let mask = drop_bits.iter().fold(0u64, |m, b| m | (1u64 << b));
+    // The vhost-user bits are ours to offer whatever the device says (a device's bits 26
+    // and 30 mean nothing to the frontend).
     (device & !mask) | PROTOCOL_FEATURES | LOG_ALL
 }
 

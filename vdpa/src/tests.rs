@@ -9,9 +9,15 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserLog, VhostUserMemoryRegion};
+use vhost::vhost_user::message::{VhostUserVirtioFeatures, VhostUserVringAddrFlags};
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use virtio_bindings::virtio_config::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -22,11 +28,14 @@ use crate::shadow::{GuestMem, RelayError, UsedBatch};
 const MEM: u64 = 1 << 20;
 const USER: u64 = 0x7f00_0000_0000;
 const NUM: u16 = 16;
-const VERSION_1: u64 = 1 << 32;
-const ACCESS_PLATFORM: u64 = 1 << 33;
-const MAC: u64 = 1 << 5;
-const LOG_ALL: u64 = 1 << 26;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+const ACCESS_PLATFORM: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;
+const MAC: u64 = 1 << VIRTIO_NET_F_MAC;
+const MQ: u64 = 1 << VIRTIO_NET_F_MQ;
+const CTRL_VQ: u64 = 1 << VIRTIO_NET_F_CTRL_VQ;
+const RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const PAGE: u64 = 4096;
 
 #[derive(Default)]
@@ -171,7 +180,7 @@ struct Fixture {
 }
 
 fn device_features() -> u64 {
-    VERSION_1 | ACCESS_PLATFORM | MAC | (1 << 22) | (1 << 17) | (1 << 34)
+    VERSION_1 | ACCESS_PLATFORM | MAC | MQ | CTRL_VQ | RING_PACKED
 }
 
 /// A session set up the way QEMU 10 does it: vring enable before SET_FEATURES (the shim
@@ -252,12 +261,8 @@ fn features_hide_what_cannot_be_carried_and_refuse_what_the_device_lacks() {
         0,
         "no vIOMMU towards the frontend"
     );
-    assert_eq!(offered & (1 << 34), 0, "no packed ring");
-    assert_eq!(
-        offered & ((1 << 22) | (1 << 17)),
-        0,
-        "no MQ / control queue"
-    );
+    assert_eq!(offered & RING_PACKED, 0, "no packed ring");
+    assert_eq!(offered & (MQ | CTRL_VQ), 0, "no MQ / control queue");
     assert_ne!(offered & LOG_ALL, 0, "migration possible");
     assert_ne!(offered & VERSION_1, 0);
     let dev = MockDevice::new(device_features(), 0);
@@ -265,7 +270,7 @@ fn features_hide_what_cannot_be_carried_and_refuse_what_the_device_lacks() {
         .map_err(|e| e.0)
         .unwrap();
     let err = s
-        .set_features(VERSION_1 | (1 << 0))
+        .set_features(VERSION_1 | (1 << VIRTIO_NET_F_CSUM))
         .unwrap_err()
         .to_string();
     assert!(
