@@ -55,7 +55,6 @@ pub trait VdpaDevice: Send {
         used: u64,
     ) -> io::Result<()>;
     fn set_vring_base(&mut self, q: usize, base: u16) -> io::Result<()>;
-    fn vring_base(&mut self, q: usize) -> io::Result<u16>;
     fn set_vring_kick(&mut self, q: usize, fd: &EventFd) -> io::Result<()>;
     fn set_vring_call(&mut self, q: usize, fd: &EventFd) -> io::Result<()>;
     fn set_vring_enable(&mut self, q: usize, on: bool) -> io::Result<()>;
@@ -86,7 +85,6 @@ pub enum OpenError {
 
 /// A kernel vhost-vdpa device (`/dev/vhost-vdpa-N`), opened and owned by this process.
 pub struct KernelDevice {
-    path: PathBuf,
     inner: VhostKernVdpa<GuestMemoryAtomic<GuestMemoryMmap<()>>>,
 }
 
@@ -157,14 +155,7 @@ impl KernelDevice {
             .map_err(io("VHOST_SET_BACKEND_FEATURES"))?;
         // Start from a reset device whatever an earlier user left behind.
         inner.set_status(0).map_err(io("VHOST_VDPA_SET_STATUS 0"))?;
-        Ok(KernelDevice {
-            path: path.to_path_buf(),
-            inner,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(KernelDevice { inner })
     }
 
     fn iotlb(&self, msg_type: VhostIotlbType) -> io::Result<()> {
@@ -255,12 +246,6 @@ impl VdpaDevice for KernelDevice {
     }
     fn set_vring_base(&mut self, q: usize, base: u16) -> io::Result<()> {
         self.inner.set_vring_base(q, base).map_err(vhost_io)
-    }
-    fn vring_base(&mut self, q: usize) -> io::Result<u16> {
-        self.inner
-            .get_vring_base(q)
-            .map(|b| b as u16)
-            .map_err(vhost_io)
     }
     fn set_vring_kick(&mut self, q: usize, fd: &EventFd) -> io::Result<()> {
         self.inner.set_vring_kick(q, fd).map_err(vhost_io)

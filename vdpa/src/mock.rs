@@ -264,9 +264,6 @@ impl VdpaDevice for MockDevice {
         self.state().rings[q].base = base;
         Ok(())
     }
-    fn vring_base(&mut self, q: usize) -> io::Result<u16> {
-        Ok(self.state().rings[q].last_avail)
-    }
     fn set_vring_kick(&mut self, q: usize, fd: &EventFd) -> io::Result<()> {
         self.state().rings[q].kick_fd = fd.as_raw_fd();
         Ok(())

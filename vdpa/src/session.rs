@@ -135,7 +135,7 @@ pub fn offered_features(device: u64) -> u64 {
 
 /// Protocol features: MQ only to answer GET_QUEUE_NUM (one pair), CONFIG for MAC/MTU from
 /// the device, LOG_SHMFD for migration.
-pub fn protocol_features() -> VhostUserProtocolFeatures {
+fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
@@ -194,7 +194,6 @@ pub struct Session<D: VdpaDevice> {
     dev: D,
     device_features: u64,
     acked: Option<u64>,
-    protocol: u64,
     mem: GuestMem,
     regions: Vec<Region>,
     /// IOVA ranges mapped in the device for guest memory.
@@ -241,7 +240,6 @@ impl<D: VdpaDevice> Session<D> {
             dev,
             device_features,
             acked: None,
-            protocol: 0,
             mem: GuestMemoryMmap::new(),
             regions: Vec::new(),
             mapped: Vec::new(),
@@ -263,14 +261,6 @@ impl<D: VdpaDevice> Session<D> {
 
     pub fn mode(&self) -> Option<Mode> {
         self.running.as_ref().map(|r| r.mode)
-    }
-
-    pub fn device(&self) -> &D {
-        &self.dev
-    }
-
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.dev
     }
 
     /// The end of the connection: the device is reset and guest memory unmapped from it.
@@ -970,8 +960,9 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Ok(protocol_features())
     }
 
-    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        self.protocol = features;
+    /// Nothing to keep: the vhost crate's request handler keeps the acked protocol features
+    /// itself (for REPLY_ACK), and nothing in this session depends on them.
+    fn set_protocol_features(&mut self, _features: u64) -> VuResult<()> {
         Ok(())
     }
 
