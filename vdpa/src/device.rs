@@ -95,6 +95,32 @@ fn vhost_io(e: vhost::Error) -> io::Error {
     }
 }
 
+/// The two steps of taking a device whose errno says something a person can act on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenStep {
+    Open,
+    SetOwner,
+}
+
+/// The error for a failed open or VHOST_SET_OWNER: errno says whether the node is missing,
+/// taken, forbidden or not a vhost-vdpa device.
+fn open_error(path: &Path, step: OpenStep, e: io::Error) -> OpenError {
+    let path = path.to_path_buf();
+    let opening = step == OpenStep::Open;
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => OpenError::Busy { path },
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) if opening => OpenError::Missing { path },
+        Some(libc::EACCES | libc::EPERM) if opening => OpenError::Permission { path },
+        // A character device that takes no vhost ioctls.
+        Some(libc::ENOTTY | libc::EINVAL) if !opening => OpenError::NotVdpa { path },
+        _ => OpenError::Io {
+            path,
+            what: if opening { "open" } else { "VHOST_SET_OWNER" },
+            source: e,
+        },
+    }
+}
+
 impl KernelDevice {
     /// Opens the device, takes ownership of it (VHOST_SET_OWNER), checks it is a virtio-net
     /// device and acks the backend features we use that it offers.
@@ -107,21 +133,8 @@ impl KernelDevice {
         })?;
         // The vhost crate ignores the memory for vhost-vdpa (ring addresses are IOVAs).
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut inner = VhostKernVdpa::new(s, mem).map_err(|e| {
-            let e = vhost_io(e);
-            match e.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
-                    OpenError::Missing { path: p() }
-                }
-                Some(libc::EBUSY) => OpenError::Busy { path: p() },
-                Some(libc::EACCES) | Some(libc::EPERM) => OpenError::Permission { path: p() },
-                _ => OpenError::Io {
-                    path: p(),
-                    what: "open",
-                    source: e,
-                },
-            }
-        })?;
+        let mut inner = VhostKernVdpa::new(s, mem)
+            .map_err(|e| open_error(path, OpenStep::Open, vhost_io(e)))?;
         let io = |what: &'static str| {
             move |e: vhost::Error| OpenError::Io {
                 path: path.to_path_buf(),
@@ -129,18 +142,9 @@ impl KernelDevice {
                 source: vhost_io(e),
             }
         };
-        inner.set_owner().map_err(|e| {
-            let e = vhost_io(e);
-            match e.raw_os_error() {
-                Some(libc::EBUSY) => OpenError::Busy { path: p() },
-                Some(libc::ENOTTY) | Some(libc::EINVAL) => OpenError::NotVdpa { path: p() },
-                _ => OpenError::Io {
-                    path: p(),
-                    what: "VHOST_SET_OWNER",
-                    source: e,
-                },
-            }
-        })?;
+        inner
+            .set_owner()
+            .map_err(|e| open_error(path, OpenStep::SetOwner, vhost_io(e)))?;
         let id = inner
             .get_device_id()
             .map_err(io("VHOST_VDPA_GET_DEVICE_ID"))?;
@@ -258,5 +262,61 @@ impl VdpaDevice for KernelDevice {
     }
     fn suspend(&mut self) -> io::Result<()> {
         self.inner.suspend().map_err(vhost_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(step: OpenStep, errno: i32) -> OpenError {
+        open_error(
+            Path::new("/dev/vhost-vdpa-0"),
+            step,
+            io::Error::from_raw_os_error(errno),
+        )
+    }
+
+    #[test]
+    fn open_errno_says_what_to_do() {
+        assert!(matches!(
+            map(OpenStep::Open, libc::ENOENT),
+            OpenError::Missing { .. }
+        ));
+        assert!(matches!(
+            map(OpenStep::Open, libc::EBUSY),
+            OpenError::Busy { .. }
+        ));
+        assert!(matches!(
+            map(OpenStep::Open, libc::EACCES),
+            OpenError::Permission { .. }
+        ));
+        assert!(matches!(
+            map(OpenStep::Open, libc::ENOTTY),
+            OpenError::Io { what: "open", .. }
+        ));
+    }
+
+    #[test]
+    fn set_owner_errno_says_what_to_do() {
+        assert!(matches!(
+            map(OpenStep::SetOwner, libc::EBUSY),
+            OpenError::Busy { .. }
+        ));
+        assert!(matches!(
+            map(OpenStep::SetOwner, libc::ENOTTY),
+            OpenError::NotVdpa { .. }
+        ));
+        assert!(matches!(
+            map(OpenStep::SetOwner, libc::EINVAL),
+            OpenError::NotVdpa { .. }
+        ));
+        assert!(matches!(
+            map(OpenStep::SetOwner, libc::ENOENT),
+            OpenError::Io {
+                what: "VHOST_SET_OWNER",
+                ..
+            }
+        ));
     }
 }
