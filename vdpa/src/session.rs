@@ -148,9 +148,10 @@ pub enum Mode {
     Shadow,
 }
 
-/// What the frontend said about one ring.
+/// What the frontend said about one of its rings (size, guest addresses, base, eventfds,
+/// enabled): the session replays it onto the device at each start.
 #[derive(Default)]
-struct Vring {
+struct FrontendRing {
     num: u16,
     /// Guest physical addresses.
     addr: Option<RingAddr>,
@@ -160,7 +161,7 @@ struct Vring {
     enabled: bool,
 }
 
-impl Vring {
+impl FrontendRing {
     fn ready(&self) -> bool {
         self.num > 0 && self.addr.is_some() && self.kick.is_some() && self.call.is_some()
     }
@@ -177,7 +178,7 @@ struct Region {
 /// The device as currently started.
 struct Running {
     mode: Mode,
-    /// Which rings were started, with their state at start.
+    /// Indices of the rings that were started.
     rings: Vec<usize>,
     relay: Option<Relay>,
 }
@@ -198,13 +199,14 @@ pub struct Session<D: VdpaDevice> {
     regions: Vec<Region>,
     /// IOVA ranges mapped in the device for guest memory.
     mapped: Vec<(u64, u64)>,
-    vrings: Vec<Vring>,
+    /// The frontend's rings, by queue index.
+    rings: Vec<FrontendRing>,
     running: Option<Running>,
     log: DirtyLog,
     counters: Arc<dyn Counters>,
     max_num: u16,
     /// Set by GET_VRING_BASE: the frontend stopped the device; wait for a new kick.
-    stopped: bool,
+    stopped_by_frontend: bool,
 }
 
 impl<D: VdpaDevice> Session<D> {
@@ -243,12 +245,12 @@ impl<D: VdpaDevice> Session<D> {
             mem: GuestMemoryMmap::new(),
             regions: Vec::new(),
             mapped: Vec::new(),
-            vrings: (0..NUM_QUEUES).map(|_| Vring::default()).collect(),
+            rings: (0..NUM_QUEUES).map(|_| FrontendRing::default()).collect(),
             running: None,
             log: DirtyLog::new(format!("port {port}")),
             counters,
             max_num,
-            stopped: false,
+            stopped_by_frontend: false,
         })
     }
 
@@ -272,7 +274,7 @@ impl<D: VdpaDevice> Session<D> {
         self.unmap_guest();
         self.mem = GuestMemoryMmap::new();
         self.regions.clear();
-        self.vrings = (0..NUM_QUEUES).map(|_| Vring::default()).collect();
+        self.rings = (0..NUM_QUEUES).map(|_| FrontendRing::default()).collect();
         self.acked = None;
     }
 
@@ -307,9 +309,9 @@ impl<D: VdpaDevice> Session<D> {
         }
     }
 
-    fn vring(&mut self, index: u32) -> Result<&mut Vring, SessionError> {
+    fn ring(&mut self, index: u32) -> Result<&mut FrontendRing, SessionError> {
         let port = self.port.clone();
-        self.vrings
+        self.rings
             .get_mut(index as usize)
             .ok_or(SessionError::Invalid {
                 port,
@@ -370,14 +372,17 @@ impl<D: VdpaDevice> Session<D> {
     /// of the pair fully described (size, addresses, kick and call), one of them enabled.
     /// Waiting for the whole pair avoids a reset per ring while QEMU sets them up one by one.
     fn maybe_start(&mut self) -> Result<(), SessionError> {
-        if self.running.is_some() || self.stopped || self.acked.is_none() || self.regions.is_empty()
+        if self.running.is_some()
+            || self.stopped_by_frontend
+            || self.acked.is_none()
+            || self.regions.is_empty()
         {
             return Ok(());
         }
-        if !self.vrings.iter().all(Vring::ready) || !self.vrings.iter().any(|v| v.enabled) {
+        if !self.rings.iter().all(FrontendRing::ready) || !self.rings.iter().any(|v| v.enabled) {
             return Ok(());
         }
-        let ready: Vec<usize> = (0..self.vrings.len()).collect();
+        let ready: Vec<usize> = (0..self.rings.len()).collect();
         let mode = self.wanted_mode();
         match self.start(mode, &ready) {
             Ok(()) => Ok(()),
@@ -447,7 +452,7 @@ impl<D: VdpaDevice> Session<D> {
             shadow_iova = top.max(first).div_ceil(1 << 21) * (1 << 21);
             let need: u64 = rings
                 .iter()
-                .map(|&q| ShadowQueue::iova_size(self.vrings[q].num))
+                .map(|&q| ShadowQueue::iova_size(self.rings[q].num))
                 .sum();
             if shadow_iova
                 .checked_add(need)
@@ -459,9 +464,9 @@ impl<D: VdpaDevice> Session<D> {
             }
         }
         let mut queues = Vec::new();
-        let mut links = Vec::new();
+        let mut event_fds = Vec::new();
         for &q in rings {
-            let v = &self.vrings[q];
+            let v = &self.rings[q];
             let (num, base, enabled) = (v.num, v.base, v.enabled);
             let Some(addr) = v.addr else { continue };
             let (Some(gkick), gcall) = (v.kick.clone(), v.call.clone()) else {
@@ -510,7 +515,7 @@ impl<D: VdpaDevice> Session<D> {
                         .set_vring_call(q, &dcall)
                         .map_err(|e| self.derr(qerr("VHOST_SET_VRING_CALL"), e))?;
                     queues.push(sq);
-                    links.push(Link {
+                    event_fds.push(ShadowEventFds {
                         guest_kick: gkick.clone(),
                         guest_call: gcall.clone(),
                         dev_kick: dkick,
@@ -539,7 +544,7 @@ impl<D: VdpaDevice> Session<D> {
                 // Buffers the guest made available while the device was stopped: a kick
                 // makes the device look (a spurious one is harmless).
                 for &q in rings {
-                    if let Some(k) = &self.vrings[q].kick {
+                    if let Some(k) = &self.rings[q].kick {
                         let _ = k.write(1);
                     }
                 }
@@ -549,7 +554,7 @@ impl<D: VdpaDevice> Session<D> {
                 spawn_relay(
                     &self.port,
                     queues,
-                    links,
+                    event_fds,
                     self.mem.clone(),
                     self.counters.clone(),
                 )
@@ -600,7 +605,7 @@ impl<D: VdpaDevice> Session<D> {
                             Ok(b) if b.entries > 0 => {
                                 self.counters.relayed(sq.q, u64::from(b.entries), b.bytes);
                                 if let Some(call) =
-                                    self.vrings.get(sq.q).and_then(|v| v.call.as_ref())
+                                    self.rings.get(sq.q).and_then(|v| v.call.as_ref())
                                 {
                                     let _ = call.write(1);
                                 }
@@ -615,14 +620,14 @@ impl<D: VdpaDevice> Session<D> {
             }
         }
         for q in run.rings {
-            let Some(addr) = self.vrings[q].addr else {
+            let Some(addr) = self.rings[q].addr else {
                 continue;
             };
             match self
                 .mem
                 .load::<u16>(GuestAddress(addr.used + 2), Ordering::Acquire)
             {
-                Ok(idx) => self.vrings[q].base = u16::from_le(idx),
+                Ok(idx) => self.rings[q].base = u16::from_le(idx),
                 Err(_) => warn!(
                     "port {}: queue {q}: used ring {:#x} not in guest memory",
                     self.port, addr.used
@@ -642,8 +647,9 @@ impl<D: VdpaDevice> Session<D> {
     }
 }
 
-/// The fds of one shadowed queue.
-struct Link {
+/// The eventfds of one shadowed queue: the frontend's pair and the device's pair, between
+/// which the shadow relay thread passes notifications.
+struct ShadowEventFds {
     guest_kick: Arc<EventFd>,
     guest_call: Option<Arc<EventFd>>,
     dev_kick: EventFd,
@@ -657,7 +663,7 @@ const RELAY_POLL: Duration = Duration::from_millis(50);
 fn spawn_relay(
     port: &str,
     mut queues: Vec<ShadowQueue>,
-    links: Vec<Link>,
+    event_fds: Vec<ShadowEventFds>,
     mem: GuestMem,
     counters: Arc<dyn Counters>,
 ) -> io::Result<Relay> {
@@ -674,8 +680,8 @@ fn spawn_relay(
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            for l in &links {
-                for fd in [l.guest_kick.as_raw_fd(), l.dev_call.as_raw_fd()] {
+            for efd in &event_fds {
+                for fd in [efd.guest_kick.as_raw_fd(), efd.dev_call.as_raw_fd()] {
                     fds.push(libc::pollfd {
                         fd,
                         events: libc::POLLIN,
@@ -688,10 +694,10 @@ fn spawn_relay(
                     if broken[i] {
                         continue;
                     }
-                    let l = &links[i];
+                    let efd = &event_fds[i];
                     match sq.forward_avail(&mem) {
                         Ok(n) if n > 0 => {
-                            let _ = l.dev_kick.write(1);
+                            let _ = efd.dev_kick.write(1);
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -704,7 +710,7 @@ fn spawn_relay(
                         Ok(b) if b.entries > 0 => {
                             counters.relayed(sq.q, u64::from(b.entries), b.bytes);
                             if b.notify {
-                                if let Some(c) = &l.guest_call {
+                                if let Some(c) = &efd.guest_call {
                                     let _ = c.write(1);
                                 }
                             }
@@ -856,7 +862,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
                 "queue {index}: ring size {num} (the device takes powers of two up to {max})"
             ))));
         }
-        self.vring(index).map_err(to_vu)?.num = num as u16;
+        self.ring(index).map_err(to_vu)?.num = num as u16;
         Ok(())
     }
 
@@ -869,7 +875,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
-        let num = u64::from(self.vring(index).map_err(to_vu)?.num.max(1));
+        let num = u64::from(self.ring(index).map_err(to_vu)?.num.max(1));
         let t = |a, len| self.to_gpa(a, len);
         let (Some(desc), Some(avail), Some(used)) = (
             t(descriptor, 16 * num),
@@ -881,7 +887,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
             ))));
         };
         let addr = RingAddr { desc, avail, used };
-        let v = self.vring(index).map_err(to_vu)?;
+        let v = self.ring(index).map_err(to_vu)?;
         let changed = v.addr != Some(addr);
         v.addr = Some(addr);
         // QEMU sends it again (with the log flag) when logging starts: same rings, nothing
@@ -898,18 +904,18 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        self.vring(index).map_err(to_vu)?.base = base as u16;
+        self.ring(index).map_err(to_vu)?.base = base as u16;
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        self.vring(index).map_err(to_vu)?;
+        self.ring(index).map_err(to_vu)?;
         if self.running.is_some() {
             self.stop();
             info!("port {}: vdpa: stopped by the frontend", self.port);
         }
-        self.stopped = true;
-        let v = self.vring(index).map_err(to_vu)?;
+        self.stopped_by_frontend = true;
+        let v = self.ring(index).map_err(to_vu)?;
         v.kick = None;
         Ok(VhostUserVringState::new(index, u32::from(v.base)))
     }
@@ -921,8 +927,8 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
             ))));
         };
         let kick = Arc::new(file_to_eventfd(fd));
-        self.vring(index.into()).map_err(to_vu)?.kick = Some(kick.clone());
-        self.stopped = false;
+        self.ring(index.into()).map_err(to_vu)?.kick = Some(kick.clone());
+        self.stopped_by_frontend = false;
         if self.running_ring(index) == Some(Mode::Direct) {
             // A running device takes a new kick fd as it is (vhost polls the new one).
             return self
@@ -938,7 +944,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let call = fd.map(|f| Arc::new(file_to_eventfd(f)));
-        self.vring(index.into()).map_err(to_vu)?.call = call.clone();
+        self.ring(index.into()).map_err(to_vu)?.call = call.clone();
         match (self.running_ring(index), &call) {
             // QEMU swaps call fds on a running device whenever the guest masks or unmasks
             // the queue's interrupt vector: vhost-vdpa rewires its interrupt in place, so no
@@ -972,7 +978,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
-        let v = self.vring(index).map_err(to_vu)?;
+        let v = self.ring(index).map_err(to_vu)?;
         if v.enabled == enable {
             return Ok(());
         }
