@@ -54,6 +54,9 @@ pub const NUM_QUEUES: usize = 2;
 const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
+/// Shadow rings start on a 2 MiB boundary above guest memory.
+const SHADOW_IOVA_ALIGN: u64 = 1 << 21;
+
 /// Counters of packets relayed by this process (shadow mode only).
 pub trait Counters: Send + Sync {
     /// `queue` is the virtqueue index (even: rx, odd: tx).
@@ -436,33 +439,10 @@ impl<D: VdpaDevice> Session<D> {
                 status: st,
             });
         }
-        // Shadow rings live above guest memory, inside the device's IOVA range.
-        let mut shadow_iova = 0u64;
-        if mode == Mode::Shadow {
-            let (first, last) = self
-                .dev
-                .iova_range()
-                .map_err(|e| self.derr("VHOST_VDPA_GET_IOVA_RANGE", e))?;
-            let top = self
-                .regions
-                .iter()
-                .map(|r| r.gpa.saturating_add(r.size))
-                .max()
-                .unwrap_or(0);
-            shadow_iova = top.max(first).div_ceil(1 << 21) * (1 << 21);
-            let need: u64 = rings
-                .iter()
-                .map(|&q| ShadowQueue::iova_size(self.rings[q].num))
-                .sum();
-            if shadow_iova
-                .checked_add(need)
-                .is_none_or(|end| end - 1 > last)
-            {
-                return Err(self.invalid(format!(
-                    "no room for shadow rings in the device's IOVA range {first:#x}-{last:#x} above guest memory (ends {top:#x}); migration needs it"
-                )));
-            }
-        }
+        let mut shadow_iova = match mode {
+            Mode::Shadow => self.shadow_iova_base(rings)?,
+            Mode::Direct => 0,
+        };
         let mut queues = Vec::new();
         let mut event_fds = Vec::new();
         for &q in rings {
@@ -496,7 +476,8 @@ impl<D: VdpaDevice> Session<D> {
                 Mode::Shadow => {
                     let sq = ShadowQueue::new(q, num, addr, shadow_iova, base, event_idx)
                         .map_err(|e| self.derr(qerr("shadow ring"), e))?;
-                    shadow_iova += ShadowQueue::iova_size(num);
+                    // Cannot overflow: shadow_iova_base checked the whole span.
+                    shadow_iova = shadow_iova.wrapping_add(ShadowQueue::iova_size(num));
                     self.dev
                         .dma_map(sq.iova, sq.mem.len() as u64, sq.mem.va())
                         .map_err(|e| self.derr(qerr("DMA map of the shadow ring"), e))?;
@@ -577,6 +558,37 @@ impl<D: VdpaDevice> Session<D> {
         Ok(())
     }
 
+    /// Where the shadow rings of `rings` go: above guest memory (whose top is the frontend's
+    /// numbers, so every step is checked), inside the device's IOVA range.
+    fn shadow_iova_base(&self, rings: &[usize]) -> Result<u64, SessionError> {
+        let (first, last) = self
+            .dev
+            .iova_range()
+            .map_err(|e| self.derr("VHOST_VDPA_GET_IOVA_RANGE", e))?;
+        let top = self
+            .regions
+            .iter()
+            .map(|r| r.gpa.saturating_add(r.size))
+            .max()
+            .unwrap_or(0);
+        let need = rings.iter().try_fold(0u64, |sum, &q| {
+            sum.checked_add(ShadowQueue::iova_size(self.rings[q].num))
+        });
+        let base = top.max(first).checked_next_multiple_of(SHADOW_IOVA_ALIGN);
+        match (base, need) {
+            (Some(base), Some(need))
+                if base
+                    .checked_add(need)
+                    .is_some_and(|end| end <= last.saturating_add(1)) =>
+            {
+                Ok(base)
+            }
+            _ => Err(self.invalid(format!(
+                "no room for shadow rings in the device's IOVA range {first:#x}-{last:#x} above guest memory (ends {top:#x}); migration needs it"
+            ))),
+        }
+    }
+
     /// Stops the device; every started ring's base becomes the guest's used index.
     fn stop(&mut self) {
         let Some(run) = self.running.take() else {
@@ -623,14 +635,17 @@ impl<D: VdpaDevice> Session<D> {
             let Some(addr) = self.rings[q].addr else {
                 continue;
             };
-            match self
-                .mem
-                .load::<u16>(GuestAddress(addr.used + 2), Ordering::Acquire)
-            {
-                Ok(idx) => self.rings[q].base = u16::from_le(idx),
-                Err(_) => warn!(
-                    "port {}: queue {q}: used ring {:#x} not in guest memory",
-                    self.port, addr.used
+            // used.idx follows the 2-byte flags; the address is the frontend's number.
+            let idx = addr.used.checked_add(2).and_then(|a| {
+                self.mem
+                    .load::<u16>(GuestAddress(a), Ordering::Acquire)
+                    .ok()
+            });
+            match idx {
+                Some(idx) => self.rings[q].base = u16::from_le(idx),
+                None => warn!(
+                    "port {}: queue {q}: used ring {:#x} not in guest memory; base kept at {}",
+                    self.port, addr.used, self.rings[q].base
                 ),
             }
         }
@@ -875,6 +890,8 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
+        // A u16 in a u64: the ring sizes below cannot overflow; the addresses are checked
+        // in to_gpa.
         let num = u64::from(self.ring(index).map_err(to_vu)?.num.max(1));
         let t = |a, len| self.to_gpa(a, len);
         let (Some(desc), Some(avail), Some(used)) = (

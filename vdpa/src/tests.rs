@@ -203,10 +203,20 @@ fn setup(backend_features: u64) -> Fixture {
 }
 
 fn attach(session: &mut Session<MockDevice>, guest: &Guest, features: u64) -> [i32; 2] {
+    attach_at(session, guest, features, 0)
+}
+
+/// `attach` with guest memory at guest physical address `gpa`.
+fn attach_at(
+    session: &mut Session<MockDevice>,
+    guest: &Guest,
+    features: u64,
+    gpa: u64,
+) -> [i32; 2] {
     session.set_vring_enable(0, true).unwrap();
     session.set_vring_enable(1, true).unwrap();
     session.set_features(features).unwrap();
-    let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    let region = VhostUserMemoryRegion::new(gpa, MEM, USER, 0);
     session
         .set_mem_table(&[region], vec![guest.file.try_clone().unwrap()], None)
         .unwrap();
@@ -892,6 +902,27 @@ fn failed_switch_to_shadow_leaves_no_stale_mapping() {
     assert_eq!(f.session.mode(), Some(Mode::Direct));
     f.guest.post(0);
     assert_eq!(f.dev.process(0, 4, 64), 1);
+}
+
+/// Guest memory ending just below 2^64, not on a 2 MiB boundary: the shadow rings' base
+/// (the next 2 MiB boundary) does not exist. The switch is refused; it used to overflow.
+#[test]
+fn no_room_for_shadow_rings_above_the_top_of_memory_is_an_error() {
+    let dev = MockDevice::new(device_features(), 0);
+    let mut s = Session::new("t", dev.clone(), Arc::new(crate::NoCounters))
+        .map_err(|e| e.0)
+        .unwrap();
+    let guest = Guest::new();
+    let gpa = 0u64.wrapping_sub(2 * MEM);
+    attach_at(&mut s, &guest, VERSION_1 | MAC | PROTOCOL_FEATURES, gpa);
+    assert_eq!(s.mode(), Some(Mode::Direct));
+    let err = s
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no room for shadow rings"), "{err}");
+    assert_eq!(s.mode(), None);
+    assert_eq!(dev.state().iotlb.len(), 1, "only guest memory stays mapped");
 }
 
 /// The frontend goes away in the middle of a migration: the relay stops, the device is
