@@ -40,4 +40,4 @@ mod mock;
 mod tests;
 
 pub use device::{KernelDevice, OpenError, VdpaDevice};
-pub use session::{Counters, Mode, NoCounters, Session, SessionError};
+pub use session::{Counters, Mode, Session, SessionError};

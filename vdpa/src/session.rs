@@ -63,12 +63,6 @@ pub trait Counters: Send + Sync {
     fn relayed(&self, queue: usize, packets: u64, bytes: u64);
 }
 
-/// Counters nobody reads.
-pub struct NoCounters;
-impl Counters for NoCounters {
-    fn relayed(&self, _: usize, _: u64, _: u64) {}
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("port {port}: the frontend wants features {missing:#x} the vDPA device does not offer (it offers {offered:#x})")]

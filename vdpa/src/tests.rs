@@ -38,6 +38,12 @@ const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const PAGE: u64 = 4096;
 
+/// Counters nobody reads.
+struct NoCounters;
+impl Counters for NoCounters {
+    fn relayed(&self, _: usize, _: u64, _: u64) {}
+}
+
 #[derive(Default)]
 struct TestCounters(Mutex<[(u64, u64); 2]>);
 impl Counters for TestCounters {
@@ -276,7 +282,7 @@ fn features_hide_what_cannot_be_carried_and_refuse_what_the_device_lacks() {
     assert_ne!(offered & LOG_ALL, 0, "migration possible");
     assert_ne!(offered & VERSION_1, 0);
     let dev = MockDevice::new(device_features(), 0);
-    let mut s = Session::new("t", dev, Arc::new(crate::NoCounters))
+    let mut s = Session::new("t", dev, Arc::new(NoCounters))
         .map_err(|e| e.0)
         .unwrap();
     let err = s
@@ -353,7 +359,7 @@ fn direct_mode_hands_rings_and_fds_to_the_device() {
 fn driver_ok_failure_is_reported() {
     let dev = MockDevice::new(device_features(), 0);
     dev.state().fail_driver_ok = true;
-    let mut s = Session::new("t", dev.clone(), Arc::new(crate::NoCounters))
+    let mut s = Session::new("t", dev.clone(), Arc::new(NoCounters))
         .map_err(|e| e.0)
         .unwrap();
     let guest = Guest::new();
@@ -909,7 +915,7 @@ fn failed_switch_to_shadow_leaves_no_stale_mapping() {
 #[test]
 fn no_room_for_shadow_rings_above_the_top_of_memory_is_an_error() {
     let dev = MockDevice::new(device_features(), 0);
-    let mut s = Session::new("t", dev.clone(), Arc::new(crate::NoCounters))
+    let mut s = Session::new("t", dev.clone(), Arc::new(NoCounters))
         .map_err(|e| e.0)
         .unwrap();
     let guest = Guest::new();
