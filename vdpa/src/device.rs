@@ -8,22 +8,23 @@ use std::path::{Path, PathBuf};
 
 use vhost::vdpa::VhostVdpa;
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
+use vhost::vhost_kern::vhost_binding::{
+    VHOST_BACKEND_F_IOTLB_BATCH, VHOST_BACKEND_F_IOTLB_MSG_V2, VHOST_BACKEND_F_SUSPEND,
+};
 use vhost::vhost_kern::VhostKernFeatures;
 use vhost::{VhostBackend, VhostIotlbBackend, VhostIotlbMsg, VhostIotlbType, VringConfigData};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-/// vhost backend feature bits (linux/vhost_types.h).
-pub const BACKEND_F_IOTLB_MSG_V2: u64 = 1 << 1;
-pub const BACKEND_F_IOTLB_BATCH: u64 = 1 << 2;
-pub const BACKEND_F_SUSPEND: u64 = 1 << 4;
+/// vhost backend feature masks (the bindings give bit numbers, linux/vhost_types.h).
+pub const BACKEND_F_IOTLB_MSG_V2: u64 = 1 << VHOST_BACKEND_F_IOTLB_MSG_V2;
+pub const BACKEND_F_IOTLB_BATCH: u64 = 1 << VHOST_BACKEND_F_IOTLB_BATCH;
+pub const BACKEND_F_SUSPEND: u64 = 1 << VHOST_BACKEND_F_SUSPEND;
 /// The only backend features we ack: the IOTLB message format and batching the memory
 /// table's updates, and SUSPEND to stop a device cleanly before reading its rings.
 pub const WANTED_BACKEND_FEATURES: u64 =
     BACKEND_F_IOTLB_MSG_V2 | BACKEND_F_IOTLB_BATCH | BACKEND_F_SUSPEND;
-
-/// virtio-net device id.
-pub const VIRTIO_ID_NET: u32 = 1;
 
 /// What the session needs from a vhost-vdpa device. Addresses given to the device are IOVAs
 /// (here always guest physical addresses, or our shadow rings' IOVAs); `va` in `dma_map` is
@@ -54,7 +55,6 @@ pub trait VdpaDevice: Send {
         used: u64,
     ) -> io::Result<()>;
     fn set_vring_base(&mut self, q: usize, base: u16) -> io::Result<()>;
-    fn vring_base(&mut self, q: usize) -> io::Result<u16>;
     fn set_vring_kick(&mut self, q: usize, fd: &EventFd) -> io::Result<()>;
     fn set_vring_call(&mut self, q: usize, fd: &EventFd) -> io::Result<()>;
     fn set_vring_enable(&mut self, q: usize, on: bool) -> io::Result<()>;
@@ -85,7 +85,6 @@ pub enum OpenError {
 
 /// A kernel vhost-vdpa device (`/dev/vhost-vdpa-N`), opened and owned by this process.
 pub struct KernelDevice {
-    path: PathBuf,
     inner: VhostKernVdpa<GuestMemoryAtomic<GuestMemoryMmap<()>>>,
 }
 
@@ -93,6 +92,32 @@ fn vhost_io(e: vhost::Error) -> io::Error {
     match e {
         vhost::Error::IoctlError(e) | vhost::Error::IOError(e) | vhost::Error::VhostOpen(e) => e,
         other => io::Error::other(other.to_string()),
+    }
+}
+
+/// The two steps of taking a device whose errno says something a person can act on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenStep {
+    Open,
+    SetOwner,
+}
+
+/// The error for a failed open or VHOST_SET_OWNER: errno says whether the node is missing,
+/// taken, forbidden or not a vhost-vdpa device.
+fn open_error(path: &Path, step: OpenStep, e: io::Error) -> OpenError {
+    let path = path.to_path_buf();
+    let opening = step == OpenStep::Open;
+    match e.raw_os_error() {
+        Some(libc::EBUSY) => OpenError::Busy { path },
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) if opening => OpenError::Missing { path },
+        Some(libc::EACCES | libc::EPERM) if opening => OpenError::Permission { path },
+        // A character device that takes no vhost ioctls.
+        Some(libc::ENOTTY | libc::EINVAL) if !opening => OpenError::NotVdpa { path },
+        _ => OpenError::Io {
+            path,
+            what: if opening { "open" } else { "VHOST_SET_OWNER" },
+            source: e,
+        },
     }
 }
 
@@ -108,21 +133,8 @@ impl KernelDevice {
         })?;
         // The vhost crate ignores the memory for vhost-vdpa (ring addresses are IOVAs).
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut inner = VhostKernVdpa::new(s, mem).map_err(|e| {
-            let e = vhost_io(e);
-            match e.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
-                    OpenError::Missing { path: p() }
-                }
-                Some(libc::EBUSY) => OpenError::Busy { path: p() },
-                Some(libc::EACCES) | Some(libc::EPERM) => OpenError::Permission { path: p() },
-                _ => OpenError::Io {
-                    path: p(),
-                    what: "open",
-                    source: e,
-                },
-            }
-        })?;
+        let mut inner = VhostKernVdpa::new(s, mem)
+            .map_err(|e| open_error(path, OpenStep::Open, vhost_io(e)))?;
         let io = |what: &'static str| {
             move |e: vhost::Error| OpenError::Io {
                 path: path.to_path_buf(),
@@ -130,18 +142,9 @@ impl KernelDevice {
                 source: vhost_io(e),
             }
         };
-        inner.set_owner().map_err(|e| {
-            let e = vhost_io(e);
-            match e.raw_os_error() {
-                Some(libc::EBUSY) => OpenError::Busy { path: p() },
-                Some(libc::ENOTTY) | Some(libc::EINVAL) => OpenError::NotVdpa { path: p() },
-                _ => OpenError::Io {
-                    path: p(),
-                    what: "VHOST_SET_OWNER",
-                    source: e,
-                },
-            }
-        })?;
+        inner
+            .set_owner()
+            .map_err(|e| open_error(path, OpenStep::SetOwner, vhost_io(e)))?;
         let id = inner
             .get_device_id()
             .map_err(io("VHOST_VDPA_GET_DEVICE_ID"))?;
@@ -156,14 +159,7 @@ impl KernelDevice {
             .map_err(io("VHOST_SET_BACKEND_FEATURES"))?;
         // Start from a reset device whatever an earlier user left behind.
         inner.set_status(0).map_err(io("VHOST_VDPA_SET_STATUS 0"))?;
-        Ok(KernelDevice {
-            path: path.to_path_buf(),
-            inner,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(KernelDevice { inner })
     }
 
     fn iotlb(&self, msg_type: VhostIotlbType) -> io::Result<()> {
@@ -255,12 +251,6 @@ impl VdpaDevice for KernelDevice {
     fn set_vring_base(&mut self, q: usize, base: u16) -> io::Result<()> {
         self.inner.set_vring_base(q, base).map_err(vhost_io)
     }
-    fn vring_base(&mut self, q: usize) -> io::Result<u16> {
-        self.inner
-            .get_vring_base(q)
-            .map(|b| b as u16)
-            .map_err(vhost_io)
-    }
     fn set_vring_kick(&mut self, q: usize, fd: &EventFd) -> io::Result<()> {
         self.inner.set_vring_kick(q, fd).map_err(vhost_io)
     }
@@ -272,5 +262,46 @@ impl VdpaDevice for KernelDevice {
     }
     fn suspend(&mut self) -> io::Result<()> {
         self.inner.suspend().map_err(vhost_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which error a person gets, by its variant (and the step for `Io`).
+    fn kind(step: OpenStep, errno: i32) -> &'static str {
+        let e = open_error(
+            Path::new("/dev/vhost-vdpa-0"),
+            step,
+            io::Error::from_raw_os_error(errno),
+        );
+        match e {
+            OpenError::Missing { .. } => "missing",
+            OpenError::Busy { .. } => "busy",
+            OpenError::Permission { .. } => "permission",
+            OpenError::NotVdpa { .. } => "not vdpa",
+            OpenError::Io { what, .. } => what,
+            OpenError::NotNet { .. } => "not net",
+        }
+    }
+
+    #[test]
+    fn open_and_set_owner_errnos_say_what_to_do() {
+        use OpenStep::{Open, SetOwner};
+        let table = [
+            (Open, libc::ENOENT, "missing"),
+            (Open, libc::ENXIO, "missing"),
+            (Open, libc::EBUSY, "busy"),
+            (Open, libc::EACCES, "permission"),
+            (Open, libc::ENOTTY, "open"),
+            (SetOwner, libc::EBUSY, "busy"),
+            (SetOwner, libc::ENOTTY, "not vdpa"),
+            (SetOwner, libc::EINVAL, "not vdpa"),
+            (SetOwner, libc::ENOENT, "VHOST_SET_OWNER"),
+        ];
+        for (step, errno, want) in table {
+            assert_eq!(kind(step, errno), want, "errno {errno}");
+        }
     }
 }

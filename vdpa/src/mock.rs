@@ -10,7 +10,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VdpaDevice;
 
-const DRIVER_OK: u8 = 4;
+const DRIVER_OK: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+const FAILED: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
 
 #[derive(Default)]
 pub struct MockRing {
@@ -193,7 +194,7 @@ impl VdpaDevice for MockDevice {
         }
         if status & DRIVER_OK != 0 && s.status & DRIVER_OK == 0 {
             if s.fail_driver_ok {
-                s.status = status & !DRIVER_OK | 0x80;
+                s.status = status & !DRIVER_OK | FAILED;
                 return Ok(());
             }
             for r in s.rings.iter_mut() {
@@ -262,9 +263,6 @@ impl VdpaDevice for MockDevice {
     fn set_vring_base(&mut self, q: usize, base: u16) -> io::Result<()> {
         self.state().rings[q].base = base;
         Ok(())
-    }
-    fn vring_base(&mut self, q: usize) -> io::Result<u16> {
-        Ok(self.state().rings[q].last_avail)
     }
     fn set_vring_kick(&mut self, q: usize, fd: &EventFd) -> io::Result<()> {
         self.state().rings[q].kick_fd = fd.as_raw_fd();

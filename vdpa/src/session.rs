@@ -27,7 +27,8 @@ use migration::{check_guest_region, DirtyBitmap, DirtyLog, LogMemory, RegionDesc
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
@@ -48,19 +49,18 @@ type VuResult<T> = vhost::vhost_user::Result<T>;
 /// multiqueue).
 pub const NUM_QUEUES: usize = 2;
 
-const LOG_ALL: u64 = 1 << 26;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// The vhost-user feature bits (not virtio ones): the frontend logs dirty pages, and the
+/// frontend speaks the protocol-feature negotiation. Never passed on to the device.
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+/// Shadow rings start on a 2 MiB boundary above guest memory.
+const SHADOW_IOVA_ALIGN: u64 = 1 << 21;
 
 /// Counters of packets relayed by this process (shadow mode only).
 pub trait Counters: Send + Sync {
     /// `queue` is the virtqueue index (even: rx, odd: tx).
     fn relayed(&self, queue: usize, packets: u64, bytes: u64);
-}
-
-/// Counters nobody reads.
-pub struct NoCounters;
-impl Counters for NoCounters {
-    fn relayed(&self, _: usize, _: u64, _: u64) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,16 +123,16 @@ pub fn offered_features(device: u64) -> u64 {
         VIRTIO_NET_F_VQ_NOTF_COAL,
         VIRTIO_NET_F_RSS,
         VIRTIO_NET_F_HASH_REPORT,
-        26,
-        30,
     ];
     let mask = drop_bits.iter().fold(0u64, |m, b| m | (1u64 << b));
+    // The vhost-user bits are ours to offer whatever the device says (a device's bits 26
+    // and 30 mean nothing to the frontend).
     (device & !mask) | PROTOCOL_FEATURES | LOG_ALL
 }
 
 /// Protocol features: MQ only to answer GET_QUEUE_NUM (one pair), CONFIG for MAC/MTU from
 /// the device, LOG_SHMFD for migration.
-pub fn protocol_features() -> VhostUserProtocolFeatures {
+fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
@@ -145,9 +145,10 @@ pub enum Mode {
     Shadow,
 }
 
-/// What the frontend said about one ring.
+/// What the frontend said about one of its rings (size, guest addresses, base, eventfds,
+/// enabled): the session replays it onto the device at each start.
 #[derive(Default)]
-struct Vring {
+struct FrontendRing {
     num: u16,
     /// Guest physical addresses.
     addr: Option<RingAddr>,
@@ -157,7 +158,7 @@ struct Vring {
     enabled: bool,
 }
 
-impl Vring {
+impl FrontendRing {
     fn ready(&self) -> bool {
         self.num > 0 && self.addr.is_some() && self.kick.is_some() && self.call.is_some()
     }
@@ -174,7 +175,7 @@ struct Region {
 /// The device as currently started.
 struct Running {
     mode: Mode,
-    /// Which rings were started, with their state at start.
+    /// Indices of the rings that were started.
     rings: Vec<usize>,
     relay: Option<Relay>,
 }
@@ -191,18 +192,18 @@ pub struct Session<D: VdpaDevice> {
     dev: D,
     device_features: u64,
     acked: Option<u64>,
-    protocol: u64,
     mem: GuestMem,
     regions: Vec<Region>,
     /// IOVA ranges mapped in the device for guest memory.
     mapped: Vec<(u64, u64)>,
-    vrings: Vec<Vring>,
+    /// The frontend's rings, by queue index.
+    rings: Vec<FrontendRing>,
     running: Option<Running>,
     log: DirtyLog,
     counters: Arc<dyn Counters>,
     max_num: u16,
     /// Set by GET_VRING_BASE: the frontend stopped the device; wait for a new kick.
-    stopped: bool,
+    stopped_by_frontend: bool,
 }
 
 impl<D: VdpaDevice> Session<D> {
@@ -238,16 +239,15 @@ impl<D: VdpaDevice> Session<D> {
             dev,
             device_features,
             acked: None,
-            protocol: 0,
             mem: GuestMemoryMmap::new(),
             regions: Vec::new(),
             mapped: Vec::new(),
-            vrings: (0..NUM_QUEUES).map(|_| Vring::default()).collect(),
+            rings: (0..NUM_QUEUES).map(|_| FrontendRing::default()).collect(),
             running: None,
             log: DirtyLog::new(format!("port {port}")),
             counters,
             max_num,
-            stopped: false,
+            stopped_by_frontend: false,
         })
     }
 
@@ -262,14 +262,6 @@ impl<D: VdpaDevice> Session<D> {
         self.running.as_ref().map(|r| r.mode)
     }
 
-    pub fn device(&self) -> &D {
-        &self.dev
-    }
-
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.dev
-    }
-
     /// The end of the connection: the device is reset and guest memory unmapped from it.
     pub fn shutdown(&mut self) {
         if self.running.is_some() {
@@ -279,7 +271,7 @@ impl<D: VdpaDevice> Session<D> {
         self.unmap_guest();
         self.mem = GuestMemoryMmap::new();
         self.regions.clear();
-        self.vrings = (0..NUM_QUEUES).map(|_| Vring::default()).collect();
+        self.rings = (0..NUM_QUEUES).map(|_| FrontendRing::default()).collect();
         self.acked = None;
     }
 
@@ -314,9 +306,9 @@ impl<D: VdpaDevice> Session<D> {
         }
     }
 
-    fn vring(&mut self, index: u32) -> Result<&mut Vring, SessionError> {
+    fn ring(&mut self, index: u32) -> Result<&mut FrontendRing, SessionError> {
         let port = self.port.clone();
-        self.vrings
+        self.rings
             .get_mut(index as usize)
             .ok_or(SessionError::Invalid {
                 port,
@@ -377,14 +369,17 @@ impl<D: VdpaDevice> Session<D> {
     /// of the pair fully described (size, addresses, kick and call), one of them enabled.
     /// Waiting for the whole pair avoids a reset per ring while QEMU sets them up one by one.
     fn maybe_start(&mut self) -> Result<(), SessionError> {
-        if self.running.is_some() || self.stopped || self.acked.is_none() || self.regions.is_empty()
+        if self.running.is_some()
+            || self.stopped_by_frontend
+            || self.acked.is_none()
+            || self.regions.is_empty()
         {
             return Ok(());
         }
-        if !self.vrings.iter().all(Vring::ready) || !self.vrings.iter().any(|v| v.enabled) {
+        if !self.rings.iter().all(FrontendRing::ready) || !self.rings.iter().any(|v| v.enabled) {
             return Ok(());
         }
-        let ready: Vec<usize> = (0..self.vrings.len()).collect();
+        let ready: Vec<usize> = (0..self.rings.len()).collect();
         let mode = self.wanted_mode();
         match self.start(mode, &ready) {
             Ok(()) => Ok(()),
@@ -438,37 +433,14 @@ impl<D: VdpaDevice> Session<D> {
                 status: st,
             });
         }
-        // Shadow rings live above guest memory, inside the device's IOVA range.
-        let mut shadow_iova = 0u64;
-        if mode == Mode::Shadow {
-            let (first, last) = self
-                .dev
-                .iova_range()
-                .map_err(|e| self.derr("VHOST_VDPA_GET_IOVA_RANGE", e))?;
-            let top = self
-                .regions
-                .iter()
-                .map(|r| r.gpa.saturating_add(r.size))
-                .max()
-                .unwrap_or(0);
-            shadow_iova = top.max(first).div_ceil(1 << 21) * (1 << 21);
-            let need: u64 = rings
-                .iter()
-                .map(|&q| ShadowQueue::iova_size(self.vrings[q].num))
-                .sum();
-            if shadow_iova
-                .checked_add(need)
-                .is_none_or(|end| end - 1 > last)
-            {
-                return Err(self.invalid(format!(
-                    "no room for shadow rings in the device's IOVA range {first:#x}-{last:#x} above guest memory (ends {top:#x}); migration needs it"
-                )));
-            }
-        }
+        let mut shadow_iova = match mode {
+            Mode::Shadow => self.shadow_iova_base(rings)?,
+            Mode::Direct => 0,
+        };
         let mut queues = Vec::new();
-        let mut links = Vec::new();
+        let mut event_fds = Vec::new();
         for &q in rings {
-            let v = &self.vrings[q];
+            let v = &self.rings[q];
             let (num, base, enabled) = (v.num, v.base, v.enabled);
             let Some(addr) = v.addr else { continue };
             let (Some(gkick), gcall) = (v.kick.clone(), v.call.clone()) else {
@@ -498,7 +470,8 @@ impl<D: VdpaDevice> Session<D> {
                 Mode::Shadow => {
                     let sq = ShadowQueue::new(q, num, addr, shadow_iova, base, event_idx)
                         .map_err(|e| self.derr(qerr("shadow ring"), e))?;
-                    shadow_iova += ShadowQueue::iova_size(num);
+                    // Cannot overflow: shadow_iova_base checked the whole span.
+                    shadow_iova = shadow_iova.wrapping_add(ShadowQueue::iova_size(num));
                     self.dev
                         .dma_map(sq.iova, sq.mem.len() as u64, sq.mem.va())
                         .map_err(|e| self.derr(qerr("DMA map of the shadow ring"), e))?;
@@ -517,7 +490,7 @@ impl<D: VdpaDevice> Session<D> {
                         .set_vring_call(q, &dcall)
                         .map_err(|e| self.derr(qerr("VHOST_SET_VRING_CALL"), e))?;
                     queues.push(sq);
-                    links.push(Link {
+                    event_fds.push(ShadowEventFds {
                         guest_kick: gkick.clone(),
                         guest_call: gcall.clone(),
                         dev_kick: dkick,
@@ -546,7 +519,7 @@ impl<D: VdpaDevice> Session<D> {
                 // Buffers the guest made available while the device was stopped: a kick
                 // makes the device look (a spurious one is harmless).
                 for &q in rings {
-                    if let Some(k) = &self.vrings[q].kick {
+                    if let Some(k) = &self.rings[q].kick {
                         let _ = k.write(1);
                     }
                 }
@@ -556,7 +529,7 @@ impl<D: VdpaDevice> Session<D> {
                 spawn_relay(
                     &self.port,
                     queues,
-                    links,
+                    event_fds,
                     self.mem.clone(),
                     self.counters.clone(),
                 )
@@ -577,6 +550,37 @@ impl<D: VdpaDevice> Session<D> {
             relay,
         });
         Ok(())
+    }
+
+    /// Where the shadow rings of `rings` go: above guest memory (whose top is the frontend's
+    /// numbers, so every step is checked), inside the device's IOVA range.
+    fn shadow_iova_base(&self, rings: &[usize]) -> Result<u64, SessionError> {
+        let (first, last) = self
+            .dev
+            .iova_range()
+            .map_err(|e| self.derr("VHOST_VDPA_GET_IOVA_RANGE", e))?;
+        let top = self
+            .regions
+            .iter()
+            .map(|r| r.gpa.saturating_add(r.size))
+            .max()
+            .unwrap_or(0);
+        let need = rings.iter().try_fold(0u64, |sum, &q| {
+            sum.checked_add(ShadowQueue::iova_size(self.rings[q].num))
+        });
+        let base = top.max(first).checked_next_multiple_of(SHADOW_IOVA_ALIGN);
+        match (base, need) {
+            (Some(base), Some(need))
+                if base
+                    .checked_add(need)
+                    .is_some_and(|end| end <= last.saturating_add(1)) =>
+            {
+                Ok(base)
+            }
+            _ => Err(self.invalid(format!(
+                "no room for shadow rings in the device's IOVA range {first:#x}-{last:#x} above guest memory (ends {top:#x}); migration needs it"
+            ))),
+        }
     }
 
     /// Stops the device; every started ring's base becomes the guest's used index.
@@ -607,7 +611,7 @@ impl<D: VdpaDevice> Session<D> {
                             Ok(b) if b.entries > 0 => {
                                 self.counters.relayed(sq.q, u64::from(b.entries), b.bytes);
                                 if let Some(call) =
-                                    self.vrings.get(sq.q).and_then(|v| v.call.as_ref())
+                                    self.rings.get(sq.q).and_then(|v| v.call.as_ref())
                                 {
                                     let _ = call.write(1);
                                 }
@@ -622,17 +626,20 @@ impl<D: VdpaDevice> Session<D> {
             }
         }
         for q in run.rings {
-            let Some(addr) = self.vrings[q].addr else {
+            let Some(addr) = self.rings[q].addr else {
                 continue;
             };
-            match self
-                .mem
-                .load::<u16>(GuestAddress(addr.used + 2), Ordering::Acquire)
-            {
-                Ok(idx) => self.vrings[q].base = u16::from_le(idx),
-                Err(_) => warn!(
-                    "port {}: queue {q}: used ring {:#x} not in guest memory",
-                    self.port, addr.used
+            // used.idx follows the 2-byte flags; the address is the frontend's number.
+            let idx = addr.used.checked_add(2).and_then(|a| {
+                self.mem
+                    .load::<u16>(GuestAddress(a), Ordering::Acquire)
+                    .ok()
+            });
+            match idx {
+                Some(idx) => self.rings[q].base = u16::from_le(idx),
+                None => warn!(
+                    "port {}: queue {q}: used ring {:#x} not in guest memory; base kept at {}",
+                    self.port, addr.used, self.rings[q].base
                 ),
             }
         }
@@ -649,8 +656,9 @@ impl<D: VdpaDevice> Session<D> {
     }
 }
 
-/// The fds of one shadowed queue.
-struct Link {
+/// The eventfds of one shadowed queue: the frontend's pair and the device's pair, between
+/// which the shadow relay thread passes notifications.
+struct ShadowEventFds {
     guest_kick: Arc<EventFd>,
     guest_call: Option<Arc<EventFd>>,
     dev_kick: EventFd,
@@ -664,7 +672,7 @@ const RELAY_POLL: Duration = Duration::from_millis(50);
 fn spawn_relay(
     port: &str,
     mut queues: Vec<ShadowQueue>,
-    links: Vec<Link>,
+    event_fds: Vec<ShadowEventFds>,
     mem: GuestMem,
     counters: Arc<dyn Counters>,
 ) -> io::Result<Relay> {
@@ -681,8 +689,8 @@ fn spawn_relay(
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            for l in &links {
-                for fd in [l.guest_kick.as_raw_fd(), l.dev_call.as_raw_fd()] {
+            for efd in &event_fds {
+                for fd in [efd.guest_kick.as_raw_fd(), efd.dev_call.as_raw_fd()] {
                     fds.push(libc::pollfd {
                         fd,
                         events: libc::POLLIN,
@@ -695,10 +703,10 @@ fn spawn_relay(
                     if broken[i] {
                         continue;
                     }
-                    let l = &links[i];
+                    let efd = &event_fds[i];
                     match sq.forward_avail(&mem) {
                         Ok(n) if n > 0 => {
-                            let _ = l.dev_kick.write(1);
+                            let _ = efd.dev_kick.write(1);
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -711,7 +719,7 @@ fn spawn_relay(
                         Ok(b) if b.entries > 0 => {
                             counters.relayed(sq.q, u64::from(b.entries), b.bytes);
                             if b.notify {
-                                if let Some(c) = &l.guest_call {
+                                if let Some(c) = &efd.guest_call {
                                     let _ = c.write(1);
                                 }
                             }
@@ -863,7 +871,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
                 "queue {index}: ring size {num} (the device takes powers of two up to {max})"
             ))));
         }
-        self.vring(index).map_err(to_vu)?.num = num as u16;
+        self.ring(index).map_err(to_vu)?.num = num as u16;
         Ok(())
     }
 
@@ -876,7 +884,9 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
         available: u64,
         _log: u64,
     ) -> VuResult<()> {
-        let num = u64::from(self.vring(index).map_err(to_vu)?.num.max(1));
+        // A u16 in a u64: the ring sizes below cannot overflow; the addresses are checked
+        // in to_gpa.
+        let num = u64::from(self.ring(index).map_err(to_vu)?.num.max(1));
         let t = |a, len| self.to_gpa(a, len);
         let (Some(desc), Some(avail), Some(used)) = (
             t(descriptor, 16 * num),
@@ -888,7 +898,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
             ))));
         };
         let addr = RingAddr { desc, avail, used };
-        let v = self.vring(index).map_err(to_vu)?;
+        let v = self.ring(index).map_err(to_vu)?;
         let changed = v.addr != Some(addr);
         v.addr = Some(addr);
         // QEMU sends it again (with the log flag) when logging starts: same rings, nothing
@@ -905,18 +915,18 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        self.vring(index).map_err(to_vu)?.base = base as u16;
+        self.ring(index).map_err(to_vu)?.base = base as u16;
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
-        self.vring(index).map_err(to_vu)?;
+        self.ring(index).map_err(to_vu)?;
         if self.running.is_some() {
             self.stop();
             info!("port {}: vdpa: stopped by the frontend", self.port);
         }
-        self.stopped = true;
-        let v = self.vring(index).map_err(to_vu)?;
+        self.stopped_by_frontend = true;
+        let v = self.ring(index).map_err(to_vu)?;
         v.kick = None;
         Ok(VhostUserVringState::new(index, u32::from(v.base)))
     }
@@ -928,8 +938,8 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
             ))));
         };
         let kick = Arc::new(file_to_eventfd(fd));
-        self.vring(index.into()).map_err(to_vu)?.kick = Some(kick.clone());
-        self.stopped = false;
+        self.ring(index.into()).map_err(to_vu)?.kick = Some(kick.clone());
+        self.stopped_by_frontend = false;
         if self.running_ring(index) == Some(Mode::Direct) {
             // A running device takes a new kick fd as it is (vhost polls the new one).
             return self
@@ -945,7 +955,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let call = fd.map(|f| Arc::new(file_to_eventfd(f)));
-        self.vring(index.into()).map_err(to_vu)?.call = call.clone();
+        self.ring(index.into()).map_err(to_vu)?.call = call.clone();
         match (self.running_ring(index), &call) {
             // QEMU swaps call fds on a running device whenever the guest masks or unmasks
             // the queue's interrupt vector: vhost-vdpa rewires its interrupt in place, so no
@@ -967,8 +977,9 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
         Ok(protocol_features())
     }
 
-    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
-        self.protocol = features;
+    /// Nothing to keep: the vhost crate's request handler keeps the acked protocol features
+    /// itself (for REPLY_ACK), and nothing in this session depends on them.
+    fn set_protocol_features(&mut self, _features: u64) -> VuResult<()> {
         Ok(())
     }
 
@@ -978,7 +989,7 @@ impl<D: VdpaDevice> VhostUserBackendReqHandlerMut for Session<D> {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
-        let v = self.vring(index).map_err(to_vu)?;
+        let v = self.ring(index).map_err(to_vu)?;
         if v.enabled == enable {
             return Ok(());
         }

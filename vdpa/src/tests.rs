@@ -9,9 +9,15 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserVringAddrFlags;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserLog, VhostUserMemoryRegion};
+use vhost::vhost_user::message::{VhostUserVirtioFeatures, VhostUserVringAddrFlags};
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+use virtio_bindings::virtio_config::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -22,12 +28,21 @@ use crate::shadow::{GuestMem, RelayError, UsedBatch};
 const MEM: u64 = 1 << 20;
 const USER: u64 = 0x7f00_0000_0000;
 const NUM: u16 = 16;
-const VERSION_1: u64 = 1 << 32;
-const ACCESS_PLATFORM: u64 = 1 << 33;
-const MAC: u64 = 1 << 5;
-const LOG_ALL: u64 = 1 << 26;
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
+const ACCESS_PLATFORM: u64 = 1 << VIRTIO_F_ACCESS_PLATFORM;
+const MAC: u64 = 1 << VIRTIO_NET_F_MAC;
+const MQ: u64 = 1 << VIRTIO_NET_F_MQ;
+const CTRL_VQ: u64 = 1 << VIRTIO_NET_F_CTRL_VQ;
+const RING_PACKED: u64 = 1 << VIRTIO_F_RING_PACKED;
+const LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const PAGE: u64 = 4096;
+
+/// Counters nobody reads.
+struct NoCounters;
+impl Counters for NoCounters {
+    fn relayed(&self, _: usize, _: u64, _: u64) {}
+}
 
 #[derive(Default)]
 struct TestCounters(Mutex<[(u64, u64); 2]>);
@@ -171,7 +186,7 @@ struct Fixture {
 }
 
 fn device_features() -> u64 {
-    VERSION_1 | ACCESS_PLATFORM | MAC | (1 << 22) | (1 << 17) | (1 << 34)
+    VERSION_1 | ACCESS_PLATFORM | MAC | MQ | CTRL_VQ | RING_PACKED
 }
 
 /// A session set up the way QEMU 10 does it: vring enable before SET_FEATURES (the shim
@@ -194,10 +209,20 @@ fn setup(backend_features: u64) -> Fixture {
 }
 
 fn attach(session: &mut Session<MockDevice>, guest: &Guest, features: u64) -> [i32; 2] {
+    attach_at(session, guest, features, 0)
+}
+
+/// `attach` with guest memory at guest physical address `gpa`.
+fn attach_at(
+    session: &mut Session<MockDevice>,
+    guest: &Guest,
+    features: u64,
+    gpa: u64,
+) -> [i32; 2] {
     session.set_vring_enable(0, true).unwrap();
     session.set_vring_enable(1, true).unwrap();
     session.set_features(features).unwrap();
-    let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    let region = VhostUserMemoryRegion::new(gpa, MEM, USER, 0);
     session
         .set_mem_table(&[region], vec![guest.file.try_clone().unwrap()], None)
         .unwrap();
@@ -252,20 +277,16 @@ fn features_hide_what_cannot_be_carried_and_refuse_what_the_device_lacks() {
         0,
         "no vIOMMU towards the frontend"
     );
-    assert_eq!(offered & (1 << 34), 0, "no packed ring");
-    assert_eq!(
-        offered & ((1 << 22) | (1 << 17)),
-        0,
-        "no MQ / control queue"
-    );
+    assert_eq!(offered & RING_PACKED, 0, "no packed ring");
+    assert_eq!(offered & (MQ | CTRL_VQ), 0, "no MQ / control queue");
     assert_ne!(offered & LOG_ALL, 0, "migration possible");
     assert_ne!(offered & VERSION_1, 0);
     let dev = MockDevice::new(device_features(), 0);
-    let mut s = Session::new("t", dev, Arc::new(crate::NoCounters))
+    let mut s = Session::new("t", dev, Arc::new(NoCounters))
         .map_err(|e| e.0)
         .unwrap();
     let err = s
-        .set_features(VERSION_1 | (1 << 0))
+        .set_features(VERSION_1 | (1 << VIRTIO_NET_F_CSUM))
         .unwrap_err()
         .to_string();
     assert!(
@@ -338,7 +359,7 @@ fn direct_mode_hands_rings_and_fds_to_the_device() {
 fn driver_ok_failure_is_reported() {
     let dev = MockDevice::new(device_features(), 0);
     dev.state().fail_driver_ok = true;
-    let mut s = Session::new("t", dev.clone(), Arc::new(crate::NoCounters))
+    let mut s = Session::new("t", dev.clone(), Arc::new(NoCounters))
         .map_err(|e| e.0)
         .unwrap();
     let guest = Guest::new();
@@ -887,6 +908,27 @@ fn failed_switch_to_shadow_leaves_no_stale_mapping() {
     assert_eq!(f.session.mode(), Some(Mode::Direct));
     f.guest.post(0);
     assert_eq!(f.dev.process(0, 4, 64), 1);
+}
+
+/// Guest memory ending just below 2^64, not on a 2 MiB boundary: the shadow rings' base
+/// (the next 2 MiB boundary) does not exist. The switch is refused; it used to overflow.
+#[test]
+fn no_room_for_shadow_rings_above_the_top_of_memory_is_an_error() {
+    let dev = MockDevice::new(device_features(), 0);
+    let mut s = Session::new("t", dev.clone(), Arc::new(NoCounters))
+        .map_err(|e| e.0)
+        .unwrap();
+    let guest = Guest::new();
+    let gpa = 0u64.wrapping_sub(2 * MEM);
+    attach_at(&mut s, &guest, VERSION_1 | MAC | PROTOCOL_FEATURES, gpa);
+    assert_eq!(s.mode(), Some(Mode::Direct));
+    let err = s
+        .set_features(VERSION_1 | MAC | PROTOCOL_FEATURES | LOG_ALL)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no room for shadow rings"), "{err}");
+    assert_eq!(s.mode(), None);
+    assert_eq!(dev.state().iotlb.len(), 1, "only guest memory stays mapped");
 }
 
 /// The frontend goes away in the middle of a migration: the relay stops, the device is
