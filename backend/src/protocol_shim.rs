@@ -28,15 +28,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use log::{debug, warn};
-use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, MAX_ATTACHED_FD_ENTRIES,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Message header: request, flags, payload size (all u32, little-endian on the wire).
 const HDR_LEN: usize = 12;
 /// Largest payload we relay: the vhost crate refuses anything bigger on either end, so a
 /// frontend claiming more is dropped here before we allocate for it.
 const MAX_PAYLOAD: usize = vhost::vhost_user::message::MAX_MSG_SIZE;
-/// Most fds one message carries (a memory table with the maximum number of regions).
-const MAX_FDS: usize = 32;
+/// Most fds one message carries (a memory table with the maximum number of regions): what
+/// the vhost crate receives with one message, so a frontend sending more is dropped here.
+const MAX_FDS: usize = MAX_ATTACHED_FD_ENTRIES;
 /// Memory regions one connection may have mapped at once, as answered to GET_MAX_MEM_SLOTS
 /// and enforced on SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG. Every region keeps an fd
 /// and a mapping open in the process, so this bounds what one frontend can hold (the
@@ -379,49 +383,35 @@ fn read_message(sock: &mut UnixStream) -> io::Result<Option<Message>> {
     }))
 }
 
-/// `recvmsg` into `buf`, collecting any fds passed with it.
+/// `recvmsg` into `buf`, collecting any fds passed with it, each owned (so closed) at once.
+///
+/// `ScmSocket` refuses (ENOBUFS) a message whose fds did not all fit the `MAX_FDS` we offer
+/// (MSG_CTRUNC), and closes the ones it did get; the caller then ends the connection.
 fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
-    let mut iov = libc::iovec {
+    let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+    let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer in it refers to live local buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg);
-    let n = loop {
-        // SAFETY: valid socket fd and msghdr as set up above.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    // SAFETY: walking the control buffer the kernel filled, with the libc CMSG macros.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const RawFd;
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
+    }];
+    let (n, count) = loop {
+        // SAFETY: the one iovec points at `buf`, borrowed mutably for this call and valid for
+        // `buf.len()` bytes of any value.
+        match unsafe { sock.recv_with_fds(&mut iov, &mut raw) } {
+            Ok(got) => break got,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) if e.errno() == libc::ENOBUFS => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("more than {MAX_FDS} fds in one message"),
+                ))
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            Err(e) => return Err(e.into()),
         }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "too many fds in one message",
-        ));
+    };
+    for &fd in raw.get(..count).unwrap_or(&[]) {
+        // SAFETY: recv_with_fds returned `count` fds, new in this process and owned by us
+        // alone; each is wrapped exactly once.
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(n)
 }
@@ -432,40 +422,14 @@ fn send_with_fds(sock: &mut UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Re
         return sock.write_all(bytes);
     }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let data_len = std::mem::size_of_val(raw.as_slice());
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-    let mut cmsg = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer refers to live local buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: filling the one control message the buffer was sized for.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as usize;
-        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, raw.len());
-    }
     let sent = loop {
-        // SAFETY: valid socket and msghdr.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match sock.send_with_fds(&[bytes], &raw) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(e.into()),
         }
     };
-    sock.write_all(&bytes[sent..])
+    sock.write_all(bytes.get(sent..).unwrap_or(&[]))
 }
 
 #[cfg(test)]
@@ -712,6 +676,50 @@ mod tests {
         handle.join().unwrap();
     }
 
+    /// A SET_VRING_KICK header carrying `n` fds, each the far end of a socket pair; the near
+    /// ends come back, to see which fds are still open.
+    fn send_kick_with_fds(sock: &mut UnixStream, n: usize) -> Vec<UnixStream> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&(FrontendReq::SET_VRING_KICK as u32).to_le_bytes());
+        m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
+        m.extend_from_slice(&8u32.to_le_bytes());
+        m.extend_from_slice(&[0; 8]);
+        let (kept, passed): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| {
+                let (kept, passed) = UnixStream::pair().unwrap();
+                (kept, OwnedFd::from(passed))
+            })
+            .unzip();
+        send_with_fds(sock, &m, &passed).unwrap();
+        kept
+    }
+
+    /// Whether the peer of `kept` is closed (every copy of the fd passed).
+    fn peer_closed(kept: &UnixStream) -> bool {
+        kept.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        matches!((&*kept).read(&mut [0u8; 1]), Ok(0))
+    }
+
+    #[test]
+    fn a_message_with_more_fds_than_allowed_is_refused_and_its_fds_closed() {
+        let (mut tx, mut rx) = UnixStream::pair().unwrap();
+        let kept = send_kick_with_fds(&mut tx, MAX_FDS);
+        let msg = read_message(&mut rx).unwrap().unwrap();
+        assert_eq!(msg.fds.len(), MAX_FDS);
+        drop(msg);
+        assert!(kept.iter().all(peer_closed), "fds of a read message closed");
+
+        // A fresh connection each: the refused message's payload is left unread.
+        for n in [MAX_FDS + 1, 2 * MAX_FDS, 60] {
+            let (mut tx, mut rx) = UnixStream::pair().unwrap();
+            let kept = send_kick_with_fds(&mut tx, n);
+            let e = read_message(&mut rx).err().expect("too many fds refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{n} fds: {e}");
+            assert!(kept.iter().all(peer_closed), "{n} fds: all closed");
+        }
+    }
+
     #[test]
     fn relays_messages_with_fds_and_answers_early_enables() {
         let (qemu, fe) = UnixStream::pair().unwrap();
@@ -743,7 +751,7 @@ mod tests {
         // A message with an fd goes through with the fd.
         let (r, w) = UnixStream::pair().unwrap();
         let mut m = Vec::new();
-        m.extend_from_slice(&12u32.to_le_bytes()); // SET_VRING_KICK
+        m.extend_from_slice(&(FrontendReq::SET_VRING_KICK as u32).to_le_bytes());
         m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
         m.extend_from_slice(&8u32.to_le_bytes());
         m.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
