@@ -28,15 +28,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use log::{debug, warn};
-use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, MAX_ATTACHED_FD_ENTRIES,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// Message header: request, flags, payload size (all u32, little-endian on the wire).
-const HDR_LEN: usize = 12;
+/// Message header: request, flags, payload size (all u32, little-endian on the wire). The
+/// vhost crate's header type (`VhostUserMsgHeader`) is private to it, so not its size.
+const HDR_LEN: usize = 3 * std::mem::size_of::<u32>();
 /// Largest payload we relay: the vhost crate refuses anything bigger on either end, so a
 /// frontend claiming more is dropped here before we allocate for it.
 const MAX_PAYLOAD: usize = vhost::vhost_user::message::MAX_MSG_SIZE;
-/// Most fds one message carries (a memory table with the maximum number of regions).
-const MAX_FDS: usize = 32;
+/// Most fds one message carries (a memory table with the maximum number of regions): what
+/// the vhost crate receives with one message, so a frontend sending more is dropped here.
+const MAX_FDS: usize = MAX_ATTACHED_FD_ENTRIES;
 /// Memory regions one connection may have mapped at once, as answered to GET_MAX_MEM_SLOTS
 /// and enforced on SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG. Every region keeps an fd
 /// and a mapping open in the process, so this bounds what one frontend can hold (the
@@ -45,7 +50,8 @@ const MAX_FDS: usize = 32;
 /// 32 is also the most regions one SET_MEM_TABLE can carry (MAX_FDS).
 pub const MAX_MEM_SLOTS: usize = MAX_FDS;
 
-/// The protocol version in every message's flags (VhostUserHeaderFlag::VERSION is its mask).
+/// The protocol version in every message's flags. The vhost crate names only its mask
+/// (`VhostUserHeaderFlag::VERSION`) and sets 1 in its private header constructor.
 const FLAG_VERSION: u32 = 0x1;
 const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
@@ -303,12 +309,9 @@ fn frontend_to_backend(
 fn replay_enables(port: &str, backend: &mut UnixStream, states: &[(u32, u32)]) -> io::Result<()> {
     for (index, enable) in states {
         debug!("port {port}: replaying deferred SET_VRING_ENABLE {index} {enable}");
-        let mut m = Vec::with_capacity(HDR_LEN + 8);
-        m.extend_from_slice(&(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes());
-        m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
-        m.extend_from_slice(&8u32.to_le_bytes());
-        m.extend_from_slice(&index.to_le_bytes());
-        m.extend_from_slice(&enable.to_le_bytes());
+        // The payload is a VhostUserVringState: ring index, then the enable state.
+        let state = [index.to_le_bytes(), enable.to_le_bytes()].concat();
+        let m = message(FrontendReq::SET_VRING_ENABLE as u32, FLAG_VERSION, &state);
         backend.write_all(&m)?;
     }
     Ok(())
@@ -316,15 +319,23 @@ fn replay_enables(port: &str, backend: &mut UnixStream, states: &[(u32, u32)]) -
 
 /// A u64 reply to `request`: for a REPLY_ACK, 0 means "done".
 fn send_u64_reply(fe_write: &Mutex<UnixStream>, request: u32, value: u64) -> io::Result<()> {
-    let mut reply = Vec::with_capacity(HDR_LEN + 8);
-    reply.extend_from_slice(&request.to_le_bytes());
-    reply.extend_from_slice(&(FLAG_VERSION | VhostUserHeaderFlag::REPLY.bits()).to_le_bytes());
-    reply.extend_from_slice(&8u32.to_le_bytes());
-    reply.extend_from_slice(&value.to_le_bytes());
+    let flags = FLAG_VERSION | VhostUserHeaderFlag::REPLY.bits();
+    let reply = message(request, flags, &value.to_le_bytes());
     fe_write
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .write_all(&reply)
+}
+
+/// One message as it goes on the wire: the header, then `payload` (ours, so small).
+fn message(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let size = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let mut m = Vec::with_capacity(HDR_LEN + payload.len());
+    for word in [request, flags, size] {
+        m.extend_from_slice(&word.to_le_bytes());
+    }
+    m.extend_from_slice(payload);
+    m
 }
 
 fn backend_to_frontend(
@@ -379,49 +390,35 @@ fn read_message(sock: &mut UnixStream) -> io::Result<Option<Message>> {
     }))
 }
 
-/// `recvmsg` into `buf`, collecting any fds passed with it.
+/// `recvmsg` into `buf`, collecting any fds passed with it, each owned (so closed) at once.
+///
+/// `ScmSocket` refuses (ENOBUFS) a message whose fds did not all fit the `MAX_FDS` we offer
+/// (MSG_CTRUNC), and closes the ones it did get; the caller then ends the connection.
 fn recv_with_fds(sock: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut cmsg = [0u64; (MAX_FDS * 4 + 64) / 8];
-    let mut iov = libc::iovec {
+    let mut raw: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+    let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer in it refers to live local buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg);
-    let n = loop {
-        // SAFETY: valid socket fd and msghdr as set up above.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    // SAFETY: walking the control buffer the kernel filled, with the libc CMSG macros.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const RawFd;
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
+    }];
+    let (n, count) = loop {
+        // SAFETY: the one iovec points at `buf`, borrowed mutably for this call and valid for
+        // `buf.len()` bytes of any value.
+        match unsafe { sock.recv_with_fds(&mut iov, &mut raw) } {
+            Ok(got) => break got,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) if e.errno() == libc::ENOBUFS => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("more than {MAX_FDS} fds in one message"),
+                ))
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            Err(e) => return Err(e.into()),
         }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "too many fds in one message",
-        ));
+    };
+    for &fd in raw.get(..count).unwrap_or(&[]) {
+        // SAFETY: recv_with_fds returned `count` fds, new in this process and owned by us
+        // alone; each is wrapped exactly once.
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     Ok(n)
 }
@@ -432,45 +429,21 @@ fn send_with_fds(sock: &mut UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Re
         return sock.write_all(bytes);
     }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let data_len = std::mem::size_of_val(raw.as_slice());
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
-    let mut cmsg = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: msghdr is plain data; every pointer refers to live local buffers.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: filling the one control message the buffer was sized for.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as usize;
-        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, raw.len());
-    }
     let sent = loop {
-        // SAFETY: valid socket and msghdr.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match sock.send_with_fds(&[bytes], &raw) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            Err(e) => return Err(e.into()),
         }
     };
-    sock.write_all(&bytes[sent..])
+    sock.write_all(bytes.get(sent..).unwrap_or(&[]))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NEED_REPLY: u32 = FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits();
 
     fn set_features(bits: u64) -> Vec<u8> {
         bits.to_le_bytes().to_vec()
@@ -485,14 +458,18 @@ mod tests {
         let mut f = Filter::new(4);
         for (i, on) in [(0, 1), (1, 1), (2, 1), (3, 1), (2, 0), (3, 0)] {
             assert!(matches!(
-                f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(i, on)),
+                f.judge(
+                    FrontendReq::SET_VRING_ENABLE as u32,
+                    FLAG_VERSION,
+                    &enable(i, on)
+                ),
                 Verdict::Absorb { .. }
             ));
         }
         assert_eq!(
             f.judge(
                 FrontendReq::SET_FEATURES as u32,
-                1,
+                FLAG_VERSION,
                 &set_features(PROTOCOL_FEATURES_BIT)
             ),
             Verdict::ForwardThenReplay(vec![(0, 1), (1, 1), (2, 0), (3, 0)])
@@ -501,7 +478,7 @@ mod tests {
         assert_eq!(
             f.judge(
                 FrontendReq::SET_FEATURES as u32,
-                1,
+                FLAG_VERSION,
                 &set_features(PROTOCOL_FEATURES_BIT)
             ),
             Verdict::Forward
@@ -512,16 +489,12 @@ mod tests {
     fn early_enable_is_absorbed_until_features_are_set() {
         let mut f = Filter::new(4);
         assert_eq!(
-            f.judge(
-                FrontendReq::SET_VRING_ENABLE as u32,
-                FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits(),
-                &[0; 8]
-            ),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, NEED_REPLY, &[0; 8]),
             Verdict::Absorb { ack: true }
         );
         // A short payload is absorbed without a deferred state, not a panic.
         assert!(matches!(
-            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[1]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, FLAG_VERSION, &[1]),
             Verdict::Absorb { .. }
         ));
         assert_eq!(
@@ -538,7 +511,7 @@ mod tests {
             Verdict::Forward
         );
         assert!(matches!(
-            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[0; 8]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, FLAG_VERSION, &[0; 8]),
             Verdict::Absorb { .. }
         ));
         assert_eq!(
@@ -550,20 +523,20 @@ mod tests {
             Verdict::ForwardThenReplay(vec![(0, 0)])
         );
         assert_eq!(
-            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[0; 8]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, FLAG_VERSION, &[0; 8]),
             Verdict::Forward
         );
         assert_eq!(
-            f.judge(FrontendReq::RESET_DEVICE as u32, 1, &[]),
+            f.judge(FrontendReq::RESET_DEVICE as u32, FLAG_VERSION, &[]),
             Verdict::Forward
         );
         assert!(matches!(
-            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &[0; 8]),
+            f.judge(FrontendReq::SET_VRING_ENABLE as u32, FLAG_VERSION, &[0; 8]),
             Verdict::Absorb { .. }
         ));
         // A short SET_FEATURES payload counts as no features, not a panic.
         assert_eq!(
-            f.judge(FrontendReq::SET_FEATURES as u32, 1, &[1, 2]),
+            f.judge(FrontendReq::SET_FEATURES as u32, FLAG_VERSION, &[1, 2]),
             Verdict::Forward
         );
     }
@@ -581,7 +554,7 @@ mod tests {
             assert!(matches!(
                 f.judge(
                     FrontendReq::SET_VRING_ENABLE as u32,
-                    1,
+                    FLAG_VERSION,
                     &enable(1 - n % 2, n % 3)
                 ),
                 Verdict::Absorb { .. }
@@ -591,7 +564,7 @@ mod tests {
         assert_eq!(
             f.judge(
                 FrontendReq::SET_FEATURES as u32,
-                1,
+                FLAG_VERSION,
                 &set_features(PROTOCOL_FEATURES_BIT)
             ),
             Verdict::ForwardThenReplay(vec![(0, 99_999 % 3), (1, 99_998 % 3)])
@@ -603,7 +576,11 @@ mod tests {
         let mut f = Filter::new(2);
         for index in [2, 3, u32::MAX] {
             assert!(matches!(
-                f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(index, 1)),
+                f.judge(
+                    FrontendReq::SET_VRING_ENABLE as u32,
+                    FLAG_VERSION,
+                    &enable(index, 1)
+                ),
                 Verdict::Drop(_)
             ));
         }
@@ -611,17 +588,25 @@ mod tests {
         assert_eq!(
             f.judge(
                 FrontendReq::SET_FEATURES as u32,
-                1,
+                FLAG_VERSION,
                 &set_features(PROTOCOL_FEATURES_BIT)
             ),
             Verdict::Forward
         );
         assert!(matches!(
-            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(2, 1)),
+            f.judge(
+                FrontendReq::SET_VRING_ENABLE as u32,
+                FLAG_VERSION,
+                &enable(2, 1)
+            ),
             Verdict::Drop(_)
         ));
         assert_eq!(
-            f.judge(FrontendReq::SET_VRING_ENABLE as u32, 1, &enable(1, 1)),
+            f.judge(
+                FrontendReq::SET_VRING_ENABLE as u32,
+                FLAG_VERSION,
+                &enable(1, 1)
+            ),
             Verdict::Forward
         );
     }
@@ -633,25 +618,43 @@ mod tests {
         let rem = FrontendReq::REM_MEM_REG as u32;
         let table = FrontendReq::SET_MEM_TABLE as u32;
         assert_eq!(
-            f.judge(FrontendReq::GET_MAX_MEM_SLOTS as u32, 1, &[]),
+            f.judge(FrontendReq::GET_MAX_MEM_SLOTS as u32, FLAG_VERSION, &[]),
             Verdict::Reply(MAX_MEM_SLOTS as u64)
         );
-        assert_eq!(f.judge(table, 1, &region_count(2)), Verdict::Forward);
+        assert_eq!(
+            f.judge(table, FLAG_VERSION, &region_count(2)),
+            Verdict::Forward
+        );
         for _ in 2..MAX_MEM_SLOTS {
-            assert_eq!(f.judge(add, 1, &[0; 40]), Verdict::Forward);
+            assert_eq!(f.judge(add, FLAG_VERSION, &[0; 40]), Verdict::Forward);
         }
-        assert!(matches!(f.judge(add, 1, &[0; 40]), Verdict::Drop(_)));
+        assert!(matches!(
+            f.judge(add, FLAG_VERSION, &[0; 40]),
+            Verdict::Drop(_)
+        ));
         // A removal makes room for one more; a new table replaces the count.
-        assert_eq!(f.judge(rem, 1, &[0; 40]), Verdict::Forward);
-        assert_eq!(f.judge(add, 1, &[0; 40]), Verdict::Forward);
-        assert!(matches!(f.judge(add, 1, &[0; 40]), Verdict::Drop(_)));
-        assert_eq!(f.judge(table, 1, &region_count(1)), Verdict::Forward);
-        assert_eq!(f.judge(add, 1, &[0; 40]), Verdict::Forward);
+        assert_eq!(f.judge(rem, FLAG_VERSION, &[0; 40]), Verdict::Forward);
+        assert_eq!(f.judge(add, FLAG_VERSION, &[0; 40]), Verdict::Forward);
+        assert!(matches!(
+            f.judge(add, FLAG_VERSION, &[0; 40]),
+            Verdict::Drop(_)
+        ));
+        assert_eq!(
+            f.judge(table, FLAG_VERSION, &region_count(1)),
+            Verdict::Forward
+        );
+        assert_eq!(f.judge(add, FLAG_VERSION, &[0; 40]), Verdict::Forward);
         let over = region_count(MAX_MEM_SLOTS as u32 + 1);
-        assert!(matches!(f.judge(table, 1, &over), Verdict::Drop(_)));
-        assert!(matches!(f.judge(table, 1, &[1, 0]), Verdict::Drop(_)));
+        assert!(matches!(
+            f.judge(table, FLAG_VERSION, &over),
+            Verdict::Drop(_)
+        ));
+        assert!(matches!(
+            f.judge(table, FLAG_VERSION, &[1, 0]),
+            Verdict::Drop(_)
+        ));
         let full = region_count(MAX_MEM_SLOTS as u32);
-        assert_eq!(f.judge(table, 1, &full), Verdict::Forward);
+        assert_eq!(f.judge(table, FLAG_VERSION, &full), Verdict::Forward);
     }
 
     #[test]
@@ -666,11 +669,7 @@ mod tests {
             }
         );
         assert_eq!(
-            f.judge(
-                FrontendReq::SEND_RARP as u32,
-                FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits(),
-                &mac[..4]
-            ),
+            f.judge(FrontendReq::SEND_RARP as u32, NEED_REPLY, &mac[..4]),
             Verdict::Rarp {
                 mac: None,
                 ack: true
@@ -690,13 +689,7 @@ mod tests {
             (FrontendReq::GET_MAX_MEM_SLOTS, Vec::new()),
         ] {
             let (mut kept, passed) = UnixStream::pair().unwrap();
-            let mut m = Vec::new();
-            m.extend_from_slice(&(request as u32).to_le_bytes());
-            m.extend_from_slice(
-                &(FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits()).to_le_bytes(),
-            );
-            m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            m.extend_from_slice(&payload);
+            let m = message(request as u32, NEED_REPLY, &payload);
             send_with_fds(&mut qemu_w, &m, &[OwnedFd::from(passed)]).unwrap();
             let mut reply = [0u8; 20];
             (&qemu).read_exact(&mut reply).unwrap();
@@ -712,6 +705,46 @@ mod tests {
         handle.join().unwrap();
     }
 
+    /// A SET_VRING_KICK header carrying `n` fds, each the far end of a socket pair; the near
+    /// ends come back, to see which fds are still open.
+    fn send_kick_with_fds(sock: &mut UnixStream, n: usize) -> Vec<UnixStream> {
+        let m = message(FrontendReq::SET_VRING_KICK as u32, FLAG_VERSION, &[0; 8]);
+        let (kept, passed): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| {
+                let (kept, passed) = UnixStream::pair().unwrap();
+                (kept, OwnedFd::from(passed))
+            })
+            .unzip();
+        send_with_fds(sock, &m, &passed).unwrap();
+        kept
+    }
+
+    /// Whether the peer of `kept` is closed (every copy of the fd passed).
+    fn peer_closed(kept: &UnixStream) -> bool {
+        kept.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        matches!((&*kept).read(&mut [0u8; 1]), Ok(0))
+    }
+
+    #[test]
+    fn a_message_with_more_fds_than_allowed_is_refused_and_its_fds_closed() {
+        let (mut tx, mut rx) = UnixStream::pair().unwrap();
+        let kept = send_kick_with_fds(&mut tx, MAX_FDS);
+        let msg = read_message(&mut rx).unwrap().unwrap();
+        assert_eq!(msg.fds.len(), MAX_FDS);
+        drop(msg);
+        assert!(kept.iter().all(peer_closed), "fds of a read message closed");
+
+        // A fresh connection each: the refused message's payload is left unread.
+        for n in [MAX_FDS + 1, 2 * MAX_FDS, 60] {
+            let (mut tx, mut rx) = UnixStream::pair().unwrap();
+            let kept = send_kick_with_fds(&mut tx, n);
+            let e = read_message(&mut rx).err().expect("too many fds refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{n} fds: {e}");
+            assert!(kept.iter().all(peer_closed), "{n} fds: all closed");
+        }
+    }
+
     #[test]
     fn relays_messages_with_fds_and_answers_early_enables() {
         let (qemu, fe) = UnixStream::pair().unwrap();
@@ -723,11 +756,11 @@ mod tests {
         let handle = spawn("t", 2, fe, be, on_rarp).unwrap();
         let mut qemu_w = qemu.try_clone().unwrap();
         // Early SET_VRING_ENABLE with NEED_REPLY: answered by the shim.
-        let mut m = Vec::new();
-        m.extend_from_slice(&(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes());
-        m.extend_from_slice(&(FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits()).to_le_bytes());
-        m.extend_from_slice(&8u32.to_le_bytes());
-        m.extend_from_slice(&[0, 0, 0, 0, 1, 0, 0, 0]);
+        let m = message(
+            FrontendReq::SET_VRING_ENABLE as u32,
+            NEED_REPLY,
+            &enable(0, 1),
+        );
         qemu_w.write_all(&m).unwrap();
         let mut reply = [0u8; 20];
         (&qemu).read_exact(&mut reply).unwrap();
@@ -742,11 +775,8 @@ mod tests {
         assert_eq!(&reply[12..20], &[0u8; 8]);
         // A message with an fd goes through with the fd.
         let (r, w) = UnixStream::pair().unwrap();
-        let mut m = Vec::new();
-        m.extend_from_slice(&12u32.to_le_bytes()); // SET_VRING_KICK
-        m.extend_from_slice(&FLAG_VERSION.to_le_bytes());
-        m.extend_from_slice(&8u32.to_le_bytes());
-        m.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+        let kick = FrontendReq::SET_VRING_KICK as u32;
+        let m = message(kick, FLAG_VERSION, &1u64.to_le_bytes());
         let fd = OwnedFd::from(w);
         send_with_fds(&mut qemu_w, &m, std::slice::from_ref(&fd)).unwrap();
         let got = read_message(&mut lib).unwrap().unwrap();
@@ -760,11 +790,8 @@ mod tests {
         assert_eq!(&b, b"x");
         // SEND_RARP never reaches the library (its dispatcher would drop the connection):
         // the MAC goes to the announcer and, with NEED_REPLY, the shim acks.
-        let mut m = Vec::new();
-        m.extend_from_slice(&(FrontendReq::SEND_RARP as u32).to_le_bytes());
-        m.extend_from_slice(&(FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits()).to_le_bytes());
-        m.extend_from_slice(&8u32.to_le_bytes());
-        m.extend_from_slice(&[0x52, 0x54, 0, 0xab, 0xcd, 0xef, 0, 0]);
+        let mac = [0x52, 0x54, 0, 0xab, 0xcd, 0xef, 0, 0];
+        let m = message(FrontendReq::SEND_RARP as u32, NEED_REPLY, &mac);
         qemu_w.write_all(&m).unwrap();
         let mut reply = [0u8; 20];
         (&qemu).read_exact(&mut reply).unwrap();
@@ -779,14 +806,16 @@ mod tests {
             Ok([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
         );
         // Backend replies reach the frontend.
-        lib.write_all(&[7, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0])
-            .unwrap();
-        let mut rep = [0u8; 12];
-        (&qemu).read_exact(&mut rep).unwrap();
-        assert_eq!(rep[0], 7);
+        let reply_flags = FLAG_VERSION | VhostUserHeaderFlag::REPLY.bits();
+        let rep = message(FrontendReq::SET_LOG_FD as u32, reply_flags, &[]);
+        lib.write_all(&rep).unwrap();
+        let mut got = [0u8; HDR_LEN];
+        (&qemu).read_exact(&mut got).unwrap();
+        assert_eq!(got[..], rep[..]);
         // A lying size closes both sides.
+        let lying = [FrontendReq::GET_FEATURES as u32, FLAG_VERSION, 0x7fff_ffff];
         qemu_w
-            .write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])
+            .write_all(&lying.map(u32::to_le_bytes).concat())
             .unwrap();
         let mut rest = Vec::new();
         let _ = lib.read_to_end(&mut rest);

@@ -8,22 +8,23 @@
 //! the connection of a frontend that lies (see [`migration::check_guest_region`] for what a
 //! region must be).
 
+use std::mem::size_of;
 use std::os::fd::{AsFd, OwnedFd};
 
 use migration::{check_file_area, check_guest_region, RegionDesc};
+use vhost::vhost_user::message::{FrontendReq, VhostUserMemory, VhostUserMemoryRegion};
 
-const REQ_SET_MEM_TABLE: u32 = 5;
-const REQ_SET_LOG_BASE: u32 = 6;
-const REQ_ADD_MEM_REG: u32 = 37;
 /// Bytes of one region in a memory message: gpa, size, frontend address, mmap offset.
-const REGION_LEN: usize = 32;
+const REGION_LEN: usize = size_of::<VhostUserMemoryRegion>();
+/// Bytes before the regions of SET_MEM_TABLE (their count) and of ADD_MEM_REG (padding).
+const REGIONS_AT: usize = size_of::<VhostUserMemory>();
 
 /// Checks the mappings a frontend message describes; `Err` says why the message (and so the
 /// connection) is refused. Messages that map nothing pass. A payload too short to hold what
 /// it claims is left to the library, which refuses it without mapping anything.
 pub fn check(request: u32, payload: &[u8], fds: &[OwnedFd]) -> Result<(), String> {
-    match request {
-        REQ_SET_MEM_TABLE => {
+    match FrontendReq::try_from(request) {
+        Ok(FrontendReq::SET_MEM_TABLE) => {
             let Some(count) = word(payload, 0).map(|w| w as u32 as usize) else {
                 return Ok(());
             };
@@ -34,18 +35,18 @@ pub fn check(request: u32, payload: &[u8], fds: &[OwnedFd]) -> Result<(), String
                 ));
             }
             for (i, fd) in fds.iter().enumerate() {
-                if let Some(r) = region(payload, 8 + i * REGION_LEN) {
+                if let Some(r) = region(payload, REGIONS_AT + i * REGION_LEN) {
                     check_region("SET_MEM_TABLE", i, fd, &r)?;
                 }
             }
             Ok(())
         }
-        REQ_ADD_MEM_REG => match (region(payload, 8), fds) {
+        Ok(FrontendReq::ADD_MEM_REG) => match (region(payload, REGIONS_AT), fds) {
             (Some(r), [fd]) => check_region("ADD_MEM_REG", 0, fd, &r),
             (Some(_), _) => Err(format!("ADD_MEM_REG with {} fd(s)", fds.len())),
             (None, _) => Ok(()),
         },
-        REQ_SET_LOG_BASE => match (word(payload, 0), word(payload, 8), fds) {
+        Ok(FrontendReq::SET_LOG_BASE) => match (word(payload, 0), word(payload, 8), fds) {
             (Some(size), Some(offset), [fd]) => check_file_area(fd.as_fd(), offset, size)
                 .map_err(|e| format!("SET_LOG_BASE log {size:#x} at offset {offset:#x}: {e}")),
             _ => Ok(()),
@@ -84,6 +85,9 @@ mod tests {
     use std::fs::File;
     use std::os::fd::FromRawFd;
 
+    const REQ_SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+    const REQ_SET_LOG_BASE: u32 = FrontendReq::SET_LOG_BASE as u32;
+    const REQ_ADD_MEM_REG: u32 = FrontendReq::ADD_MEM_REG as u32;
     const MIB16: u64 = 16 << 20;
     const USER: u64 = 0x7f00_0000_0000;
 
@@ -153,8 +157,14 @@ mod tests {
 
     #[test]
     fn messages_that_map_nothing_pass() {
-        assert_eq!(check(2, &[0; 8], &[]), Ok(()));
-        assert_eq!(check(12, &[0; 8], &[memfd(0)]), Ok(()));
+        assert_eq!(
+            check(FrontendReq::SET_FEATURES as u32, &[0; 8], &[]),
+            Ok(())
+        );
+        let kick = FrontendReq::SET_VRING_KICK as u32;
+        assert_eq!(check(kick, &[0; 8], &[memfd(0)]), Ok(()));
+        // A request the vhost crate does not know maps nothing either.
+        assert_eq!(check(u32::MAX, &[0; 8], &[memfd(0)]), Ok(()));
         // Short payloads are the library's to refuse.
         assert_eq!(check(REQ_SET_MEM_TABLE, &[1, 0], &[]), Ok(()));
         assert_eq!(check(REQ_SET_LOG_BASE, &[0; 4], &[memfd(0)]), Ok(()));
