@@ -27,10 +27,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
+use crate::vhost_user_backend_workarounds::EnableDeferral;
 use log::{debug, warn};
-use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserVirtioFeatures, MAX_ATTACHED_FD_ENTRIES,
-};
+use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Message header: request, flags, payload size (all u32, little-endian on the wire). The
@@ -53,7 +52,6 @@ pub const MAX_MEM_SLOTS: usize = MAX_FDS;
 /// The protocol version in every message's flags. The vhost crate names only its mask
 /// (`VhostUserHeaderFlag::VERSION`) and sets 1 in its private header constructor.
 const FLAG_VERSION: u32 = 0x1;
-const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
 /// One message, as read from the frontend.
 struct Message {
@@ -87,11 +85,9 @@ enum Verdict {
 
 /// The filter's state for one connection.
 struct Filter {
-    /// PROTOCOL_FEATURES acked by a SET_FEATURES that reached the backend.
-    protocol_features_acked: bool,
-    /// Latest deferred enable state of each ring of the port (sized once: a frontend
-    /// cannot make it grow, and finding a ring costs nothing).
-    deferred: Box<[Option<u32>]>,
+    /// SET_VRING_ENABLE held back until the backend can take it (a vhost-user-backend
+    /// workaround).
+    enables: EnableDeferral,
     /// Memory regions the backend holds after the messages forwarded so far. Exact, as
     /// the backend ends the connection on any SET_MEM_TABLE, ADD_MEM_REG or REM_MEM_REG
     /// it fails.
@@ -108,8 +104,7 @@ impl Filter {
     /// The state for a connection to a port with `rings` virtqueues.
     fn new(rings: usize) -> Filter {
         Filter {
-            protocol_features_acked: false,
-            deferred: vec![None; rings].into_boxed_slice(),
+            enables: EnableDeferral::new(rings),
             mem_slots: 0,
         }
     }
@@ -123,7 +118,7 @@ impl Filter {
                 ack,
             },
             Ok(FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE) => {
-                self.protocol_features_acked = false;
+                self.enables.reset();
                 Verdict::Forward
             }
             Ok(FrontendReq::SET_VRING_ENABLE) => self.set_vring_enable(payload, ack),
@@ -146,14 +141,7 @@ impl Filter {
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
             .unwrap_or(0);
-        self.protocol_features_acked = features & PROTOCOL_FEATURES_BIT != 0;
-        if !self.protocol_features_acked {
-            return Verdict::Forward;
-        }
-        let states: Vec<(u32, u32)> = (0u32..)
-            .zip(self.deferred.iter_mut())
-            .filter_map(|(index, state)| Some((index, state.take()?)))
-            .collect();
+        let states = self.enables.features_set(features);
         if states.is_empty() {
             Verdict::Forward
         } else {
@@ -162,25 +150,12 @@ impl Filter {
     }
 
     fn set_vring_enable(&mut self, payload: &[u8], ack: bool) -> Verdict {
-        let (Some(index), Some(enable)) = (u32_at(payload, 0), u32_at(payload, 4)) else {
-            // Too short: the backend refuses it once it gets it; deferred, nothing to keep.
-            return if self.protocol_features_acked {
-                Verdict::Forward
-            } else {
-                Verdict::Absorb { ack }
-            };
-        };
-        let Some(state) = self.deferred.get_mut(index as usize) else {
-            return Verdict::Drop(format!(
-                "SET_VRING_ENABLE for ring {index} of {}",
-                self.deferred.len()
-            ));
-        };
-        if self.protocol_features_acked {
-            return Verdict::Forward;
+        let request = u32_at(payload, 0).zip(u32_at(payload, 4));
+        match self.enables.vring_enable(request) {
+            Ok(true) => Verdict::Absorb { ack },
+            Ok(false) => Verdict::Forward,
+            Err(why) => Verdict::Drop(why),
         }
-        *state = Some(enable);
-        Verdict::Absorb { ack }
     }
 
     /// The backend is about to hold `n` regions: fine within the limit we advertise.
@@ -442,6 +417,9 @@ fn send_with_fds(sock: &mut UnixStream, bytes: &[u8], fds: &[OwnedFd]) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vhost::vhost_user::message::VhostUserVirtioFeatures;
+
+    const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
     const NEED_REPLY: u32 = FLAG_VERSION | VhostUserHeaderFlag::NEED_REPLY.bits();
 
@@ -560,7 +538,7 @@ mod tests {
                 Verdict::Absorb { .. }
             ));
         }
-        assert_eq!(f.deferred.len(), 2);
+        assert_eq!(f.enables.rings(), 2);
         assert_eq!(
             f.judge(
                 FrontendReq::SET_FEATURES as u32,

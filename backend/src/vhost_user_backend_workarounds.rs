@@ -7,7 +7,8 @@
 //!    guest driver acks its features, before SET_FEATURES reaches the backend; the vhost
 //!    crate's dispatcher and the library's handler refuse it until PROTOCOL_FEATURES is
 //!    acked, and drop the connection. The protocol shim defers such messages and replays
-//!    them after the SET_FEATURES that acks PROTOCOL_FEATURES ([`crate::protocol_shim`]).
+//!    them after the SET_FEATURES that acks PROTOCOL_FEATURES ([`EnableDeferral`], used by
+//!    [`crate::protocol_shim`], as the library never sees the messages it holds back).
 //!    *Remove when* the handler accepts SET_VRING_ENABLE once PROTOCOL_FEATURES was offered
 //!    (the spec's rule for a backend that offers it), rather than acked.
 //! 2. **RESET_DEVICE forgets PROTOCOL_FEATURES.** QEMU sends RESET_DEVICE when it connects if
@@ -38,11 +39,74 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Mutex;
 
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::Listener;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+/// Workaround 1: the SET_VRING_ENABLE requests of one connection that arrive before the
+/// backend can take them, kept (the latest state per ring) for replay after SET_FEATURES.
+pub struct EnableDeferral {
+    /// PROTOCOL_FEATURES acked by a SET_FEATURES that reached the backend.
+    protocol_features_acked: bool,
+    /// Latest deferred enable state of each ring of the port (sized once: a frontend
+    /// cannot make it grow, and finding a ring costs nothing).
+    deferred: Box<[Option<u32>]>,
+}
+
+impl EnableDeferral {
+    /// The state for a connection to a port with `rings` virtqueues.
+    pub fn new(rings: usize) -> Self {
+        EnableDeferral {
+            protocol_features_acked: false,
+            deferred: vec![None; rings].into_boxed_slice(),
+        }
+    }
+
+    pub fn rings(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// RESET_OWNER or RESET_DEVICE: the backend forgets the acked features.
+    pub fn reset(&mut self) {
+        self.protocol_features_acked = false;
+    }
+
+    /// A SET_FEATURES of `features` goes to the backend: the (ring, enable) states to send
+    /// right after it, if it acks PROTOCOL_FEATURES.
+    pub fn features_set(&mut self, features: u64) -> Vec<(u32, u32)> {
+        self.protocol_features_acked =
+            features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        if !self.protocol_features_acked {
+            return Vec::new();
+        }
+        (0u32..)
+            .zip(self.deferred.iter_mut())
+            .filter_map(|(index, state)| Some((index, state.take()?)))
+            .collect()
+    }
+
+    /// A SET_VRING_ENABLE of (ring, enable), `None` if its payload is too short: whether
+    /// to hold it back (true: answered by the shim, kept for replay) or forward it, or why
+    /// the connection must end (a ring the port does not have).
+    pub fn vring_enable(&mut self, request: Option<(u32, u32)>) -> Result<bool, String> {
+        let Some((index, enable)) = request else {
+            // Too short: the backend refuses it once it gets it; held back, nothing to keep.
+            return Ok(!self.protocol_features_acked);
+        };
+        let rings = self.deferred.len();
+        let Some(state) = self.deferred.get_mut(index as usize) else {
+            return Err(format!("SET_VRING_ENABLE for ring {index} of {rings}"));
+        };
+        if self.protocol_features_acked {
+            return Ok(false);
+        }
+        *state = Some(enable);
+        Ok(true)
+    }
+}
 
 /// Workaround 3: the exit eventfds handed to a session's workers, closed when the session's
 /// device goes away (after its workers are gone).
