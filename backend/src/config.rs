@@ -13,7 +13,12 @@
 //! busy_poll_us = 50                      # optional: longest busy-poll of an idle pair (0: off)
 //! vf_mode = "auto"                      # optional: af-packet (default), af-xdp or auto
 //! vf_tx_wait_us = 2000                  # optional: longest stall of a full VF send queue (0: drop)
+//! socket_group = "libvirt-qemu"         # optional: group of the socket we create
+//! socket_mode = "0660"                  # optional: its permission bits (octal)
 //! ```
+//!
+//! `socket_group` and `socket_mode` may also stand at the top of the file, before the first
+//! `[[port]]`: they then apply to every listening port that does not set its own.
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
 //! it from the one line the program prints.
@@ -77,6 +82,18 @@ pub struct PortConfig {
     pub vf_mode: VfMode,
     /// How long a full VF send queue may take nothing before its packets are dropped.
     pub vf_tx_wait: std::time::Duration,
+    /// Owner group and permissions of the socket file we create (listening ports only).
+    pub socket_access: SocketAccess,
+}
+
+/// Who may connect to a socket file we create: QEMU started by libvirt runs as
+/// `libvirt-qemu`, not as the user that started us.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Group to give the socket file (its gid, resolved when the config is read).
+    pub group: Option<libc::gid_t>,
+    /// Permission bits to give it (at most 0o777).
+    pub mode: Option<u32>,
 }
 
 /// Upper bound of `busy_poll_us`: beyond this a pair is better off pinned and polling
@@ -105,11 +122,16 @@ pub struct PortSpec {
     pub busy_poll_us: Option<u64>,
     pub vf_mode: Option<String>,
     pub vf_tx_wait_us: Option<u64>,
+    pub socket_group: Option<String>,
+    pub socket_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSpec {
+    /// Defaults for every listening port's `socket_group` / `socket_mode`.
+    socket_group: Option<String>,
+    socket_mode: Option<String>,
     #[serde(default)]
     port: Vec<PortSpec>,
 }
@@ -212,6 +234,18 @@ impl PortSpec {
             }
             (Some(m), LinkConfig::Vf(_)) => m.parse().map_err(bad)?,
         };
+        let socket_access = match &socket {
+            SocketMode::Listen(_) => socket_access(self.socket_group, self.socket_mode)
+                .map_err(|m| bad(m.to_string()))?,
+            _ if self.socket_group.is_some() || self.socket_mode.is_some() => {
+                return Err(bad(
+                    "socket_group and socket_mode apply to a socket we create (listening), \
+                     not to a client or inherited one"
+                        .into(),
+                ))
+            }
+            _ => SocketAccess::default(),
+        };
         let name = match (self.name, &socket) {
             (Some(n), _) if !n.is_empty() && !n.contains(char::is_whitespace) => n,
             (Some(n), _) => return Err(bad(format!("'{n}' is not a valid port name"))),
@@ -230,8 +264,57 @@ impl PortSpec {
             busy_poll: std::time::Duration::from_micros(busy_poll_us),
             vf_mode,
             vf_tx_wait: std::time::Duration::from_micros(vf_tx_wait_us),
+            socket_access,
         })
     }
+}
+
+/// Resolves a socket's group name and parses its octal mode.
+fn socket_access(group: Option<String>, mode: Option<String>) -> Result<SocketAccess, String> {
+    let group = match group {
+        Some(name) => Some(group_id(&name)?),
+        None => None,
+    };
+    let mode = match mode {
+        Some(m) => Some(
+            u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|&v| v <= 0o777)
+                .ok_or(format!(
+                    "socket mode '{m}' is not octal permission bits (e.g. 0660)"
+                ))?,
+        ),
+        None => None,
+    };
+    Ok(SocketAccess { group, mode })
+}
+
+/// The gid of group `name` (or a number), from the system's group database.
+fn group_id(name: &str) -> Result<libc::gid_t, String> {
+    if let Ok(gid) = name.parse::<libc::gid_t>() {
+        return Ok(gid);
+    }
+    let unknown = || format!("socket group '{name}' does not exist");
+    let c_name = std::ffi::CString::new(name).map_err(|_| unknown())?;
+    // SAFETY: `libc::group` is plain C data, for which all zero is a valid value.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: `grp`, `buf` and `found` are ours and live across the call; getgrnam_r writes
+    // only into them (the strings of `grp` point into `buf`, which we do not read).
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(unknown());
+    }
+    Ok(grp.gr_gid)
 }
 
 /// Parses "0-3,6,8-9" into cpu numbers, in order, without duplicates.
@@ -291,8 +374,13 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PortConfig>, ConfigErro
     let mut ports = Vec::new();
     let mut names = HashSet::new();
     let mut sockets = HashSet::new();
-    for (i, p) in spec.port.into_iter().enumerate() {
+    for (i, mut p) in spec.port.into_iter().enumerate() {
         let origin = format!("{}: port {}", path.display(), i + 1);
+        // The file's defaults reach only the ports whose socket we create.
+        if p.socket.is_some() && p.fd.is_none() && !p.client {
+            p.socket_group = p.socket_group.or_else(|| spec.socket_group.clone());
+            p.socket_mode = p.socket_mode.or_else(|| spec.socket_mode.clone());
+        }
         let port = p.validate(&origin)?;
         let dup = |what: &str| ConfigError::Invalid {
             origin: origin.clone(),
@@ -315,6 +403,57 @@ mod tests {
 
     fn parse(text: &str) -> Result<Vec<PortConfig>, ConfigError> {
         parse_file(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn socket_group_and_mode_apply_to_the_sockets_we_create() {
+        // Top-level defaults reach the listening port; its own values win; a client port
+        // keeps none.
+        let ports = parse(
+            r#"
+            socket_group = "0"
+            socket_mode = "0660"
+            [[port]]
+            socket = "/run/vr/a.sock"
+            loopback = true
+            [[port]]
+            socket = "/run/vr/b.sock"
+            loopback = true
+            socket_mode = "0o600"
+            [[port]]
+            socket = "/run/vr/c.sock"
+            loopback = true
+            client = true
+            "#,
+        )
+        .unwrap();
+        let access: Vec<_> = ports.iter().map(|p| p.socket_access.clone()).collect();
+        let with = |mode| SocketAccess {
+            group: Some(0),
+            mode: Some(mode),
+        };
+        assert_eq!(access, [with(0o660), with(0o600), SocketAccess::default()]);
+        // By name, through the group database (root's group is on every system).
+        assert_eq!(group_id("root"), Ok(0));
+    }
+
+    #[test]
+    fn bad_socket_access_is_named() {
+        let port = |extra: &str| {
+            parse(&format!(
+                "[[port]]\nsocket = \"/run/vr/a.sock\"\nloopback = true\n{extra}\n"
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        let err = port("socket_mode = \"0999\"");
+        assert!(err.contains("socket mode '0999'"), "{err}");
+        let err = port("socket_mode = \"01777\"");
+        assert!(err.contains("socket mode '01777'"), "{err}");
+        let err = port("socket_group = \"no-such-group-here\"");
+        assert!(err.contains("'no-such-group-here' does not exist"), "{err}");
+        let err = port("client = true\nsocket_mode = \"0660\"");
+        assert!(err.contains("not to a client or inherited one"), "{err}");
     }
 
     #[test]

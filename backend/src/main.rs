@@ -69,8 +69,15 @@ struct Cli {
     /// ring and are sent again (counted as retries). 0 drops at once.
     #[arg(long, value_name = "US")]
     vf_tx_wait_us: Option<u64>,
+    /// Group to give the socket file we create (name or gid), e.g. libvirt-qemu, so QEMU
+    /// running as that group can connect.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+    /// Permission bits (octal) to give the socket file we create, e.g. 0660.
+    #[arg(long, value_name = "MODE")]
+    socket_mode: Option<String>,
     /// Serve every [[port]] of a TOML file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode", "busy_poll_us", "vf_tx_wait_us"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode", "busy_poll_us", "vf_tx_wait_us", "socket_group", "socket_mode"])]
     config: Option<PathBuf>,
     /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
     #[arg(long)]
@@ -234,6 +241,8 @@ fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError
         busy_poll_us: cli.busy_poll_us,
         vf_mode: cli.vf_mode,
         vf_tx_wait_us: cli.vf_tx_wait_us,
+        socket_group: cli.socket_group,
+        socket_mode: cli.socket_mode,
     };
     let port = spec.validate(origin)?;
     if let SocketMode::Listen(path) = &port.socket {

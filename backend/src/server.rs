@@ -17,7 +17,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::announce::format_mac;
-use crate::config::{LinkConfig, PortConfig, SocketMode};
+use crate::config::{LinkConfig, PortConfig, SocketAccess, SocketMode};
 use crate::device::NetDevice;
 use crate::port::{Port, PortKind, Relay, VdpaSlot};
 use crate::protocol_shim;
@@ -262,11 +262,12 @@ fn fanout_group_id(name: &str) -> u16 {
 pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
     match &cfg.socket {
         SocketMode::Listen(path) => {
-            let listener = listen(path).map_err(|source| ServerError::Listen {
-                port: cfg.name.clone(),
-                path: path.clone(),
-                source,
-            })?;
+            let listener =
+                listen(path, &cfg.socket_access).map_err(|source| ServerError::Listen {
+                    port: cfg.name.clone(),
+                    path: path.clone(),
+                    source,
+                })?;
             info!("port {}: listening on {}", cfg.name, path.display());
             serve_listener(cfg, &port, &listener)
         }
@@ -306,8 +307,8 @@ pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
 }
 
 /// Binds the port's socket, replacing a stale socket file left by an earlier run (but never
-/// a file that is not a socket).
-fn listen(path: &Path) -> std::io::Result<UnixListener> {
+/// a file that is not a socket), and gives it the group and mode asked for.
+fn listen(path: &Path, access: &SocketAccess) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
@@ -319,7 +320,30 @@ fn listen(path: &Path) -> std::io::Result<UnixListener> {
             ));
         }
     }
-    UnixListener::bind(path)
+    let listener = UnixListener::bind(path)?;
+    // Set before the first accept: until then the file has the mode the umask gave it
+    // (0755 under the usual 022, which lets only its owner connect).
+    if let Err(e) = set_access(path, access) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// Gives the socket file `path` the group and permission bits of `access`.
+fn set_access(path: &Path, access: &SocketAccess) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let with =
+        |what: &str, e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"));
+    if let Some(gid) = access.group {
+        std::os::unix::fs::lchown(path, None, Some(gid))
+            .map_err(|e| with(&format!("cannot give the socket group {gid}"), e))?;
+    }
+    if let Some(mode) = access.mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| with(&format!("cannot set the socket's mode {mode:o}"), e))?;
+    }
+    Ok(())
 }
 
 fn serve_listener(

@@ -106,6 +106,65 @@ fn a_bad_config_line_is_named() {
 }
 
 #[test]
+fn bad_socket_group_or_mode_is_named() {
+    let sock = "/tmp/vr-cli-access-never.sock";
+    assert_one_line_error(
+        &[
+            "--socket-path",
+            sock,
+            "--loopback",
+            "--socket-group",
+            "no-such-group-here",
+        ],
+        "no-such-group-here",
+    );
+    assert_one_line_error(
+        &[
+            "--socket-path",
+            sock,
+            "--loopback",
+            "--socket-mode",
+            "rw-rw----",
+        ],
+        "rw-rw----",
+    );
+    assert!(!std::path::Path::new(sock).exists());
+}
+
+/// The socket we create gets the group and mode asked for before we accept on it (libvirt's
+/// QEMU runs as `libvirt-qemu` and must be let in).
+#[test]
+fn the_socket_gets_the_group_and_mode_asked_for() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::temp_dir().join(format!("vr-cli-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("vm.sock");
+    let _ = std::fs::remove_file(&sock);
+    // Group 1 (`daemon` on Debian) is not root's, so the chown is seen.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-relay"))
+        .args(["--loopback", "--socket-group", "1", "--socket-mode", "0660"])
+        .arg("--socket-path")
+        .arg(&sock)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vhost-relay");
+    // "listening on" is logged once the group and mode are set, before the first accept.
+    let stderr = child.stderr.take().expect("stderr");
+    let listening = std::io::BufRead::lines(std::io::BufReader::new(stderr))
+        .map_while(Result::ok)
+        .any(|l| l.contains("listening on"));
+    let meta = std::fs::metadata(&sock);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(listening, "vhost-relay ended without listening");
+    let meta = meta.expect("socket metadata");
+    assert_eq!(meta.mode() & 0o777, 0o660, "mode {:o}", meta.mode());
+    assert_eq!(meta.gid(), 1);
+}
+
+#[test]
 fn an_fd_that_is_not_a_listening_socket_is_refused() {
     // fd 0 is whatever stdin is: not a listening unix socket.
     assert_one_line_error(&["--fd", "0", "--loopback"], "fd 0");
