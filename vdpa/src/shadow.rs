@@ -48,13 +48,6 @@ pub enum RelayError {
         head: u32,
         why: &'static str,
     },
-    #[error("queue {q}: guest avail index jumped from {from} to {to} (ring of {num})")]
-    BadAvailIdx {
-        q: usize,
-        from: u16,
-        to: u16,
-        num: u16,
-    },
     #[error("queue {q}: device used index jumped from {from} to {to} (ring of {num})")]
     BadUsedIdx {
         q: usize,
@@ -262,16 +255,9 @@ impl ShadowQueue {
         let guest = self.guest_rings(&map)?;
         let mut moved = 0u16;
         loop {
-            let idx = guest.avail_idx();
-            let pending = idx.wrapping_sub(self.next_avail);
-            if pending > n {
-                return Err(RelayError::BadAvailIdx {
-                    q: self.q,
-                    from: self.next_avail,
-                    to: idx,
-                    num: n,
-                });
-            }
+            let (idx, _) = guest
+                .pending_avail(self.next_avail)
+                .map_err(|source| RelayError::Ring { q: self.q, source })?;
             while self.next_avail != idx {
                 let head = guest.avail_entry(self.next_avail);
                 if head >= n {

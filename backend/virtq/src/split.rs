@@ -71,6 +71,22 @@ impl<'a> GuestRings<'a> {
         unsafe { load_acquire_u16(self.avail.add(2)) }
     }
 
+    /// The guest's avail index, and how many entries it holds past `next_avail`: never more
+    /// than a ring's worth, or the guest's index is impossible (an error).
+    #[inline]
+    pub fn pending_avail(&self, next_avail: u16) -> Result<(u16, u16), RingError> {
+        let avail = self.avail_idx();
+        let pending = avail.wrapping_sub(next_avail);
+        if pending > self.size {
+            return Err(RingError::AvailIndex {
+                avail,
+                pending,
+                size: self.size,
+            });
+        }
+        Ok((avail, pending))
+    }
+
     /// The avail entry for avail index `idx` (a head the guest offers; unchecked).
     #[inline]
     pub fn avail_entry(&self, idx: u16) -> u16 {
@@ -211,15 +227,7 @@ impl<'a, M: GuestMemoryBackend> SplitRing<'a, M> {
     #[inline]
     pub fn pop(&mut self) -> Result<Option<u16>, RingError> {
         if self.next_avail == self.avail_idx {
-            let avail = self.rings.avail_idx();
-            let pending = avail.wrapping_sub(self.next_avail);
-            if pending > self.size() {
-                return Err(RingError::AvailIndex {
-                    avail,
-                    pending,
-                    size: self.size(),
-                });
-            }
+            let (avail, pending) = self.rings.pending_avail(self.next_avail)?;
             self.avail_idx = avail;
             if pending == 0 {
                 return Ok(None);
