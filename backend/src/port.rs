@@ -46,14 +46,6 @@ impl Port {
             kind,
         }
     }
-
-    /// The queue pairs, unless the port's rings are served by a vDPA device.
-    pub fn relay(&self) -> Option<&Arc<Relay>> {
-        match &self.kind {
-            PortKind::Vf(r) | PortKind::Loopback(r) => Some(r),
-            PortKind::Vdpa(_) => None,
-        }
-    }
 }
 
 /// A port's queue pairs: created once, kept across frontend connections.
