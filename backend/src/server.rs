@@ -461,7 +461,7 @@ impl<'a> SessionHandler<'a> {
                         .map_err(io_err)?;
                 // Takes the connection pending on the listener and starts serving it.
                 if let Err(cause) = daemon.start(&mut listener) {
-                    stop_workers(&daemon);
+                    end_relay_session(relay, &daemon);
                     return Err(ServerError::Daemon {
                         port: cfg.name.clone(),
                         cause,
