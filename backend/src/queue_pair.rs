@@ -276,12 +276,13 @@ impl Spin {
     /// Under load the next packets are microseconds away, and sleeping costs a kick, an epoll
     /// wake-up and a context switch each time (and makes the frontend kick at all).
     pub fn keep_polling(&self, idle_since: &mut Option<Instant>) -> bool {
-        if self.current == Duration::ZERO {
+        let budget = self.budget();
+        if budget == Duration::ZERO {
             return false;
         }
         let now = Instant::now();
         let since = *idle_since.get_or_insert(now);
-        now.duration_since(since) < self.current
+        now.duration_since(since) < budget
     }
 }
 
