@@ -235,8 +235,9 @@ impl PortSpec {
             (Some(m), LinkConfig::Vf(_)) => m.parse().map_err(bad)?,
         };
         let socket_access = match &socket {
-            SocketMode::Listen(_) => socket_access(self.socket_group, self.socket_mode)
-                .map_err(|m| bad(m.to_string()))?,
+            SocketMode::Listen(_) => {
+                socket_access(self.socket_group, self.socket_mode).map_err(bad)?
+            }
             _ if self.socket_group.is_some() || self.socket_mode.is_some() => {
                 return Err(bad(
                     "socket_group and socket_mode apply to a socket we create (listening), \
@@ -298,23 +299,32 @@ fn group_id(name: &str) -> Result<libc::gid_t, String> {
     let c_name = std::ffi::CString::new(name).map_err(|_| unknown())?;
     // SAFETY: `libc::group` is plain C data, for which all zero is a valid value.
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: `grp`, `buf` and `found` are ours and live across the call; getgrnam_r writes
-    // only into them (the strings of `grp` point into `buf`, which we do not read).
-    let rc = unsafe {
-        libc::getgrnam_r(
-            c_name.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 || found.is_null() {
-        return Err(unknown());
+    // A group with many members needs a bigger buffer (ERANGE): grow it up to 1 MiB.
+    let mut len = 16 * 1024;
+    loop {
+        let mut buf = vec![0 as libc::c_char; len];
+        // SAFETY: `grp`, `buf` and `found` are ours and live across the call; getgrnam_r
+        // writes only into them (the strings of `grp` point into `buf`, which we do not read).
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            0 if !found.is_null() => return Ok(grp.gr_gid),
+            libc::ERANGE if len < 1 << 20 => len *= 4,
+            0 => return Err(unknown()),
+            e => {
+                let why = std::io::Error::from_raw_os_error(e);
+                return Err(format!("socket group '{name}': cannot look it up: {why}"));
+            }
+        }
     }
-    Ok(grp.gr_gid)
 }
 
 /// Parses "0-3,6,8-9" into cpu numbers, in order, without duplicates.
