@@ -47,6 +47,7 @@ pub mod rx;
 pub mod server;
 pub mod signals;
 pub mod stats;
+pub mod status;
 pub mod tx;
 pub mod vf;
 pub mod vhost_user_backend_workarounds;
