@@ -12,6 +12,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 
 use log::warn;
 use vmm_sys_util::epoll::EventSet;
@@ -26,6 +27,9 @@ pub struct Port {
     pub name: String,
     pub stats: Arc<PortStats>,
     pub kind: PortKind,
+    /// A VF port's watch thread (re-opens the VF's sockets when it is re-created); it ends
+    /// when the port is stopped, and is joined then so the VF's sockets close with the port.
+    pub watch: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// What serves a port's rings.
@@ -44,6 +48,28 @@ impl Port {
             name: name.to_string(),
             stats,
             kind,
+            watch: Mutex::new(None),
+        }
+    }
+
+    /// The socket kind of each pair of a VF port (e.g. "AF_PACKET"), none for other kinds.
+    pub fn vf_sockets(&self) -> Vec<String> {
+        let PortKind::Vf(relay) = &self.kind else {
+            return Vec::new();
+        };
+        (0..relay.pairs.len())
+            .filter_map(|i| match &relay.pair(i)?.link {
+                Link::Vf(sock) => Some(sock.describe()),
+                Link::Loopback => None,
+            })
+            .collect()
+    }
+
+    /// Waits for the port's own threads (the VF watch) to end, once the port is stopped.
+    pub fn join_threads(&self) {
+        let watch = self.watch.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = watch {
+            let _ = t.join();
         }
     }
 }

@@ -27,6 +27,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
+use crate::status::Negotiated;
 use crate::vhost_user_backend_workarounds::EnableDeferral;
 use log::{debug, warn};
 use vhost::vhost_user::message::{FrontendReq, VhostUserHeaderFlag, MAX_ATTACHED_FD_ENTRIES};
@@ -170,6 +171,30 @@ impl Filter {
     }
 }
 
+/// Records what the frontend negotiates, for `ctl show` and the metrics: the shim is the one
+/// place that sees every message whatever the port's kind. Called for messages the filter
+/// let through (forwarded, deferred or answered), never for one that ends the connection.
+fn observe(negotiated: &Negotiated, request: u32, payload: &[u8]) {
+    let u64_at_0 = || {
+        payload
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    match FrontendReq::try_from(request) {
+        Ok(FrontendReq::SET_FEATURES) => negotiated.set_features(u64_at_0().unwrap_or(0)),
+        Ok(FrontendReq::SET_PROTOCOL_FEATURES) => {
+            negotiated.set_protocol_features(u64_at_0().unwrap_or(0))
+        }
+        Ok(FrontendReq::SET_VRING_ENABLE) => {
+            if let (Some(index), Some(on)) = (u32_at(payload, 0), u32_at(payload, 4)) {
+                negotiated.set_ring_enabled(index, on != 0);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// What the shim calls with the MAC of a `SEND_RARP` (on the shim's thread, before acking).
 pub type RarpHandler = Box<dyn Fn([u8; 6]) + Send>;
 
@@ -183,6 +208,7 @@ pub fn spawn(
     frontend: UnixStream,
     backend: UnixStream,
     on_rarp: RarpHandler,
+    negotiated: Arc<Negotiated>,
 ) -> io::Result<JoinHandle<()>> {
     let fe_write = Arc::new(Mutex::new(frontend.try_clone()?));
     let be_read = backend.try_clone()?;
@@ -193,9 +219,12 @@ pub fn spawn(
         let fe_write = fe_write.clone();
         let label = label.clone();
         move || {
-            if let Err(e) =
-                frontend_to_backend(&label, rings, frontend, backend, &fe_write, &on_rarp)
-            {
+            let ends = Ends {
+                frontend,
+                backend,
+                fe_write: &fe_write,
+            };
+            if let Err(e) = frontend_to_backend(&label, rings, ends, &on_rarp, &negotiated) {
                 debug!("port {label}: frontend side: {e}");
             }
             let _ = fe_shut.shutdown(std::net::Shutdown::Both);
@@ -224,14 +253,26 @@ pub fn spawn(
         })
 }
 
+/// The sockets the frontend-to-backend direction reads and writes.
+struct Ends<'a> {
+    frontend: UnixStream,
+    backend: UnixStream,
+    /// The frontend's socket for replies, shared with the other direction.
+    fe_write: &'a Mutex<UnixStream>,
+}
+
 fn frontend_to_backend(
     port: &str,
     rings: usize,
-    mut frontend: UnixStream,
-    mut backend: UnixStream,
-    fe_write: &Mutex<UnixStream>,
+    ends: Ends<'_>,
     on_rarp: &RarpHandler,
+    negotiated: &Negotiated,
 ) -> io::Result<()> {
+    let Ends {
+        mut frontend,
+        mut backend,
+        fe_write,
+    } = ends;
     let mut filter = Filter::new(rings);
     loop {
         // The message (and any fd it carries) is dropped, so closed, unless forwarded.
@@ -242,7 +283,11 @@ fn frontend_to_backend(
             warn!("port {port}: {e}: refused, closing the connection");
             return Ok(());
         }
-        match filter.judge(msg.request, msg.flags, &msg.bytes[HDR_LEN..]) {
+        let verdict = filter.judge(msg.request, msg.flags, &msg.bytes[HDR_LEN..]);
+        if !matches!(verdict, Verdict::Drop(_)) {
+            observe(negotiated, msg.request, &msg.bytes[HDR_LEN..]);
+        }
+        match verdict {
             Verdict::Forward => {
                 log::trace!(
                     "port {port}: request {} ({} bytes, {} fds)",
@@ -659,7 +704,7 @@ mod tests {
     fn fds_with_a_message_that_is_not_forwarded_are_closed() {
         let (qemu, fe) = UnixStream::pair().unwrap();
         let (be, _lib) = UnixStream::pair().unwrap();
-        let handle = spawn("t", 2, fe, be, Box::new(|_| {})).unwrap();
+        let handle = spawn("t", 2, fe, be, Box::new(|_| {}), Default::default()).unwrap();
         let mut qemu_w = qemu.try_clone().unwrap();
         // Answered by the shim, each with an fd it should not carry.
         for (request, payload) in [
@@ -731,7 +776,7 @@ mod tests {
         let on_rarp: RarpHandler = Box::new(move |mac| {
             let _ = rarp_tx.send(mac);
         });
-        let handle = spawn("t", 2, fe, be, on_rarp).unwrap();
+        let handle = spawn("t", 2, fe, be, on_rarp, Default::default()).unwrap();
         let mut qemu_w = qemu.try_clone().unwrap();
         // Early SET_VRING_ENABLE with NEED_REPLY: answered by the shim.
         let m = message(

@@ -23,6 +23,8 @@ use crate::port::{Port, PortKind, Relay, VdpaSlot};
 use crate::protocol_shim;
 use crate::queue_pair::{Link, QueuePair};
 use crate::stats::PortStats;
+use crate::status::{Negotiated, PortState, PortStatus};
+use crate::stop::{Stop, Woken};
 use crate::vf::watch::LinkWatch;
 use crate::vf::{if_index, interface_info, open_queues, RingConfig};
 use crate::vhost_user_backend_workarounds;
@@ -78,9 +80,31 @@ pub enum ServerError {
     },
 }
 
+/// What ties a running port to whoever started it: the live record the port keeps up to
+/// date, and the stop request it obeys (`ctl remove`, reload, SIGTERM).
+pub struct PortControl {
+    pub status: PortStatus,
+    pub stop: Stop,
+}
+
+impl PortControl {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(PortControl {
+            status: PortStatus::new(),
+            stop: Stop::new()?,
+        })
+    }
+
+    /// Stops the port: its frontend is hung up on and its threads end.
+    pub fn stop(&self) {
+        self.stop.stop();
+        self.status.hang_up();
+    }
+}
+
 /// Opens everything the port needs before any frontend comes: a missing VF or vDPA device
-/// is found now, not when the guest boots.
-pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
+/// is found now, not when the guest boots. The port's VF watch obeys `control`'s stop.
+pub fn open_port(cfg: &PortConfig, control: &Arc<PortControl>) -> Result<Arc<Port>, ServerError> {
     let stats = Arc::new(PortStats::new(&cfg.name, cfg.queues));
     let kind = match &cfg.link {
         LinkConfig::Vdpa(path) => {
@@ -91,7 +115,12 @@ pub fn open_port(cfg: &PortConfig) -> Result<Arc<Port>, ServerError> {
             info!("port {}: vDPA device {}", cfg.name, path.display());
             PortKind::Vdpa(VdpaSlot::new(dev))
         }
-        LinkConfig::Vf(vf) => PortKind::Vf(open_vf_relay(cfg, vf, &stats)?),
+        LinkConfig::Vf(vf) => {
+            let (relay, watch) = open_vf_relay(cfg, vf, &stats, control)?;
+            let port = Port::new(&cfg.name, stats, PortKind::Vf(relay));
+            *port.watch.lock().unwrap_or_else(|e| e.into_inner()) = watch;
+            return Ok(Arc::new(port));
+        }
         LinkConfig::Loopback => {
             let links = (0..cfg.queues).map(|_| Link::Loopback).collect();
             let pairs = new_pairs(cfg, links)?;
@@ -107,7 +136,8 @@ fn open_vf_relay(
     cfg: &PortConfig,
     vf: &str,
     stats: &Arc<PortStats>,
-) -> Result<Arc<Relay>, ServerError> {
+    control: &Arc<PortControl>,
+) -> Result<(Arc<Relay>, Option<thread::JoinHandle<()>>), ServerError> {
     let vf_err = |source| ServerError::Vf {
         port: cfg.name.clone(),
         vf: vf.to_string(),
@@ -131,8 +161,14 @@ fn open_vf_relay(
         .map(|s| Link::Vf(Box::new(s)))
         .collect();
     let relay = Arc::new(Relay::new(&cfg.name, new_pairs(cfg, links)?, stats.clone()));
-    spawn_vf_watch(cfg.clone(), relay.clone(), vf.to_string(), info.index);
-    Ok(relay)
+    let watch = spawn_vf_watch(
+        cfg.clone(),
+        relay.clone(),
+        vf.to_string(),
+        info.index,
+        control,
+    );
+    Ok((relay, watch))
 }
 
 /// One queue pair per link, set up as the port's configuration says.
@@ -155,8 +191,14 @@ fn new_pairs(cfg: &PortConfig, links: Vec<Link>) -> Result<Vec<QueuePair>, Serve
 /// Watches the port's VF by name (rtnetlink) and re-opens its sockets, in the same mode and
 /// with a fresh fanout group, when it reappears with another index (deleted and created
 /// again, e.g. by a driver reset). Until then its sockets, bound to the old index, drop what
-/// the guest sends (`vf_down`).
-fn spawn_vf_watch(cfg: PortConfig, relay: Arc<Relay>, vf: String, index: u32) {
+/// the guest sends (`vf_down`). The watch ends when the port is stopped.
+fn spawn_vf_watch(
+    cfg: PortConfig,
+    relay: Arc<Relay>,
+    vf: String,
+    index: u32,
+    control: &Arc<PortControl>,
+) -> Option<thread::JoinHandle<()>> {
     let port_name = cfg.name.clone();
     let state = VfWatch {
         cfg,
@@ -166,11 +208,16 @@ fn spawn_vf_watch(cfg: PortConfig, relay: Arc<Relay>, vf: String, index: u32) {
         generation: 0,
         gone: false,
     };
+    let control = control.clone();
     let spawned = thread::Builder::new()
         .name(format!("vf-watch-{port_name}"))
-        .spawn(move || state.run());
-    if let Err(e) = spawned {
-        warn!("port {port_name}: cannot start the VF watch thread: {e}");
+        .spawn(move || state.run(&control.stop));
+    match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!("port {port_name}: cannot start the VF watch thread: {e}");
+            None
+        }
     }
 }
 
@@ -188,8 +235,8 @@ struct VfWatch {
 }
 
 impl VfWatch {
-    /// Follows the link messages until the netlink socket fails.
-    fn run(mut self) {
+    /// Follows the link messages until the port stops or the netlink socket fails.
+    fn run(mut self, stop: &Stop) {
         let name = self.cfg.name.clone();
         let mut watch = match LinkWatch::open() {
             Ok(w) => w,
@@ -199,6 +246,9 @@ impl VfWatch {
             }
         };
         loop {
+            if stop.wait(Some(watch.as_raw_fd()), None) == Woken::Stopped {
+                return;
+            }
             match watch.wait() {
                 // An empty batch may be a lost one: look the name up then too.
                 Ok(links) if links.is_empty() || links.iter().any(|l| l.name == self.vf) => {
@@ -257,19 +307,24 @@ fn fanout_group_id(name: &str) -> u16 {
     (h ^ (h >> 16)) as u16
 }
 
-/// Serves the port until a fatal error (its listening socket failing). Frontends coming and
-/// going are not errors.
-pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
-    match &cfg.socket {
+/// Serves the port until it is stopped (then `Ok`) or a fatal error (its listening socket
+/// failing). Frontends coming and going are not errors. A socket file the port created is
+/// removed when it stops.
+pub fn run_port(
+    cfg: &PortConfig,
+    port: Arc<Port>,
+    control: &PortControl,
+) -> Result<(), ServerError> {
+    let served = match &cfg.socket {
         SocketMode::Listen(path) => {
-            let listener =
+            let (listener, _file) =
                 listen(path, &cfg.socket_access).map_err(|source| ServerError::Listen {
                     port: cfg.name.clone(),
                     path: path.clone(),
                     source,
                 })?;
             info!("port {}: listening on {}", cfg.name, path.display());
-            serve_listener(cfg, &port, &listener)
+            serve_listener(cfg, &port, &listener, control)
         }
         SocketMode::Inherited(fd) => {
             check_listening_socket(&cfg.name, *fd)?;
@@ -277,39 +332,65 @@ pub fn run_port(cfg: &PortConfig, port: Arc<Port>) -> Result<(), ServerError> {
             // handed it to us to own (libvirt/systemd socket passing).
             let listener = unsafe { UnixListener::from_raw_fd(*fd) };
             info!("port {}: serving inherited socket fd {fd}", cfg.name);
-            serve_listener(cfg, &port, &listener)
+            serve_listener(cfg, &port, &listener, control)
         }
         SocketMode::Connect(path) => {
-            let mut warned = false;
-            loop {
-                match UnixStream::connect(path) {
-                    Ok(stream) => {
-                        warned = false;
-                        info!("port {}: connected to {}", cfg.name, path.display());
-                        serve_connection(cfg, &port, stream);
-                    }
-                    Err(e) => {
-                        if !warned {
-                            warn!(
-                                "port {}: cannot connect to {} ({e}); retrying every {:?}",
-                                cfg.name,
-                                path.display(),
-                                RECONNECT_DELAY
-                            );
-                            warned = true;
-                        }
-                        thread::sleep(RECONNECT_DELAY);
-                    }
-                }
+            serve_as_client(cfg, &port, path, control);
+            Ok(())
+        }
+    };
+    port.join_threads();
+    served
+}
+
+/// Client mode: connects to the frontend, serves it, and reconnects after it goes away.
+fn serve_as_client(cfg: &PortConfig, port: &Arc<Port>, path: &Path, control: &PortControl) {
+    let mut warned = false;
+    while !control.stop.is_stopped() {
+        match UnixStream::connect(path) {
+            Ok(stream) => {
+                warned = false;
+                info!("port {}: connected to {}", cfg.name, path.display());
+                serve_connection(cfg, port, stream, control);
             }
+            Err(e) => {
+                if !warned {
+                    warn!(
+                        "port {}: cannot connect to {} ({e}); retrying every {:?}",
+                        cfg.name,
+                        path.display(),
+                        RECONNECT_DELAY
+                    );
+                    warned = true;
+                }
+                let why = format!("cannot connect to {}: {e}", path.display());
+                control.status.set_state(PortState::Reconnecting(why));
+                control.stop.sleep(RECONNECT_DELAY);
+            }
+        }
+    }
+}
+
+/// A socket file the port created: removed when the port stops, unless another file has
+/// taken its place since (a second instance started on the same path, say).
+struct SocketFile {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
 /// Binds the port's socket, replacing a stale socket file left by an earlier run (but never
 /// a file that is not a socket), and gives it the group and mode asked for.
-fn listen(path: &Path, access: &SocketAccess) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
+fn listen(path: &Path, access: &SocketAccess) -> std::io::Result<(UnixListener, SocketFile)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
             std::fs::remove_file(path)?;
@@ -323,11 +404,15 @@ fn listen(path: &Path, access: &SocketAccess) -> std::io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     // Set before the first accept: until then the file has the mode the umask gave it
     // (0755 under the usual 022, which lets only its owner connect).
-    if let Err(e) = set_access(path, access) {
-        let _ = std::fs::remove_file(path);
-        return Err(e);
-    }
-    Ok(listener)
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        ino: std::fs::symlink_metadata(path)?.ino(),
+    };
+    set_access(path, access)?;
+    // Non-blocking: the port waits for a connection or a stop in one poll, and a connection
+    // reset between the two must not leave it blocked in accept.
+    listener.set_nonblocking(true)?;
+    Ok((listener, file))
 }
 
 /// Gives the socket file `path` the group and permission bits of `access`.
@@ -350,26 +435,50 @@ fn serve_listener(
     cfg: &PortConfig,
     port: &Arc<Port>,
     listener: &UnixListener,
+    control: &PortControl,
 ) -> Result<(), ServerError> {
+    // An inherited socket may come blocking; ours is non-blocking already.
+    if let Err(e) = listener.set_nonblocking(true) {
+        warn!(
+            "port {}: cannot make the socket non-blocking: {e}",
+            cfg.name
+        );
+    }
     loop {
+        control.status.set_state(PortState::Listening);
+        if control.stop.wait(Some(listener.as_raw_fd()), None) == Woken::Stopped {
+            return Ok(());
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 info!("port {}: frontend connected", cfg.name);
-                serve_connection(cfg, port, stream);
+                // The session's sockets block; only the listener polls.
+                if let Err(e) = stream.set_nonblocking(false) {
+                    warn!("port {}: {e}; connection closed", cfg.name);
+                    continue;
+                }
+                serve_connection(cfg, port, stream, control);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) => {}
             Err(e) if listener_broken(&e) => {
+                control
+                    .status
+                    .set_state(PortState::Broken(format!("accept failed: {e}")));
                 return Err(ServerError::Accept {
                     port: cfg.name.clone(),
                     source: e,
-                })
+                });
             }
             Err(e) => {
                 // Out of fds or memory, or a connection reset before we took it: the
                 // pending connections wait in the backlog until resources are back. Logged
                 // once a second at most, as a flood of frontends can keep this going.
                 crate::error_limited!("port {}: accept failed: {e}", cfg.name);
-                thread::sleep(RETRY_DELAY);
+                control.stop.sleep(RETRY_DELAY);
             }
         }
     }
@@ -386,10 +495,29 @@ fn listener_broken(e: &std::io::Error) -> bool {
 /// Serves one connection. A session that cannot be set up (the process out of fds, memory
 /// or threads, maybe because of another port's frontend) costs this connection only: the
 /// port waits a little and goes on serving.
-fn serve_connection(cfg: &PortConfig, port: &Arc<Port>, frontend: UnixStream) {
-    if let Err(e) = run_session(cfg, port, frontend) {
+fn serve_connection(
+    cfg: &PortConfig,
+    port: &Arc<Port>,
+    frontend: UnixStream,
+    control: &PortControl,
+) {
+    let negotiated = match control.status.connected(&frontend) {
+        Ok(n) => n,
+        Err(e) => {
+            crate::error_limited!("port {}: {e}; connection closed", cfg.name);
+            control.stop.sleep(RETRY_DELAY);
+            return;
+        }
+    };
+    // A stop that came before the connection was recorded did not hang it up: do it here.
+    if control.stop.is_stopped() {
+        control.status.hang_up();
+    }
+    let served = run_session(cfg, port, frontend, negotiated);
+    control.status.disconnected();
+    if let Err(e) = served {
         crate::error_limited!("{e}; connection closed");
-        thread::sleep(RETRY_DELAY);
+        control.stop.sleep(RETRY_DELAY);
     }
 }
 
@@ -400,6 +528,7 @@ fn run_session(
     cfg: &PortConfig,
     port: &Arc<Port>,
     frontend: UnixStream,
+    negotiated: Arc<Negotiated>,
 ) -> Result<(), ServerError> {
     let (handler, shim_end) = SessionHandler::start(cfg, port)?;
     let shim = protocol_shim::spawn(
@@ -408,6 +537,7 @@ fn run_session(
         frontend,
         shim_end,
         handler.on_rarp(cfg),
+        negotiated,
     )
     .map_err(|source| ServerError::Io {
         port: cfg.name.clone(),

@@ -145,18 +145,30 @@ fn a_frontend_over_the_memory_slot_limit_is_dropped_and_costs_no_other_port() {
     round_trip(&mut fa, 3);
 }
 
-/// Takes every fd from the process: its ports' threads keep the fd number each reserved
-/// when it blocked in `accept` (Linux reserves it before sleeping), nothing else can be
-/// opened. Returns the soft limit it had.
+/// Takes every fd from the process: nothing more can be opened, not even the socket of an
+/// accepted connection. Returns the soft limit it had.
 fn starve_of_fds(ports: &TwoPorts) -> u64 {
     ports.set_fd_limit(3)
+}
+
+/// Leaves the process one fd: the lowest free one, which the next `accept` takes, so the
+/// session for that connection (epoll, eventfds, the shim's sockets) cannot be set up.
+/// Returns the soft limit it had.
+fn starve_but_one(ports: &TwoPorts) -> u64 {
+    let open: std::collections::BTreeSet<u64> =
+        std::fs::read_dir(format!("/proc/{}/fd", ports.pid()))
+            .expect("the process's fds")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+    let lowest_free = (0..).find(|fd| !open.contains(fd)).expect("a free fd");
+    ports.set_fd_limit(lowest_free + 1)
 }
 
 #[test]
 fn a_session_that_cannot_be_set_up_costs_only_its_connection() {
     let ports = TwoPorts::start("limits-setup");
-    let normal = starve_of_fds(&ports);
-    // The blocked accept returns this connection; setting up its session needs fds
+    let normal = starve_but_one(&ports);
+    // The accept takes the last fd for this connection; setting up its session needs more
     // (epoll, eventfds, the shim's sockets) and fails.
     let mut victim = UnixStream::connect(&ports.b).expect("connect to port b");
     victim.set_read_timeout(Some(T)).unwrap();
@@ -185,8 +197,8 @@ fn a_frontend_waiting_while_accept_runs_out_of_fds_is_served_later() {
     let ports = TwoPorts::start("limits-accept");
     let normal = starve_of_fds(&ports);
     let started = std::time::Instant::now();
-    // The first connection uses up the fd its accept had reserved; the next accept fails,
-    // again and again, while the second one waits in the backlog.
+    // No fd for either connection: accept fails, again and again, while both wait in the
+    // backlog.
     let victim = UnixStream::connect(&ports.b).expect("connect to port b");
     let waiting = UnixStream::connect(&ports.b).expect("connect to port b (backlog)");
     assert!(

@@ -26,6 +26,12 @@ const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 const RTA_HDRLEN: usize = 4;
 
+impl AsRawFd for LinkWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl LinkWatch {
     pub fn open() -> io::Result<Self> {
         let fd = sockopt::socket(
