@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::MAX_QUEUE_PAIRS;
 use crate::vf::VfMode;
@@ -104,25 +104,38 @@ pub const MAX_BUSY_POLL_US: u64 = 100_000;
 /// TCP retransmission timers rather than sparing them a loss.
 pub const MAX_VF_TX_WAIT_US: u64 = 10_000_000;
 
-/// One `[[port]]` table as written; unknown keys are errors, so a typo cannot pass silently.
-#[derive(Debug, Default, Deserialize)]
+/// One `[[port]]` table as written (and the `port` of a control socket `add` request);
+/// unknown keys are errors, so a typo cannot pass silently.
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fd: Option<RawFd>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vf: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub loopback: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vdpa: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queues: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cpus: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub busy_poll_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vf_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub vf_tx_wait_us: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
 }
 
@@ -270,6 +283,23 @@ impl PortSpec {
     }
 }
 
+impl PortConfig {
+    /// Refuses a listening socket whose directory does not exist: binding would fail later,
+    /// on the port's thread, with a less clear error.
+    pub fn check_socket_dir(&self, origin: &str) -> Result<(), ConfigError> {
+        let SocketMode::Listen(path) = &self.socket else {
+            return Ok(());
+        };
+        match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) if !dir.is_dir() => Err(ConfigError::Invalid {
+                origin: origin.into(),
+                message: format!("directory {} does not exist", dir.display()),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Resolves a socket's group name and parses its octal mode.
 fn socket_access(group: Option<String>, mode: Option<String>) -> Result<SocketAccess, String> {
     let group = match group {
@@ -375,12 +405,8 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PortConfig>, ConfigErro
         path: path.to_path_buf(),
         message: e.to_string().replace('\n', " ").trim().to_string(),
     })?;
-    if spec.port.is_empty() {
-        return Err(ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: "no [[port]] table".into(),
-        });
-    }
+    // No [[port]] is a valid file: a service whose ports come later, by `ctl add` or by
+    // a reload after the file gains some.
     let mut ports = Vec::new();
     let mut names = HashSet::new();
     let mut sockets = HashSet::new();
@@ -575,13 +601,18 @@ mod tests {
                 "not to a vDPA device",
             ),
             ("[[port]\n", "test.toml"),
-            ("", "no [[port]] table"),
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(text).to_string();
             assert!(err.contains(want), "{text:?}: got '{err}', want '{want}'");
             assert!(!err.contains('\n'), "one line: {err}");
         }
+    }
+
+    #[test]
+    fn a_file_without_ports_is_a_service_waiting_for_some() {
+        assert_eq!(parse("").unwrap(), Vec::new());
+        assert_eq!(parse("socket_mode = '0660'\n").unwrap(), Vec::new());
     }
 
     #[test]

@@ -35,6 +35,8 @@
 
 pub mod announce;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod device;
 pub mod log_limit;
 pub mod net_hdr;
@@ -45,9 +47,11 @@ pub mod queue_pair;
 pub mod region_check;
 pub mod rx;
 pub mod server;
+pub mod service;
 pub mod signals;
 pub mod stats;
 pub mod status;
+pub mod stop;
 pub mod tx;
 pub mod vf;
 pub mod vhost_user_backend_workarounds;

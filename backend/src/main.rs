@@ -2,90 +2,22 @@
 //!
 //! Follows the "Backend program conventions" of QEMU's vhost-user specification:
 //! `--socket-path`, `--fd`, `--print-capabilities`, plus `--vf`/`--loopback` for the link,
-//! `--vf-mode`, `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one process.
+//! `--vf-mode`, `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one
+//! process; `--control` for the runtime port API and `vhost-relay ctl` to use it.
 
-use std::path::PathBuf;
+mod cli;
+
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
 
 use clap::Parser;
-use log::{error, info, warn};
+use log::warn;
 
-use vhost_relay::config::{self, PortConfig, PortSpec, SocketMode};
-use vhost_relay::port::Port;
-use vhost_relay::server::{open_port, run_port};
-use vhost_relay::signals;
-
-/// How often a config-file port whose VF is missing is retried.
-const REOPEN_DELAY: Duration = Duration::from_secs(5);
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "vhost-relay",
-    version,
-    about = "vhost-user virtio-net backend relaying a guest NIC to a VF netdev",
-    after_help = "Examples:\n  vhost-relay --socket-path /run/vr/vm1.sock --vf enp3s0f0v1 --queues 2\n  vhost-relay --loopback --socket-path /tmp/lb.sock\n  vhost-relay --socket-path /run/vr/vm2.sock --vdpa /dev/vhost-vdpa-0\n  vhost-relay --config /etc/vhost-relay.toml\n\nSend SIGUSR1 to print per-queue counters to stderr."
-)]
-struct Cli {
-    /// vhost-user unix socket: listen on it (QEMU connects), or connect to it with --client.
-    #[arg(long, value_name = "PATH")]
-    socket_path: Option<PathBuf>,
-    /// Serve an already listening socket inherited from libvirt or systemd.
-    #[arg(long, value_name = "N", conflicts_with = "socket_path")]
-    fd: Option<i32>,
-    /// The VF netdev the guest's NIC is bridged to.
-    #[arg(long, value_name = "IFNAME")]
-    vf: Option<String>,
-    /// Send every packet the guest transmits back to it on the same queue pair.
-    #[arg(long, conflicts_with = "vf")]
-    loopback: bool,
-    /// Hand the guest's rings to this kernel vhost-vdpa device (e.g. /dev/vhost-vdpa-0):
-    /// packets go between guest and device without passing through this process.
-    #[arg(long, value_name = "DEV", conflicts_with_all = ["vf", "loopback"])]
-    vdpa: Option<PathBuf>,
-    /// Queue pairs (QEMU: -netdev vhost-user,queues=N and virtio-net-pci,mq=on).
-    #[arg(long, value_name = "N")]
-    queues: Option<usize>,
-    /// Connect to a listening frontend (QEMU -chardev socket,server=on) and reconnect when
-    /// it goes away.
-    #[arg(long)]
-    client: bool,
-    /// CPUs for the queue-pair workers, one per pair in order, e.g. "2-3".
-    #[arg(long, value_name = "LIST")]
-    cpu_list: Option<String>,
-    /// Longest time an idle queue pair keeps polling before it sleeps (microseconds, default
-    /// 50; 0 turns busy-polling off). The actual spin adapts below it to how often polling
-    /// finds work.
-    #[arg(long, value_name = "US")]
-    busy_poll_us: Option<u64>,
-    /// Socket kind on the VF: af-packet (default), af-xdp, or auto (AF_XDP if the interface
-    /// allows it, else AF_PACKET; the choice and the reason are logged).
-    #[arg(long, value_name = "MODE", conflicts_with = "loopback")]
-    vf_mode: Option<String>,
-    /// How long (microseconds, default 2000) a full VF send queue may take nothing before
-    /// the guest's packets waiting for it are dropped; until then they stay in the guest's
-    /// ring and are sent again (counted as retries). 0 drops at once.
-    #[arg(long, value_name = "US")]
-    vf_tx_wait_us: Option<u64>,
-    /// Group to give the socket file we create (name or gid), e.g. libvirt-qemu, so QEMU
-    /// running as that group can connect.
-    #[arg(long, value_name = "GROUP")]
-    socket_group: Option<String>,
-    /// Permission bits (octal) to give the socket file we create, e.g. 0660.
-    #[arg(long, value_name = "MODE")]
-    socket_mode: Option<String>,
-    /// Serve every [[port]] of a TOML file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["socket_path", "fd", "vf", "loopback", "vdpa", "queues", "client", "cpu_list", "vf_mode", "busy_poll_us", "vf_tx_wait_us", "socket_group", "socket_mode"])]
-    config: Option<PathBuf>,
-    /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
-    #[arg(long)]
-    print_capabilities: bool,
-    /// Name of the port in logs and counters (default: the socket file's stem).
-    #[arg(long)]
-    name: Option<String>,
-}
+use cli::{Cli, Command, CtlRequest, PortArgs};
+use vhost_relay::config::{self, PortConfig, PortSpec};
+use vhost_relay::control::{self, Request};
+use vhost_relay::service::{Origin, Service};
+use vhost_relay::{ctl, signals};
 
 /// Raises the soft fd limit to the hard one. Every connection holds up to
 /// `protocol_shim::MAX_MEM_SLOTS` region fds plus its kicks, calls and VF sockets, and the usual
@@ -118,9 +50,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let cli = Cli::parse();
+    if let Some(Command::Ctl(args)) = cli.command {
+        return ctl::run(&args.control, ctl_request(args.request), args.json);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let (ports, from_file) = match port_configs(cli) {
+    let (ports, origin) = match port_configs(&cli) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vhost-relay: {e}");
@@ -131,131 +66,93 @@ fn main() -> ExitCode {
         eprintln!("vhost-relay: cannot set up signal handling: {e}");
         return ExitCode::FAILURE;
     }
-
     raise_fd_limit();
 
-    let mut opened: Vec<(PortConfig, Option<Arc<Port>>)> = Vec::new();
-    for cfg in ports {
-        match open_port(&cfg) {
-            Ok(port) => opened.push((cfg, Some(port))),
-            // One port given on the command line: its problem is the program's problem.
-            Err(e) if !from_file => {
-                eprintln!("vhost-relay: {e}");
-                return ExitCode::FAILURE;
-            }
-            // Many ports: the others must keep running; this one is retried.
-            Err(e) => {
-                error!("{e}; retrying every {REOPEN_DELAY:?}");
-                opened.push((cfg, None));
-            }
+    // Bound before any port starts: a second instance on the same control socket changes
+    // nothing.
+    let control = match cli
+        .control
+        .as_deref()
+        .map(control::ControlSocket::bind)
+        .transpose()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vhost-relay: {e}");
+            return ExitCode::FAILURE;
         }
-    }
-
-    let registry = signals::Registry::new(Vec::new());
-    let mut threads = Vec::new();
-    for (cfg, port) in opened {
-        let registry = registry.clone();
-        let name = cfg.name.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("port-{name}"))
-            .spawn(move || serve(cfg, port, registry));
-        match spawned {
-            Ok(t) => threads.push((name, t)),
-            Err(e) => error!("port {name}: cannot start its thread: {e}"),
-        }
-    }
-    signals::spawn_handler(registry);
-
-    let mut failed = 0;
-    let total = threads.len();
-    for (name, t) in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!("{e}");
-                failed += 1;
-            }
-            Err(_) => {
-                error!("port {name}: its thread panicked");
-                failed += 1;
-            }
-        }
-        if failed == total {
-            break;
-        }
-    }
-    if !from_file && failed > 0 {
-        return ExitCode::FAILURE;
-    }
-    if failed == total {
-        error!("no port left to serve");
-        return ExitCode::FAILURE;
-    }
-    ExitCode::SUCCESS
-}
-
-/// Runs one port for good; a port that could not be opened is retried until it can be.
-fn serve(
-    cfg: PortConfig,
-    port: Option<Arc<Port>>,
-    registry: signals::Registry,
-) -> Result<(), vhost_relay::server::ServerError> {
-    let port = match port {
-        Some(p) => p,
-        None => loop {
-            thread::sleep(REOPEN_DELAY);
-            match open_port(&cfg) {
-                Ok(p) => {
-                    info!("port {}: opened after retrying", cfg.name);
-                    break p;
-                }
-                Err(e) => warn!("{e}"),
-            }
-        },
     };
-    registry.add(port.stats.clone());
-    run_port(&cfg, port)
+    let service = Arc::new(Service::new(cli.config.clone()));
+    for cfg in ports {
+        if let Err(e) = service.add(cfg, origin) {
+            eprintln!("vhost-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if service.snapshots().is_empty() && control.is_none() {
+        warn!("no ports, and no --control to add any: send SIGHUP after adding ports to the file");
+    }
+    if let Some(c) = &control {
+        if let Err(e) = c.serve(service.clone()) {
+            eprintln!("vhost-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    signals::handle(&service, control)
 }
 
-/// The ports to serve, and whether they came from a config file (then one port's trouble is
-/// not the program's).
-fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError> {
+/// The ports to serve, and where they came from.
+fn port_configs(cli: &Cli) -> Result<(Vec<PortConfig>, Origin), config::ConfigError> {
     if let Some(path) = &cli.config {
-        return Ok((config::load_file(path)?, true));
+        return Ok((config::load_file(path)?, Origin::File));
+    }
+    if cli.port.socket_path.is_none() && cli.fd.is_none() && cli.control.is_some() {
+        // Only a control socket: ports come by `ctl add`.
+        return Ok((Vec::new(), Origin::CommandLine));
     }
     let origin = if cli.fd.is_some() {
         "--fd"
     } else {
         "--socket-path"
     };
-    let spec = PortSpec {
-        name: cli.name,
-        socket: cli.socket_path,
-        fd: cli.fd,
-        vf: cli.vf,
-        loopback: cli.loopback,
-        vdpa: cli.vdpa,
-        queues: cli.queues,
-        client: cli.client,
-        cpus: cli.cpu_list,
-        busy_poll_us: cli.busy_poll_us,
-        vf_mode: cli.vf_mode,
-        vf_tx_wait_us: cli.vf_tx_wait_us,
-        socket_group: cli.socket_group,
-        socket_mode: cli.socket_mode,
-    };
+    let mut spec = port_spec(cli.port.clone());
+    spec.fd = cli.fd;
     let port = spec.validate(origin)?;
-    if let SocketMode::Listen(path) = &port.socket {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                return Err(config::ConfigError::Invalid {
-                    origin: origin.into(),
-                    message: format!("directory {} does not exist", dir.display()),
-                });
-            }
-        }
+    port.check_socket_dir(origin)?;
+    Ok((vec![port], Origin::CommandLine))
+}
+
+/// A port's command-line options as a config table, the form every port is checked in.
+fn port_spec(a: PortArgs) -> PortSpec {
+    PortSpec {
+        name: a.name,
+        socket: a.socket_path,
+        fd: None,
+        vf: a.vf,
+        loopback: a.loopback,
+        vdpa: a.vdpa,
+        queues: a.queues,
+        client: a.client,
+        cpus: a.cpu_list,
+        busy_poll_us: a.busy_poll_us,
+        vf_mode: a.vf_mode,
+        vf_tx_wait_us: a.vf_tx_wait_us,
+        socket_group: a.socket_group,
+        socket_mode: a.socket_mode,
     }
-    Ok((vec![port], false))
+}
+
+fn ctl_request(r: CtlRequest) -> Request {
+    match r {
+        CtlRequest::List => Request::List,
+        CtlRequest::Show { name } => Request::Show { name },
+        CtlRequest::Stats { name } => Request::Stats { name },
+        CtlRequest::Add(port) => Request::Add {
+            port: Box::new(port_spec(*port)),
+        },
+        CtlRequest::Remove { name } => Request::Remove { name },
+        CtlRequest::Reload => Request::Reload,
+    }
 }
 
 /// The JSON the vhost-user spec asks `--print-capabilities` to print.

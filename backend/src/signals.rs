@@ -1,14 +1,15 @@
-//! Signals: SIGUSR1 prints every port's counters; SIGTERM/SIGINT stop the process.
+//! Signals: SIGUSR1 prints every port's counters; SIGHUP reloads; SIGTERM/SIGINT stop the
+//! process cleanly.
 //!
 //! The signals are blocked in every thread and taken synchronously by one thread with
 //! `sigwait`, so no handler runs in signal context and the data path is never interrupted.
 
-use std::sync::{Arc, Mutex};
+use log::{error, info};
 
-use crate::stats::PortStats;
-use log::info;
+use crate::control::ControlSocket;
+use crate::service::Service;
 
-const SIGNALS: [libc::c_int; 3] = [libc::SIGUSR1, libc::SIGTERM, libc::SIGINT];
+const SIGNALS: [libc::c_int; 4] = [libc::SIGUSR1, libc::SIGHUP, libc::SIGTERM, libc::SIGINT];
 
 fn set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data initialised by sigemptyset/sigaddset.
@@ -33,47 +34,31 @@ pub fn block() -> std::io::Result<()> {
     Ok(())
 }
 
-/// The ports whose counters SIGUSR1 prints.
-#[derive(Clone)]
-pub struct Registry(Arc<Mutex<Vec<Arc<PortStats>>>>);
-
-impl Registry {
-    pub fn new(ports: Vec<Arc<PortStats>>) -> Self {
-        Registry(Arc::new(Mutex::new(ports)))
-    }
-
-    pub fn add(&self, port: Arc<PortStats>) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(port);
-    }
-
-    fn print(&self) {
-        let ports = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = String::new();
-        for p in ports.iter() {
-            out.push_str(&p.to_string());
+/// Takes the signals on the calling thread for good: SIGUSR1 prints every port's counters,
+/// SIGHUP reloads the config file (an error is logged and changes nothing), SIGTERM and
+/// SIGINT stop every port cleanly (frontends disconnected, socket files removed, VF sockets
+/// and XDP programs closed), remove the control socket and exit 0.
+pub fn handle(service: &Service, control: Option<ControlSocket>) -> ! {
+    loop {
+        let s = set();
+        let mut sig: libc::c_int = 0;
+        // SAFETY: valid pointers to a sigset and an int.
+        if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
+            continue;
         }
-        eprint!("{out}");
-    }
-}
-
-pub fn spawn_handler(registry: Registry) {
-    let spawned = std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let s = set();
-            let mut sig: libc::c_int = 0;
-            // SAFETY: valid pointers to a sigset and an int.
-            if unsafe { libc::sigwait(&s, &mut sig) } != 0 {
-                continue;
-            }
-            if sig == libc::SIGUSR1 {
-                registry.print();
-            } else {
-                info!("signal {sig}: exiting");
+        match sig {
+            libc::SIGUSR1 => eprint!("{}", service.counters_report()),
+            libc::SIGHUP => match service.reload() {
+                Ok(_) => {}
+                Err(e) => error!("reload failed, nothing changed: {e}"),
+            },
+            _ => {
+                info!("signal {sig}: stopping");
+                service.shutdown();
+                drop(control);
+                info!("stopped");
                 std::process::exit(0);
             }
-        });
-    if let Err(e) = spawned {
-        log::error!("cannot start the signal thread: {e}");
+        }
     }
 }

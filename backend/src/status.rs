@@ -311,7 +311,11 @@ impl PortStatus {
         snap.connects = self.connects.load(Ordering::Relaxed);
         snap.disconnects = self.disconnects.load(Ordering::Relaxed);
         if snap.kind == "vdpa" {
-            snap.vdpa_mode = Some(if snap.dirty_logging { "shadow" } else { "direct" });
+            snap.vdpa_mode = Some(if snap.dirty_logging {
+                "shadow"
+            } else {
+                "direct"
+            });
         }
     }
 }
@@ -391,7 +395,13 @@ mod tests {
         let f = (1u64 << 15) | (1 << 32) | (1 << 30) | (1 << 26) | (1 << 63);
         assert_eq!(
             virtio_feature_names(f),
-            ["MRG_RXBUF", "LOG_ALL", "PROTOCOL_FEATURES", "VERSION_1", "bit 63"]
+            [
+                "MRG_RXBUF",
+                "LOG_ALL",
+                "PROTOCOL_FEATURES",
+                "VERSION_1",
+                "bit 63"
+            ]
         );
         let p = VhostUserProtocolFeatures::MQ.bits()
             | VhostUserProtocolFeatures::REPLY_ACK.bits()
