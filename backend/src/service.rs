@@ -21,6 +21,8 @@ use crate::status::{queue_snapshots, PortSnapshot, PortState};
 
 /// How often a config-file port whose VF or vDPA device is missing is retried.
 const REOPEN_DELAY: Duration = Duration::from_secs(5);
+/// How long `add` waits for a port to listen before it answers anyway.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -34,6 +36,9 @@ pub enum ServiceError {
     DuplicateSocket { existing: String, socket: String },
     #[error("no port named '{0}'")]
     Unknown(String),
+    /// The port's thread failed to start serving (`why` names the port).
+    #[error("{why}")]
+    Start { port: String, why: String },
     #[error("no config file to reload (the process was started without --config)")]
     NoConfigFile,
     #[error("port {port}: {message}: {source}")]
@@ -283,11 +288,24 @@ impl Service {
         let running = Running {
             cfg,
             origin,
-            control,
+            control: control.clone(),
             opened,
             thread,
         };
-        lock(&self.ports).insert(name, running);
+        lock(&self.ports).insert(name.clone(), running);
+        if origin == Origin::File {
+            return Ok(());
+        }
+        // `ctl add` answers once the port listens (or connects), so that whoever added it
+        // can start the guest right away; a socket that cannot be bound is its error.
+        let started = Instant::now();
+        while control.status.state() == PortState::Opening && started.elapsed() < START_TIMEOUT {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if let PortState::Broken(why) = control.status.state() {
+            self.stop_port(&name);
+            return Err(ServiceError::Start { port: name, why });
+        }
         Ok(())
     }
 
