@@ -142,6 +142,8 @@ pub struct PortSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSpec {
+    /// The control socket, as `--control`.
+    control: Option<PathBuf>,
     /// Defaults for every listening port's `socket_group` / `socket_mode`.
     socket_group: Option<String>,
     socket_mode: Option<String>,
@@ -391,7 +393,16 @@ pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {
 }
 
 /// Reads and checks a config file: every port valid, names and sockets unique.
-pub fn load_file(path: &Path) -> Result<Vec<PortConfig>, ConfigError> {
+/// What a config file holds besides its ports' tables: settings of the process, read at
+/// start (a reload takes only the ports).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    pub ports: Vec<PortConfig>,
+    /// `control = "PATH"`: the control socket, as `--control`.
+    pub control: Option<PathBuf>,
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
@@ -400,7 +411,7 @@ pub fn load_file(path: &Path) -> Result<Vec<PortConfig>, ConfigError> {
 }
 
 /// Parses config text (see the module docs); `path` only names it in errors.
-pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PortConfig>, ConfigError> {
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let spec: FileSpec = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string().replace('\n', " ").trim().to_string(),
@@ -430,7 +441,20 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PortConfig>, ConfigErro
         }
         ports.push(port);
     }
-    Ok(ports)
+    if spec
+        .control
+        .as_ref()
+        .is_some_and(|c| c.as_os_str().is_empty())
+    {
+        return Err(ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: "the control socket path is empty".into(),
+        });
+    }
+    Ok(FileConfig {
+        ports,
+        control: spec.control,
+    })
 }
 
 #[cfg(test)]
@@ -438,7 +462,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Vec<PortConfig>, ConfigError> {
-        parse_file(Path::new("test.toml"), text)
+        parse_file(Path::new("test.toml"), text).map(|f| f.ports)
     }
 
     #[test]
@@ -613,6 +637,13 @@ mod tests {
     fn a_file_without_ports_is_a_service_waiting_for_some() {
         assert_eq!(parse("").unwrap(), Vec::new());
         assert_eq!(parse("socket_mode = '0660'\n").unwrap(), Vec::new());
+        let f = parse_file(Path::new("t.toml"), "control = '/run/c.sock'\n").unwrap();
+        assert_eq!(f.control, Some(PathBuf::from("/run/c.sock")));
+        let err = parse_file(Path::new("t.toml"), "control = ''\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config file t.toml: the control socket path is empty"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 mod cli;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let (ports, origin) = match port_configs(&cli) {
+    let (ports, origin, control_path) = match port_configs(&cli) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vhost-relay: {e}");
@@ -70,8 +71,7 @@ fn main() -> ExitCode {
 
     // Bound before any port starts: a second instance on the same control socket changes
     // nothing.
-    let control = match cli
-        .control
+    let control = match control_path
         .as_deref()
         .map(control::ControlSocket::bind)
         .transpose()
@@ -101,14 +101,19 @@ fn main() -> ExitCode {
     signals::handle(&service, control)
 }
 
-/// The ports to serve, and where they came from.
-fn port_configs(cli: &Cli) -> Result<(Vec<PortConfig>, Origin), config::ConfigError> {
+/// The ports to serve, where they came from, and the control socket (`--control` first,
+/// else the file's `control`).
+type Startup = (Vec<PortConfig>, Origin, Option<PathBuf>);
+
+fn port_configs(cli: &Cli) -> Result<Startup, config::ConfigError> {
     if let Some(path) = &cli.config {
-        return Ok((config::load_file(path)?, Origin::File));
+        let file = config::load_file(path)?;
+        let control = cli.control.clone().or(file.control);
+        return Ok((file.ports, Origin::File, control));
     }
     if cli.port.socket_path.is_none() && cli.fd.is_none() && cli.control.is_some() {
         // Only a control socket: ports come by `ctl add`.
-        return Ok((Vec::new(), Origin::CommandLine));
+        return Ok((Vec::new(), Origin::CommandLine, cli.control.clone()));
     }
     let origin = if cli.fd.is_some() {
         "--fd"
@@ -119,7 +124,7 @@ fn port_configs(cli: &Cli) -> Result<(Vec<PortConfig>, Origin), config::ConfigEr
     spec.fd = cli.fd;
     let port = spec.validate(origin)?;
     port.check_socket_dir(origin)?;
-    Ok((vec![port], Origin::CommandLine))
+    Ok((vec![port], Origin::CommandLine, cli.control.clone()))
 }
 
 /// A port's command-line options as a config table, the form every port is checked in.

@@ -128,7 +128,8 @@ impl Service {
             .as_ref()
             .ok_or(ServiceError::NoConfigFile)?;
         let _changing = lock(&self.changes);
-        let wanted = config::load_file(path)?;
+        let file = config::load_file(path)?;
+        let wanted = file.ports;
         let plan = self.plan_reload(wanted)?;
         for name in plan.stop.iter().chain(plan.restart.iter().map(|c| &c.name)) {
             self.stop_port(name);
