@@ -25,12 +25,20 @@ struct Daemon {
 
 impl Daemon {
     fn start(tag: &str, extra: &[&str]) -> Daemon {
+        Self::start_in(None, tag, extra)
+    }
+
+    /// Started inside `ns` (for VF ports on its veth), if given.
+    fn start_in(ns: Option<&NetNs>, tag: &str, extra: &[&str]) -> Daemon {
         let dir = temp_dir(tag);
         let control = dir.join("control.sock");
         let log = dir.join("vr.log");
         let mut args = vec!["--control", control.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let child = spawn_backend(&args, &log, None);
+        let child = match ns {
+            Some(ns) => ns.spawn_backend(&args, &log),
+            None => spawn_backend(&args, &log, None),
+        };
         let d = Daemon {
             child,
             dir,
@@ -350,6 +358,62 @@ fn a_live_control_socket_is_not_taken_over_and_a_stale_one_is_replaced() {
         "{}",
         d2.log_text()
     );
+}
+
+/// Runs `ip netns exec NS ARGS` and returns its stdout.
+fn in_ns(ns: &NetNs, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn remove_closes_the_vf_sockets_and_detaches_the_xdp_program() {
+    let ns = NetNs::new("ctl-vf");
+    let d = Daemon::start_in(Some(&ns), "ctl-vf", &[]);
+    // /proc/net/packet: a header line, then one line per packet socket of the namespace.
+    let packet_sockets = || in_ns(&ns, &["cat", "/proc/net/packet"]).lines().count() - 1;
+    let xdp_attached = || in_ns(&ns, &["ip", "link", "show", "vf0"]).contains("xdp");
+    let sock = d.sock("p");
+    let sock = sock.to_str().unwrap();
+    for (mode, kind) in [("af-packet", "AF_PACKET"), ("af-xdp", "AF_XDP")] {
+        let add = [
+            "add",
+            "--name",
+            "p",
+            "--socket-path",
+            sock,
+            "--vf",
+            "vf0",
+            "--vf-mode",
+            mode,
+        ];
+        assert_eq!(d.ctl_ok(&add), Value::Null, "{mode}");
+        let p = d.port("p");
+        assert!(
+            p["vf_sockets"][0].as_str().unwrap().starts_with(kind),
+            "{p}"
+        );
+        assert_eq!(p["vf"], "vf0");
+        if mode == "af-xdp" {
+            assert!(xdp_attached(), "an XDP program while the port runs");
+        } else {
+            assert!(
+                packet_sockets() >= 1,
+                "an AF_PACKET socket while the port runs"
+            );
+        }
+        assert_eq!(d.ctl_ok(&["remove", "p"]), Value::Null);
+        assert_eq!(
+            packet_sockets(),
+            0,
+            "{mode}: the port's packet sockets are closed"
+        );
+        assert!(!xdp_attached(), "{mode}: no XDP program is left on the VF");
+    }
 }
 
 /// A config file of loopback ports `name = queues`.
