@@ -104,7 +104,30 @@ impl Backend {
         cmd.args(args).env("RUST_LOG", "info");
         Self::spawn("vhost-relay", cmd, workdir, 2 * queue_pairs)
     }
+}
 
+/// Runs `vhost-relay ctl --control CONTROL ARGS` and returns its output (an error if it
+/// fails, with its stderr line).
+pub fn ctl(control: &Path, args: &[&str]) -> Result<String> {
+    crate::util::run(
+        std::process::Command::new(vhost_relay_bin()?)
+            .args(["ctl", "--control"])
+            .arg(control)
+            .args(args),
+    )
+}
+
+/// `ctl ARGS --json`'s `result` (a port object for `show`, an array for `list`/`stats`).
+pub fn ctl_json(control: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = ctl(control, &[args, &["--json"]].concat())?;
+    let reply: serde_json::Value = serde_json::from_str(&out).map_err(|e| Error::Parse {
+        what: format!("ctl {args:?}"),
+        detail: format!("{e}: {out}"),
+    })?;
+    Ok(reply["result"].clone())
+}
+
+impl Backend {
     /// One vhost-relay port listening on `socket`, relaying to the namespace's VF end.
     pub fn vhost_relay_port(
         ns: &NetNs,

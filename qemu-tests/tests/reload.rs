@@ -4,13 +4,11 @@
 //! sent across the reload, and its port never sees a second connection.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use qemu_tests::backend::vhost_relay_bin;
-use qemu_tests::util::run;
+use qemu_tests::backend::ctl_json;
 use qemu_tests::{
-    e2e_test, ensure, guest_ping_until_reply, Backend, Error, NetNs, Qemu, QemuConfig, Result,
+    e2e_test, ensure, guest_ping_until_reply, Backend, Error, NetNs, Qemu, QemuConfig,
     BOOT_TIMEOUT, PEER_IP,
 };
 
@@ -25,20 +23,6 @@ fn config(vf_a: &str, vf_b: &str, dir: &Path, b_busy_poll_us: u32) -> String {
         dir.join("a.sock").display(),
         dir.join("b.sock").display(),
     )
-}
-
-/// `vhost-relay ctl --control CONTROL show NAME --json`'s port object.
-fn show(control: &Path, name: &str) -> Result<serde_json::Value> {
-    let bin = vhost_relay_bin()?;
-    let out = run(Command::new(bin)
-        .args(["ctl", "--control"])
-        .arg(control)
-        .args(["show", name, "--json"]))?;
-    let reply: serde_json::Value = serde_json::from_str(&out).map_err(|e| Error::Parse {
-        what: format!("ctl show {name}"),
-        detail: format!("{e}: {out}"),
-    })?;
-    Ok(reply["result"].clone())
 }
 
 #[test]
@@ -109,11 +93,11 @@ fn reload_restarts_only_the_changed_port_while_the_other_guest_pings_on() {
             text.contains("250 packets transmitted, 250 received"),
             || format!("guest A missed pings across the reload:\n{text}"),
         )?;
-        let pa = show(&control, "a")?;
+        let pa = ctl_json(&control, &["show", "a"])?;
         ensure(pa["connects"] == 1 && pa["state"] == "connected", || {
             format!("port a: {pa}")
         })?;
-        let pb = show(&control, "b")?;
+        let pb = ctl_json(&control, &["show", "b"])?;
         ensure(pb["connects"] == 0, || {
             format!("port b was not restarted: {pb}")
         })?;

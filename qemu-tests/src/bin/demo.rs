@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use qemu_tests::{
-    check_prerequisites, find_stat, guest_ping_until_reply, Backend, Error, GuestImage, NetNs,
+    backend::ctl, check_prerequisites, guest_ping_until_reply, Backend, Error, GuestImage, NetNs,
     Qemu, QemuConfig, Result, ScratchDir, BASE_TOOLS, BOOT_TIMEOUT, GUEST_IP, PEER_IP,
 };
 
@@ -49,13 +49,17 @@ fn demo() -> Result<()> {
         ns.peer()
     ));
     let sock = dir.join("vm1.sock");
+    let control = dir.join("control.sock");
     say(&format!(
-        "starting {} --socket-path {} --vf {} (inside the namespace)",
+        "starting {} --socket-path {} --vf {} --control {} (inside the namespace)",
         bin.display(),
         sock.display(),
-        ns.vf()
+        ns.vf(),
+        control.display()
     ));
-    let mut relay = Backend::vhost_relay_port(&ns, &sock, 1, dir.path())?;
+    let control_arg = control.display().to_string();
+    let mut relay =
+        Backend::vhost_relay_port_with(&ns, &sock, 1, dir.path(), &["--control", &control_arg])?;
 
     let cfg = QemuConfig::new(&image, &sock, dir.path());
     say(&format!(
@@ -84,10 +88,12 @@ fn demo() -> Result<()> {
     ));
     print!("{}", indent(&ns.ping(GUEST_IP, 5)?));
 
-    say("vhost-relay's per-queue counters (SIGUSR1):");
-    let stats = relay.stats()?;
-    for q in [0u16, 1] {
-        println!("    {}", find_stat(&stats, "vm1", q)?);
+    for what in ["show", "stats"] {
+        say(&format!(
+            "vhost-relay ctl --control {} {what} vm1",
+            control.display()
+        ));
+        print!("{}", indent(&ctl(&control, &[what, "vm1"])?));
     }
     say("cleaning up (QEMU, vhost-relay, namespace)");
     drop(qemu);
