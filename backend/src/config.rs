@@ -19,11 +19,14 @@
 //!
 //! `socket_group` and `socket_mode` may also stand at the top of the file, before the first
 //! `[[port]]`: they then apply to every listening port that does not set its own.
+//! `metrics_listen = "127.0.0.1:9100"` at the top serves Prometheus metrics there (as
+//! `--metrics-listen`, which wins over it).
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
 //! it from the one line the program prints.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
@@ -132,8 +135,28 @@ struct FileSpec {
     /// Defaults for every listening port's `socket_group` / `socket_mode`.
     socket_group: Option<String>,
     socket_mode: Option<String>,
+    /// Where to serve Prometheus metrics (`--metrics-listen`).
+    metrics_listen: Option<String>,
     #[serde(default)]
     port: Vec<PortSpec>,
+}
+
+/// A config file read whole: its ports and its process-wide settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigFile {
+    pub ports: Vec<PortConfig>,
+    /// `metrics_listen`: where to serve Prometheus metrics.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Checks a `--metrics-listen` / `metrics_listen` value: a numeric address and port (a
+/// host name could resolve to an address nobody meant to expose).
+pub fn parse_metrics_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "'{text}' is not ADDR:PORT with a numeric address (e.g. 127.0.0.1:9100 or [::1]:9100)"
+        )
+    })
 }
 
 impl PortSpec {
@@ -362,15 +385,25 @@ pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {
 
 /// Reads and checks a config file: every port valid, names and sockets unique.
 pub fn load_file(path: &Path) -> Result<Vec<PortConfig>, ConfigError> {
+    load(path).map(|f| f.ports)
+}
+
+/// [`load_file`] with the file's process-wide settings.
+pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_file(path, &text)
+    parse(path, &text)
 }
 
 /// Parses config text (see the module docs); `path` only names it in errors.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PortConfig>, ConfigError> {
+    parse(path, text).map(|f| f.ports)
+}
+
+/// [`parse_file`] with the file's process-wide settings.
+pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
     let spec: FileSpec = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string().replace('\n', " ").trim().to_string(),
@@ -404,7 +437,19 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<PortConfig>, ConfigErro
         }
         ports.push(port);
     }
-    Ok(ports)
+    let metrics_listen = spec
+        .metrics_listen
+        .as_deref()
+        .map(parse_metrics_listen)
+        .transpose()
+        .map_err(|message| ConfigError::Invalid {
+            origin: format!("{}: metrics_listen", path.display()),
+            message,
+        })?;
+    Ok(ConfigFile {
+        ports,
+        metrics_listen,
+    })
 }
 
 #[cfg(test)]
@@ -413,6 +458,27 @@ mod tests {
 
     fn parse(text: &str) -> Result<Vec<PortConfig>, ConfigError> {
         parse_file(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn metrics_listen_is_a_numeric_address_and_port() {
+        let port = "[[port]]\nsocket = \"/run/a.sock\"\nloopback = true\n";
+        let file = |top: &str| super::parse(Path::new("t.toml"), &format!("{top}\n{port}"));
+        assert_eq!(file("").unwrap().metrics_listen, None);
+        let f = file(r#"metrics_listen = "127.0.0.1:9100""#).unwrap();
+        assert_eq!(f.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(f.ports.len(), 1);
+        let f = file(r#"metrics_listen = "[::1]:0""#).unwrap();
+        assert_eq!(f.metrics_listen, Some("[::1]:0".parse().unwrap()));
+        for bad in ["localhost:9100", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let e = file(&format!("metrics_listen = \"{bad}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("t.toml: metrics_listen: ") && e.contains(&format!("'{bad}'")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

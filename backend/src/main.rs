@@ -4,6 +4,7 @@
 //! `--socket-path`, `--fd`, `--print-capabilities`, plus `--vf`/`--loopback` for the link,
 //! `--vf-mode`, `--queues`, `--client`, `--cpu-list` and `--config` for many ports in one process.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use clap::Parser;
 use log::{error, info, warn};
 
 use vhost_relay::config::{self, PortConfig, PortSpec, SocketMode};
+use vhost_relay::metrics::{self, MetricsServer};
 use vhost_relay::port::Port;
 use vhost_relay::server::{open_port, run_port};
 use vhost_relay::signals;
@@ -85,6 +87,10 @@ struct Cli {
     /// Name of the port in logs and counters (default: the socket file's stem).
     #[arg(long)]
     name: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9100); only
+    /// there. Also `metrics_listen` in the config file; this wins.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<String>,
 }
 
 /// Raises the soft fd limit to the hard one. Every connection holds up to
@@ -120,7 +126,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let (ports, from_file) = match port_configs(cli) {
+    let (ports, from_file, metrics_listen) = match port_configs(cli) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vhost-relay: {e}");
@@ -152,6 +158,17 @@ fn main() -> ExitCode {
     }
 
     let registry = signals::Registry::new(Vec::new());
+    // Before any port thread creates its socket: a bind failure then leaves nothing behind.
+    let _metrics = match metrics_listen {
+        Some(addr) => match start_metrics(addr, &registry) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("vhost-relay: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let mut threads = Vec::new();
     for (cfg, port) in opened {
         let registry = registry.clone();
@@ -217,11 +234,39 @@ fn serve(
     run_port(&cfg, port)
 }
 
-/// The ports to serve, and whether they came from a config file (then one port's trouble is
-/// not the program's).
-fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError> {
+/// Serves Prometheus metrics on `addr` (see `metrics`); the error says where it could not.
+fn start_metrics(addr: SocketAddr, registry: &signals::Registry) -> Result<MetricsServer, String> {
+    let registry = registry.clone();
+    // Only counters are known here; the state and connection come with the service's
+    // snapshots.
+    let snapshots = move || {
+        let ports = registry.ports();
+        ports
+            .iter()
+            .map(|s| metrics::counters_snapshot(s))
+            .collect()
+    };
+    MetricsServer::spawn(addr, Arc::new(snapshots))
+        .map_err(|e| format!("--metrics-listen {addr}: cannot listen there: {e}"))
+}
+
+/// The ports to serve, whether they came from a config file (then one port's trouble is
+/// not the program's), and where to serve metrics.
+fn port_configs(
+    mut cli: Cli,
+) -> Result<(Vec<PortConfig>, bool, Option<SocketAddr>), config::ConfigError> {
+    let metrics_listen = cli
+        .metrics_listen
+        .take()
+        .map(|a| config::parse_metrics_listen(&a))
+        .transpose()
+        .map_err(|message| config::ConfigError::Invalid {
+            origin: "--metrics-listen".into(),
+            message,
+        })?;
     if let Some(path) = &cli.config {
-        return Ok((config::load_file(path)?, true));
+        let file = config::load(path)?;
+        return Ok((file.ports, true, metrics_listen.or(file.metrics_listen)));
     }
     let origin = if cli.fd.is_some() {
         "--fd"
@@ -255,7 +300,7 @@ fn port_configs(cli: Cli) -> Result<(Vec<PortConfig>, bool), config::ConfigError
             }
         }
     }
-    Ok((vec![port], false))
+    Ok((vec![port], false, metrics_listen))
 }
 
 /// The JSON the vhost-user spec asks `--print-capabilities` to print.

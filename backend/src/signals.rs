@@ -46,6 +46,11 @@ impl Registry {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(port);
     }
 
+    /// The ports registered so far.
+    pub fn ports(&self) -> Vec<Arc<PortStats>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn print(&self) {
         let ports = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = String::new();
