@@ -29,7 +29,10 @@ if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/
 fi
 
 pkgs=(busybox-static cpio xz-utils iproute2 iputils-ping dpdk dpdk-dev python3 socat procps
-      libvirt-daemon-system libvirt-clients libxml2-utils ethtool)
+      libvirt-daemon-system libvirt-clients libxml2-utils ethtool
+      # The metrics tests scrape /metrics with a real HTTP client and validate the exposition
+      # with Prometheus' own checker (`promtool check metrics`, in the prometheus package).
+      curl prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

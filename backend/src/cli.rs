@@ -28,6 +28,10 @@ pub struct Cli {
     /// add ports at runtime.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (e.g. 127.0.0.1:9100); only
+    /// there. Also `metrics_listen` in the config file; this wins.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
     /// Print the backend's capabilities as JSON (vhost-user spec) and exit.
     #[arg(long)]
     pub print_capabilities: bool,

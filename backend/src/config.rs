@@ -19,11 +19,14 @@
 //!
 //! `socket_group` and `socket_mode` may also stand at the top of the file, before the first
 //! `[[port]]`: they then apply to every listening port that does not set its own.
+//! `metrics_listen = "127.0.0.1:9100"` at the top serves Prometheus metrics there (as
+//! `--metrics-listen`, which wins over it).
 //!
 //! Every mistake is reported with the file, the port and the field, so an operator can fix
 //! it from the one line the program prints.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
@@ -147,8 +150,20 @@ struct FileSpec {
     /// Defaults for every listening port's `socket_group` / `socket_mode`.
     socket_group: Option<String>,
     socket_mode: Option<String>,
+    /// Where to serve Prometheus metrics (`--metrics-listen`).
+    metrics_listen: Option<String>,
     #[serde(default)]
     port: Vec<PortSpec>,
+}
+
+/// Checks a `--metrics-listen` / `metrics_listen` value: a numeric address and port (a
+/// host name could resolve to an address nobody meant to expose).
+pub fn parse_metrics_listen(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "'{text}' is not ADDR:PORT with a numeric address (e.g. 127.0.0.1:9100 or [::1]:9100)"
+        )
+    })
 }
 
 impl PortSpec {
@@ -392,16 +407,18 @@ pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, ConfigError> {
     Ok(cpus)
 }
 
-/// Reads and checks a config file: every port valid, names and sockets unique.
-/// What a config file holds besides its ports' tables: settings of the process, read at
-/// start (a reload takes only the ports).
+/// A config file read whole: its ports and its process-wide settings (read at start; a
+/// reload takes only the ports).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct FileConfig {
     pub ports: Vec<PortConfig>,
     /// `control = "PATH"`: the control socket, as `--control`.
     pub control: Option<PathBuf>,
+    /// `metrics_listen = "ADDR:PORT"`: the Prometheus endpoint, as `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
+/// Reads and checks a config file: every port valid, names and sockets unique.
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
@@ -451,9 +468,19 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             message: "the control socket path is empty".into(),
         });
     }
+    let metrics_listen = spec
+        .metrics_listen
+        .as_deref()
+        .map(parse_metrics_listen)
+        .transpose()
+        .map_err(|message| ConfigError::Invalid {
+            origin: format!("{}: metrics_listen", path.display()),
+            message,
+        })?;
     Ok(FileConfig {
         ports,
         control: spec.control,
+        metrics_listen,
     })
 }
 
@@ -463,6 +490,27 @@ mod tests {
 
     fn parse(text: &str) -> Result<Vec<PortConfig>, ConfigError> {
         parse_file(Path::new("test.toml"), text).map(|f| f.ports)
+    }
+
+    #[test]
+    fn metrics_listen_is_a_numeric_address_and_port() {
+        let port = "[[port]]\nsocket = \"/run/a.sock\"\nloopback = true\n";
+        let file = |top: &str| parse_file(Path::new("t.toml"), &format!("{top}\n{port}"));
+        assert_eq!(file("").unwrap().metrics_listen, None);
+        let f = file(r#"metrics_listen = "127.0.0.1:9100""#).unwrap();
+        assert_eq!(f.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(f.ports.len(), 1);
+        let f = file(r#"metrics_listen = "[::1]:0""#).unwrap();
+        assert_eq!(f.metrics_listen, Some("[::1]:0".parse().unwrap()));
+        for bad in ["localhost:9100", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let e = file(&format!("metrics_listen = \"{bad}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("t.toml: metrics_listen: ") && e.contains(&format!("'{bad}'")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! - [`queue_pair`]: one worker per queue pair moving packets both ways; [`tx`] and [`rx`]:
 //!   the packet paths, one file per direction; [`vf`]: the VF netdev through AF_PACKET or
 //!   AF_XDP sockets; [`offload`]: software offloads; [`stats`]: the counters;
+//! - [`status`]: what a port reports (state, connection, counters); [`metrics`]: the same as
+//!   Prometheus metrics over HTTP (`--metrics-listen`);
 //! - [`announce`]: the RARP broadcast QEMU asks for after a migration (`SEND_RARP`).
 //!
 //! Where a guest descriptor is validated: the `virtq` crate (`backend/virtq`), shared with
@@ -39,6 +41,7 @@ pub mod control;
 pub mod ctl;
 pub mod device;
 pub mod log_limit;
+pub mod metrics;
 pub mod net_hdr;
 pub mod offload;
 pub mod port;

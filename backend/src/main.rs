@@ -7,6 +7,7 @@
 
 mod cli;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use log::warn;
 use cli::{Cli, Command, CtlRequest, PortArgs};
 use vhost_relay::config::{self, PortConfig, PortSpec};
 use vhost_relay::control::{self, Request};
+use vhost_relay::metrics::MetricsServer;
 use vhost_relay::service::{Origin, Service};
 use vhost_relay::{ctl, signals};
 
@@ -56,7 +58,12 @@ fn main() -> ExitCode {
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
-    let (ports, origin, control_path) = match port_configs(&cli) {
+    let Startup {
+        ports,
+        origin,
+        control: control_path,
+        metrics_listen,
+    } = match startup(&cli) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vhost-relay: {e}");
@@ -83,6 +90,14 @@ fn main() -> ExitCode {
         }
     };
     let service = Arc::new(Service::new(cli.config.clone()));
+    // Before any port: an address that cannot be had leaves nothing behind.
+    let _metrics = match metrics_listen.map(|addr| start_metrics(addr, &service)) {
+        Some(Err(e)) => {
+            eprintln!("vhost-relay: {e}");
+            return ExitCode::FAILURE;
+        }
+        started => started.and_then(Result::ok),
+    };
     for cfg in ports {
         if let Err(e) = service.add(cfg, origin) {
             eprintln!("vhost-relay: {e}");
@@ -101,19 +116,50 @@ fn main() -> ExitCode {
     signals::handle(&service, control)
 }
 
-/// The ports to serve, where they came from, and the control socket (`--control` first,
-/// else the file's `control`).
-type Startup = (Vec<PortConfig>, Origin, Option<PathBuf>);
+/// Serves Prometheus metrics on `addr` (see `metrics`); the error says where it could not.
+fn start_metrics(addr: SocketAddr, service: &Arc<Service>) -> Result<MetricsServer, String> {
+    let service = service.clone();
+    MetricsServer::spawn(addr, Arc::new(move || service.snapshots()))
+        .map_err(|e| format!("--metrics-listen {addr}: cannot listen there: {e}"))
+}
 
-fn port_configs(cli: &Cli) -> Result<Startup, config::ConfigError> {
+/// What the process starts with: the ports, where they came from, the control socket and
+/// the metrics address (the command line's first, else the file's).
+struct Startup {
+    ports: Vec<PortConfig>,
+    origin: Origin,
+    control: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+}
+
+fn startup(cli: &Cli) -> Result<Startup, config::ConfigError> {
+    let metrics_listen = cli
+        .metrics_listen
+        .as_deref()
+        .map(config::parse_metrics_listen)
+        .transpose()
+        .map_err(|message| config::ConfigError::Invalid {
+            origin: "--metrics-listen".into(),
+            message,
+        })?;
+    let control = cli.control.clone();
     if let Some(path) = &cli.config {
         let file = config::load_file(path)?;
-        let control = cli.control.clone().or(file.control);
-        return Ok((file.ports, Origin::File, control));
+        return Ok(Startup {
+            ports: file.ports,
+            origin: Origin::File,
+            control: control.or(file.control),
+            metrics_listen: metrics_listen.or(file.metrics_listen),
+        });
     }
-    if cli.port.socket_path.is_none() && cli.fd.is_none() && cli.control.is_some() {
+    if cli.port.socket_path.is_none() && cli.fd.is_none() && control.is_some() {
         // Only a control socket: ports come by `ctl add`.
-        return Ok((Vec::new(), Origin::CommandLine, cli.control.clone()));
+        return Ok(Startup {
+            ports: Vec::new(),
+            origin: Origin::CommandLine,
+            control,
+            metrics_listen,
+        });
     }
     let origin = if cli.fd.is_some() {
         "--fd"
@@ -124,7 +170,12 @@ fn port_configs(cli: &Cli) -> Result<Startup, config::ConfigError> {
     spec.fd = cli.fd;
     let port = spec.validate(origin)?;
     port.check_socket_dir(origin)?;
-    Ok((vec![port], Origin::CommandLine, cli.control.clone()))
+    Ok(Startup {
+        ports: vec![port],
+        origin: Origin::CommandLine,
+        control,
+        metrics_listen,
+    })
 }
 
 /// A port's command-line options as a config table, the form every port is checked in.

@@ -210,3 +210,46 @@ fn a_missing_or_wrong_vdpa_device_is_named() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("'--vdpa <DEV>' cannot be used with '--vf"));
 }
+
+#[test]
+fn a_bad_metrics_address_is_named_and_is_a_usage_error() {
+    let sock = std::env::temp_dir().join(format!("vr-cli-metrics-{}.sock", std::process::id()));
+    let sock = sock.to_str().unwrap();
+    for bad in ["localhost:9100", "127.0.0.1", "1.2.3.4:70000"] {
+        let args = ["--loopback", "--socket-path", sock, "--metrics-listen", bad];
+        assert_one_line_error(&args, bad);
+        assert_eq!(run(&args).status.code(), Some(2), "{bad}");
+    }
+    let dir = std::env::temp_dir().join(format!("vr-cli-mcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("m.toml");
+    let port = format!("[[port]]\nsocket = \"{sock}\"\nloopback = true\n");
+    std::fs::write(&cfg, format!("metrics_listen = \"[::1]\"\n{port}")).unwrap();
+    assert_one_line_error(&["--config", cfg.to_str().unwrap()], "metrics_listen");
+    assert!(
+        !std::path::Path::new(sock).exists(),
+        "a port started anyway"
+    );
+}
+
+#[test]
+fn a_metrics_address_in_use_is_named_and_nothing_is_left_behind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let sock = std::env::temp_dir().join(format!("vr-cli-inuse-{}.sock", std::process::id()));
+    let sock = sock.to_str().unwrap();
+    assert_one_line_error(
+        &[
+            "--loopback",
+            "--socket-path",
+            sock,
+            "--metrics-listen",
+            &addr,
+        ],
+        &addr,
+    );
+    assert!(
+        !std::path::Path::new(sock).exists(),
+        "the port's socket was created"
+    );
+}

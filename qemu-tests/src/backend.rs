@@ -203,14 +203,21 @@ impl Backend {
 
     /// `vhost-relay --loopback` listening on `socket`.
     pub fn vhost_relay_loopback(socket: &Path, queues: u16, workdir: &Path) -> Result<Self> {
+        Self::vhost_relay_loopback_with(socket, queues, workdir, &[])
+    }
+
+    /// [`Backend::vhost_relay_loopback`] with more arguments (e.g. `--metrics-listen`).
+    pub fn vhost_relay_loopback_with(
+        socket: &Path,
+        queues: u16,
+        workdir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let sock = socket.display().to_string();
         let q = queues.to_string();
-        let mut b = Self::vhost_relay(
-            None,
-            &["--loopback", "--socket-path", &sock, "--queues", &q],
-            workdir,
-            usize::from(queues),
-        )?;
+        let mut args = vec!["--loopback", "--socket-path", &sock, "--queues", &q];
+        args.extend_from_slice(extra);
+        let mut b = Self::vhost_relay(None, &args, workdir, usize::from(queues))?;
         b.wait_for_socket(socket, Duration::from_secs(10))?;
         Ok(b)
     }
@@ -395,6 +402,19 @@ impl Backend {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The URL vhost-relay serves its metrics at (started with `--metrics-listen`), from the
+    /// line it logs once it listens.
+    pub fn metrics_url(&mut self) -> Result<String> {
+        util::wait_until(
+            "vhost-relay to log its metrics URL",
+            Duration::from_secs(10),
+            || {
+                self.ensure_running()?;
+                Ok(test_support::metrics::served_url(&self.output()))
+            },
+        )
     }
 
     /// Stops the backend (SIGTERM, then SIGKILL after 5 s).

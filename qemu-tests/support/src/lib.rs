@@ -5,6 +5,7 @@
 //!   driver's side (post buffers, kick, read used entries).
 //! - [`features`]: feature-bit masks from virtio-bindings and the vhost crate.
 //! - [`frontend`]: vhost-user negotiation and ring hand-over on top of [`driver`].
+//! - [`metrics`]: vhost-relay's Prometheus endpoint through `curl` and `promtool`.
 //! - [`netns`]: network namespaces (named or per thread), veth pairs, `ip`.
 //! - [`raw_socket`]: an `AF_PACKET` socket for the wire side of a test.
 //! - [`stats`]: vhost-relay's per-queue counters (SIGUSR1 and the lines it logs).
@@ -14,6 +15,7 @@
 pub mod driver;
 pub mod features;
 pub mod frontend;
+pub mod metrics;
 pub mod netns;
 pub mod raw_socket;
 pub mod stats;
