@@ -29,7 +29,10 @@ if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/
 fi
 
 pkgs=(busybox-static cpio xz-utils iproute2 iputils-ping dpdk dpdk-dev python3 socat procps
-      libvirt-daemon-system libvirt-clients libxml2-utils ethtool)
+      libvirt-daemon-system libvirt-clients libxml2-utils ethtool
+      # The Debian package (scripts/build-deb.sh, test-deb.sh): dpkg-shlibdeps, man -l, and
+      # systemd-analyze verify for the units.
+      dpkg-dev man-db systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
