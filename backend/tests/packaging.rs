@@ -1,9 +1,16 @@
 //! What the Debian package ships besides the binary: the systemd units pass
-//! `systemd-analyze verify`, and the example config is one an operator can use.
+//! `systemd-analyze verify`, the capabilities vhost-relay.service grants are exactly enough
+//! for an AF_XDP port, and the example config is one an operator can use.
 //! (scripts/test-deb.sh builds, installs and removes the package itself.)
 
+mod support;
+
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{temp_dir, wait_for, NetNs, TestFrontend, VIRTIO_NET_F_MRG_RXBUF};
 
 const PACKAGING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging");
 const UNITS: [&str; 3] = [
@@ -15,9 +22,7 @@ const UNITS: [&str; 3] = [
 /// A fresh directory holding copies of the units whose ExecStart names the binary just
 /// built: verify insists that the binary exists, and /usr/bin/vhost-relay need not.
 fn units_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vr-units-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir(&format!("units-{tag}"));
     for unit in UNITS {
         let text = std::fs::read_to_string(Path::new(PACKAGING).join("systemd").join(unit))
             .unwrap_or_else(|e| panic!("{unit}: {e}"));
@@ -80,6 +85,88 @@ fn verify_catches_a_broken_unit() {
         assert!(verify(&service).is_err(), "accepted:\n{text}");
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The capabilities vhost-relay.service grants, as setpriv names them ("net_raw").
+fn unit_capabilities() -> Vec<String> {
+    let path = Path::new(PACKAGING).join("systemd/vhost-relay.service");
+    let text = std::fs::read_to_string(path).unwrap();
+    let set = |key: &str| -> Vec<String> {
+        let line = text.lines().find_map(|l| l.strip_prefix(key));
+        let caps = line.unwrap_or_else(|| panic!("no {key} line"));
+        caps.split_whitespace()
+            .map(|c| c.strip_prefix("CAP_").expect("CAP_ name").to_lowercase())
+            .collect()
+    };
+    let bounding = set("CapabilityBoundingSet=");
+    assert_eq!(bounding, set("AmbientCapabilities="), "the same set twice");
+    bounding
+}
+
+/// Starts an AF_XDP port on the namespace's vf0 whose socket gets another group, as root
+/// holding only `caps` (what CapabilityBoundingSet leaves root) and under a 64 KiB memlock
+/// limit, so that the UMEM needs CAP_IPC_LOCK. Returns the process once it listens, or Err
+/// with its log once it has given up.
+fn start_with(ns: &NetNs, dir: &Path, caps: &[String]) -> Result<Child, String> {
+    let sock = dir.join("vr.sock");
+    let log = dir.join("vr.log");
+    let bounding: String = caps.iter().map(|c| format!(",+{c}")).collect();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "prlimit", "--memlock=65536"])
+        .args([
+            "setpriv",
+            "--bounding-set",
+            &format!("-all{bounding}"),
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_vhost-relay"))
+        .args(["--socket-path", sock.to_str().unwrap(), "--vf", "vf0"])
+        .args(["--vf-mode", "af-xdp", "--socket-group", "65534"])
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .expect("run ip netns exec / prlimit / setpriv (iproute2, util-linux)");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let up = wait_for(Duration::from_secs(10), || {
+        text().contains("listening on") || !matches!(child.try_wait(), Ok(None))
+    });
+    if up && text().contains("listening on") {
+        return Ok(child);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(text())
+}
+
+#[test]
+fn unit_capabilities_are_enough_for_af_xdp_and_each_is_needed() {
+    let caps = unit_capabilities();
+    let ns = NetNs::new("caps");
+    let dir = temp_dir("caps");
+    let mut be = start_with(&ns, &dir, &caps).unwrap_or_else(|log| panic!("{caps:?}: {log}"));
+    let log = std::fs::read_to_string(dir.join("vr.log")).unwrap();
+    assert!(log.contains("AF_XDP ("), "{log}");
+    let meta = std::fs::metadata(dir.join("vr.sock")).unwrap();
+    assert_eq!(meta.gid(), 65534, "the socket got its group");
+    let f = TestFrontend::connect(&dir.join("vr.sock"), 1, VIRTIO_NET_F_MRG_RXBUF);
+    assert!(
+        f.features & VIRTIO_NET_F_MRG_RXBUF != 0,
+        "a frontend is served"
+    );
+    drop(f);
+    let _ = be.kill();
+    let _ = be.wait();
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let _ = std::fs::remove_file(dir.join("vr.sock"));
+        match start_with(&ns, &dir, &fewer) {
+            Ok(mut be) => {
+                let _ = be.kill();
+                let _ = be.wait();
+                panic!("the unit grants {missing}, but the port starts without it");
+            }
+            Err(log) => eprintln!("without {missing}: {}", log.lines().last().unwrap_or("")),
+        }
+    }
 }
 
 /// The commented-out settings of the example config, uncommented.
