@@ -52,6 +52,7 @@ for o in $opts; do
   grep -qe "$o" <<<"$page" || fail "the man page lacks $o"
 done
 echo "$(wc -w <<<"$opts") options, all in the man page"
+[ "$(man -w vhost-relay)" = /usr/share/man/man1/vhost-relay.1.gz ] || fail "man vhost-relay does not find the page"
 
 echo "--- the installed units pass systemd-analyze verify (Documentation= man page included)"
 for u in "${units[@]}"; do
