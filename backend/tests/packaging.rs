@@ -7,10 +7,13 @@ mod support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{temp_dir, wait_for, NetNs, TestFrontend, VIRTIO_NET_F_MRG_RXBUF};
+use std::collections::BTreeSet;
+
+use support::{temp_dir, wait_for, NetNs, RawSocket, TestFrontend, VIRTIO_NET_F_MRG_RXBUF};
 
 const PACKAGING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging");
 const UNITS: [&str; 3] = [
@@ -89,17 +92,14 @@ fn verify_catches_a_broken_unit() {
 
 /// The capabilities vhost-relay.service grants, as setpriv names them ("net_raw").
 fn unit_capabilities() -> Vec<String> {
-    let path = Path::new(PACKAGING).join("systemd/vhost-relay.service");
-    let text = std::fs::read_to_string(path).unwrap();
     let set = |key: &str| -> Vec<String> {
-        let line = text.lines().find_map(|l| l.strip_prefix(key));
-        let caps = line.unwrap_or_else(|| panic!("no {key} line"));
+        let caps = service_setting(key);
         caps.split_whitespace()
             .map(|c| c.strip_prefix("CAP_").expect("CAP_ name").to_lowercase())
             .collect()
     };
-    let bounding = set("CapabilityBoundingSet=");
-    assert_eq!(bounding, set("AmbientCapabilities="), "the same set twice");
+    let bounding = set("CapabilityBoundingSet");
+    assert_eq!(bounding, set("AmbientCapabilities"), "the same set twice");
     bounding
 }
 
@@ -167,6 +167,135 @@ fn unit_capabilities_are_enough_for_af_xdp_and_each_is_needed() {
             Err(log) => eprintln!("without {missing}: {}", log.lines().last().unwrap_or("")),
         }
     }
+}
+
+/// The value of `key=` in vhost-relay.service.
+fn service_setting(key: &str) -> String {
+    let path = Path::new(PACKAGING).join("systemd/vhost-relay.service");
+    let text = std::fs::read_to_string(path).unwrap();
+    let prefix = format!("{key}=");
+    let line = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()));
+    line.unwrap_or_else(|| panic!("no {key}= line")).to_string()
+}
+
+fn stdout_of(out: Output) -> String {
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every system call a SystemCallFilter= list allows, its @groups expanded by systemd itself.
+fn allowed_syscalls(filter: &str) -> BTreeSet<String> {
+    let mut allowed = BTreeSet::new();
+    for item in filter.split_whitespace() {
+        if !item.starts_with('@') {
+            allowed.insert(item.to_string());
+            continue;
+        }
+        let out = Command::new("systemd-analyze")
+            .args(["syscall-filter", item])
+            .output()
+            .unwrap();
+        // "@group", "    # description", then one call or @subgroup per line.
+        for entry in stdout_of(out).lines().skip(1).map(str::trim) {
+            if !entry.is_empty() && !entry.starts_with('#') {
+                allowed.extend(allowed_syscalls(entry));
+            }
+        }
+    }
+    allowed
+}
+
+/// The calls an `strace -f -o` file records (not the "<... resumed>" halves).
+fn traced_syscalls(trace: &Path) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(trace).unwrap();
+    let call = |l: &str| {
+        let rest = l.split_once(' ')?.1.trim_start();
+        let name = rest.split_once('(')?.0;
+        name.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            .then(|| name.to_string())
+    };
+    text.lines().filter_map(call).collect()
+}
+
+/// SIGTERM to strace's tracee (vhost-relay), so that its clean shutdown is traced too.
+fn terminate_tracee(strace: &mut Child) {
+    let pid = strace.id();
+    let children = format!("/proc/{pid}/task/{pid}/children");
+    let mut tracee = String::new();
+    assert!(wait_for(Duration::from_secs(5), || {
+        tracee = std::fs::read_to_string(&children).unwrap_or_default();
+        !tracee.trim().is_empty()
+    }));
+    let tracee: i32 = tracee.split_whitespace().next().unwrap().parse().unwrap();
+    // SAFETY: kill() with a pid we just read; no memory is involved.
+    assert_eq!(unsafe { libc::kill(tracee, libc::SIGTERM) }, 0);
+    let status = strace.wait().unwrap();
+    assert!(
+        status.success(),
+        "vhost-relay stops cleanly on SIGTERM: {status}"
+    );
+}
+
+/// An AF_XDP port pinned to a CPU, a frontend, one frame each way, SIGTERM: every system call
+/// vhost-relay makes meanwhile must pass the unit's SystemCallFilter= (a refused one would
+/// fail with EPERM under systemd, which systemd-analyze verify cannot see).
+#[test]
+fn unit_syscall_filter_allows_every_call_of_a_serving_af_xdp_port() {
+    let allowed = allowed_syscalls(&service_setting("SystemCallFilter"));
+    assert!(
+        allowed.contains("sendmmsg") && allowed.contains("bpf"),
+        "{allowed:?}"
+    );
+    let ns = NetNs::new("syscalls");
+    let dir = temp_dir("syscalls");
+    let (sock, log, trace) = (dir.join("vr.sock"), dir.join("vr.log"), dir.join("trace"));
+    let mut strace = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "strace", "-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_vhost-relay"))
+        .args(["--socket-path", sock.to_str().unwrap(), "--vf", "vf0"])
+        .args(["--vf-mode", "af-xdp", "--cpu-list", "0"])
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .expect("run strace (Debian package strace)");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_for(Duration::from_secs(20), || text().contains("listening on")),
+        "{}",
+        text()
+    );
+    let mut f = TestFrontend::connect(&sock, 1, VIRTIO_NET_F_MRG_RXBUF);
+    let frame: Vec<u8> = [[0xff; 6], [0x02, 0, 0, 0, 0, 1]]
+        .concat()
+        .into_iter()
+        .chain([0x88, 0xb5])
+        .chain([7; 50])
+        .collect();
+    f.post_tx(1, TestFrontend::buf_addr(1, 0), &frame);
+    f.kick(1);
+    assert_eq!(
+        f.wait_used(1, 1, Duration::from_secs(10)).len(),
+        1,
+        "TX done"
+    );
+    f.post(0, &[(TestFrontend::buf_addr(0, 0), 2048, true)]);
+    f.kick(0);
+    ns.enter(|| RawSocket::open("wire0", false).send(&frame));
+    assert_eq!(
+        f.wait_used(0, 1, Duration::from_secs(10)).len(),
+        1,
+        "RX done"
+    );
+    drop(f);
+    terminate_tracee(&mut strace);
+    let used = traced_syscalls(&trace);
+    assert!(
+        used.contains("bpf") && used.contains("sched_setaffinity"),
+        "{used:?}"
+    );
+    let refused: Vec<&String> = used.difference(&allowed).collect();
+    assert!(refused.is_empty(), "SystemCallFilter= refuses {refused:?}");
 }
 
 /// The commented-out settings of the example config, uncommented.
