@@ -32,7 +32,13 @@ pkgs=(busybox-static cpio xz-utils iproute2 iputils-ping dpdk dpdk-dev python3 s
       libvirt-daemon-system libvirt-clients libxml2-utils ethtool
       # The metrics tests scrape /metrics with a real HTTP client and validate the exposition
       # with Prometheus' own checker (`promtool check metrics`, in the prometheus package).
-      curl prometheus)
+      curl prometheus
+
+      # The Debian package (scripts/build-deb.sh, test-deb.sh): dpkg-shlibdeps, man -l, and
+      # systemd-analyze verify for the units.
+      dpkg-dev man-db systemd
+      # tests/packaging.rs: the system calls of a serving port, against the unit's filter.
+      strace)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -34,6 +34,9 @@ export VHOST_RELAY_BIN=${VHOST_RELAY_BIN:-$target_dir/debug/vhost-relay}
 step "unit and integration tests"
 cargo test --workspace --exclude qemu-tests
 
+step "Debian package: build, dpkg -i, check, dpkg -r, dpkg -P (scripts/test-deb.sh)"
+bash scripts/test-deb.sh
+
 # One guest at a time: TCG guests on two cores are slow enough already. --nocapture shows each
 # step's timing in the CI log.
 step "end-to-end tests (QEMU guests, DPDK testpmd)"
