@@ -315,7 +315,21 @@ pub fn run_port(
     port: Arc<Port>,
     control: &PortControl,
 ) -> Result<(), ServerError> {
-    let served = match &cfg.socket {
+    let served = serve_socket(cfg, &port, control);
+    // The port's own threads end with it, whatever ended it: a port that cannot serve must
+    // not keep its VF sockets open behind it.
+    control.stop.stop();
+    port.join_threads();
+    served
+}
+
+/// Serves the port's socket, as its mode says, until stopped or broken.
+fn serve_socket(
+    cfg: &PortConfig,
+    port: &Arc<Port>,
+    control: &PortControl,
+) -> Result<(), ServerError> {
+    match &cfg.socket {
         SocketMode::Listen(path) => {
             let (listener, _file) =
                 listen(path, &cfg.socket_access).map_err(|source| ServerError::Listen {
@@ -324,7 +338,7 @@ pub fn run_port(
                     source,
                 })?;
             info!("port {}: listening on {}", cfg.name, path.display());
-            serve_listener(cfg, &port, &listener, control)
+            serve_listener(cfg, port, &listener, control)
         }
         SocketMode::Inherited(fd) => {
             check_listening_socket(&cfg.name, *fd)?;
@@ -332,15 +346,13 @@ pub fn run_port(
             // handed it to us to own (libvirt/systemd socket passing).
             let listener = unsafe { UnixListener::from_raw_fd(*fd) };
             info!("port {}: serving inherited socket fd {fd}", cfg.name);
-            serve_listener(cfg, &port, &listener, control)
+            serve_listener(cfg, port, &listener, control)
         }
         SocketMode::Connect(path) => {
-            serve_as_client(cfg, &port, path, control);
+            serve_as_client(cfg, port, path, control);
             Ok(())
         }
-    };
-    port.join_threads();
-    served
+    }
 }
 
 /// Client mode: connects to the frontend, serves it, and reconnects after it goes away.
