@@ -17,6 +17,7 @@ pub mod netns;
 pub mod qemu;
 pub mod qmp;
 pub mod testpmd;
+pub mod traffic;
 pub mod util;
 
 use std::time::{Duration, Instant};
@@ -143,7 +144,12 @@ pub fn e2e_test_with(
 
 /// Pings `dst` from the guest `count` times; fails unless every echo was answered.
 pub fn guest_ping(qemu: &mut Qemu, dst: &str, count: u32) -> Result<String> {
-    let out = qemu.run_ok(
+    console_ping(&mut qemu.console, dst, count).map_err(|e| qemu.explain(e))
+}
+
+/// [`guest_ping`] through a guest's console (e.g. a libvirt domain's serial socket).
+pub fn console_ping(console: &mut Console, dst: &str, count: u32) -> Result<String> {
+    let out = console.run_ok(
         &format!("ping -c {count} -i 0.2 -W 3 {dst}"),
         Duration::from_secs(30 + u64::from(count)),
     )?;
@@ -167,11 +173,14 @@ pub fn peer_ping(ns: &NetNs, dst: &str, count: u32) -> Result<String> {
 /// Pings until one reply comes (or `timeout`): after a (re)connection the link and ARP take a
 /// moment, and under TCG the first packets can be slow.
 pub fn guest_ping_until_reply(qemu: &mut Qemu, dst: &str, timeout: Duration) -> Result<()> {
+    console_ping_until_reply(&mut qemu.console, dst, timeout).map_err(|e| qemu.explain(e))
+}
+
+/// [`guest_ping_until_reply`] through a guest's console.
+pub fn console_ping_until_reply(console: &mut Console, dst: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let out = qemu
-            .console
-            .run(&format!("ping -c 1 -W 2 {dst}"), Duration::from_secs(30))?;
+        let out = console.run(&format!("ping -c 1 -W 2 {dst}"), Duration::from_secs(30))?;
         if out.status == 0 {
             return Ok(());
         }

@@ -30,6 +30,9 @@ pub struct QemuConfig {
     /// The vhost-user socket.
     pub socket: PathBuf,
     pub socket_mode: SocketMode,
+    /// With [`SocketMode::Client`]: QEMU retries a lost (or not yet possible) connection this
+    /// often (`reconnect-ms`), as it must to survive a backend restart.
+    pub reconnect_ms: Option<u32>,
     /// Queue pairs of the NIC; more than one turns on `mq` and gives the guest 2 CPUs.
     pub queues: u16,
     /// Guest CPUs (defaults to 1, or 2 when `queues > 1`).
@@ -62,6 +65,7 @@ impl QemuConfig {
             image: image.clone(),
             socket: socket.to_path_buf(),
             socket_mode: SocketMode::Client,
+            reconnect_ms: None,
             queues: 1,
             smp: 1,
             mac: "52:54:00:12:34:56".into(),
@@ -99,9 +103,12 @@ impl QemuConfig {
     pub fn args(&self) -> Vec<String> {
         let mem = self.memory_mib;
         let sock = self.socket.display();
-        let chardev = match self.socket_mode {
-            SocketMode::Client => format!("socket,id=vu0,path={sock}"),
-            SocketMode::Server => format!("socket,id=vu0,path={sock},server=on,wait=off"),
+        let chardev = match (self.socket_mode, self.reconnect_ms) {
+            (SocketMode::Client, None) => format!("socket,id=vu0,path={sock}"),
+            (SocketMode::Client, Some(ms)) => {
+                format!("socket,id=vu0,path={sock},reconnect-ms={ms}")
+            }
+            (SocketMode::Server, _) => format!("socket,id=vu0,path={sock},server=on,wait=off"),
         };
         let mut netdev = "vhost-user,id=net0,chardev=vu0".to_string();
         let mut device = format!("virtio-net-pci,netdev=net0,mac={}", self.mac);
@@ -338,6 +345,14 @@ mod tests {
         assert!(a.contains("-smp 2 "));
         assert!(a.contains("path=/s/vm.sock,server=on,wait=off"));
         assert!(!a.contains("-no-reboot"));
+    }
+
+    #[test]
+    fn reconnecting_client_args() {
+        let mut c = QemuConfig::new(&image(), Path::new("/s/vm.sock"), Path::new("/w"));
+        c.reconnect_ms = Some(1000);
+        let a = c.args().join(" ");
+        assert!(a.contains("-chardev socket,id=vu0,path=/s/vm.sock,reconnect-ms=1000 "));
     }
 
     #[test]
