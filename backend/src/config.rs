@@ -17,6 +17,9 @@
 //! socket_mode = "0660"                  # optional: its permission bits (octal)
 //! ```
 //!
+//! Under socket activation (systemd's `LISTEN_FDS`), a port with neither `socket` nor `fd`
+//! serves the passed socket named like the port (`FileDescriptorName=` in the socket unit).
+//!
 //! `socket_group` and `socket_mode` may also stand at the top of the file, before the first
 //! `[[port]]`: they then apply to every listening port that does not set its own.
 //! `metrics_listen = "127.0.0.1:9100"` at the top serves Prometheus metrics there (as
@@ -33,6 +36,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::device::MAX_QUEUE_PAIRS;
+use crate::systemd::ListenFds;
 use crate::vf::VfMode;
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +171,50 @@ pub fn parse_metrics_listen(text: &str) -> Result<SocketAddr, String> {
 }
 
 impl PortSpec {
+    /// A port given no socket serves the passed socket named like it, or the only one passed
+    /// when the port has no name (the command line's one port); a port with a socket of its
+    /// own, or a client, takes none. Without passed sockets nothing changes (validate says
+    /// what is missing).
+    pub fn take_activated(
+        &mut self,
+        activated: &ListenFds,
+        origin: &str,
+    ) -> Result<(), ConfigError> {
+        if self.socket.is_some() || self.fd.is_some() || self.client || activated.is_empty() {
+            return Ok(());
+        }
+        let bad = |message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message,
+        };
+        let (name, fd) = match &self.name {
+            Some(name) => match activated.by_name(name) {
+                Some(fd) => (name.clone(), fd),
+                None => {
+                    return Err(bad(format!(
+                        "no socket, and no passed socket is named '{name}' (LISTEN_FDNAMES: {})",
+                        activated.names()
+                    )))
+                }
+            },
+            None => {
+                let mut all = activated.iter();
+                match (all.next(), all.next()) {
+                    (Some((name, fd)), None) => (name.to_string(), fd),
+                    _ => {
+                        return Err(bad(format!(
+                            "no socket, and several were passed ({}): name the port's",
+                            activated.names()
+                        )))
+                    }
+                }
+            }
+        };
+        self.name = Some(name);
+        self.fd = Some(fd);
+        Ok(())
+    }
+
     /// Checks one port; `origin` names it in errors ("--socket-path" or "file.toml: port 2").
     pub fn validate(self, origin: &str) -> Result<PortConfig, ConfigError> {
         let bad = |message: String| ConfigError::Invalid {
@@ -418,17 +466,22 @@ pub struct FileConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// Reads and checks a config file: every port valid, names and sockets unique.
-pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+/// Reads and checks a config file: every port valid, names and sockets unique; `activated`
+/// are the sockets systemd passed, which ports without a socket take by name.
+pub fn load_file(path: &Path, activated: &ListenFds) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_file(path, &text)
+    parse_file(path, &text, activated)
 }
 
 /// Parses config text (see the module docs); `path` only names it in errors.
-pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+pub fn parse_file(
+    path: &Path,
+    text: &str,
+    activated: &ListenFds,
+) -> Result<FileConfig, ConfigError> {
     let spec: FileSpec = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string().replace('\n', " ").trim().to_string(),
@@ -445,6 +498,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             p.socket_group = p.socket_group.or_else(|| spec.socket_group.clone());
             p.socket_mode = p.socket_mode.or_else(|| spec.socket_mode.clone());
         }
+        p.take_activated(activated, &origin)?;
         let port = p.validate(&origin)?;
         let dup = |what: &str| ConfigError::Invalid {
             origin: origin.clone(),
@@ -489,13 +543,19 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Vec<PortConfig>, ConfigError> {
-        parse_file(Path::new("test.toml"), text).map(|f| f.ports)
+        parse_file(Path::new("test.toml"), text, &ListenFds::default()).map(|f| f.ports)
     }
 
     #[test]
     fn metrics_listen_is_a_numeric_address_and_port() {
         let port = "[[port]]\nsocket = \"/run/a.sock\"\nloopback = true\n";
-        let file = |top: &str| parse_file(Path::new("t.toml"), &format!("{top}\n{port}"));
+        let file = |top: &str| {
+            parse_file(
+                Path::new("t.toml"),
+                &format!("{top}\n{port}"),
+                &ListenFds::default(),
+            )
+        };
         assert_eq!(file("").unwrap().metrics_listen, None);
         let f = file(r#"metrics_listen = "127.0.0.1:9100""#).unwrap();
         assert_eq!(f.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
@@ -685,13 +745,57 @@ mod tests {
     fn a_file_without_ports_is_a_service_waiting_for_some() {
         assert_eq!(parse("").unwrap(), Vec::new());
         assert_eq!(parse("socket_mode = '0660'\n").unwrap(), Vec::new());
-        let f = parse_file(Path::new("t.toml"), "control = '/run/c.sock'\n").unwrap();
+        let f = parse_file(
+            Path::new("t.toml"),
+            "control = '/run/c.sock'\n",
+            &ListenFds::default(),
+        )
+        .unwrap();
         assert_eq!(f.control, Some(PathBuf::from("/run/c.sock")));
-        let err = parse_file(Path::new("t.toml"), "control = ''\n").unwrap_err();
+        let err =
+            parse_file(Path::new("t.toml"), "control = ''\n", &ListenFds::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "config file t.toml: the control socket path is empty"
         );
+    }
+
+    #[test]
+    fn a_port_without_socket_serves_the_passed_socket_named_like_it() {
+        let passed = ListenFds::parse(Some("1"), Some("2"), Some("vm1:vm2"), 1).unwrap();
+        let file = |text: &str| parse_file(Path::new("t.toml"), text, &passed);
+        let ports = file("[[port]]\nname='vm2'\nloopback=true\n[[port]]\nname='vm1'\nloopback=true\n[[port]]\nname='own'\nsocket='/run/own.sock'\nloopback=true\n").unwrap();
+        let sockets: Vec<_> = ports
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), &p.socket))
+            .collect();
+        assert_eq!(
+            sockets,
+            [
+                ("vm2", &SocketMode::Inherited(4)),
+                ("vm1", &SocketMode::Inherited(3)),
+                ("own", &SocketMode::Listen("/run/own.sock".into())),
+            ]
+        );
+        let e = file("[[port]]\nname='vm3'\nloopback=true\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "t.toml: port 1: no socket, and no passed socket is named 'vm3' (LISTEN_FDNAMES: vm1, vm2)");
+        let e = file("[[port]]\nloopback=true\n").unwrap_err().to_string();
+        assert!(
+            e.ends_with("several were passed (vm1, vm2): name the port's"),
+            "{e}"
+        );
+        // One passed socket and an unnamed port: it is the port's, and names it.
+        let one = ListenFds::parse(Some("1"), Some("1"), Some("only"), 1).unwrap();
+        let ports = parse_file(Path::new("t.toml"), "[[port]]\nloopback=true\n", &one).unwrap();
+        assert_eq!(
+            (ports.ports[0].name.as_str(), &ports.ports[0].socket),
+            ("only", &SocketMode::Inherited(3))
+        );
+        // Without passed sockets a port without one is still an error.
+        assert!(parse("[[port]]\nname='vm1'\nloopback=true\n").is_err());
     }
 
     #[test]

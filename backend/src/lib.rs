@@ -21,6 +21,8 @@
 //!   AF_XDP sockets; [`offload`]: software offloads; [`stats`]: the counters;
 //! - [`status`]: what a port reports (state, connection, counters); [`metrics`]: the same as
 //!   Prometheus metrics over HTTP (`--metrics-listen`);
+//! - [`service`]: the running ports, changed at run time by [`control`] (`ctl`), reloads and
+//!   [`signals`]; [`systemd`]: socket activation and readiness notification;
 //! - [`announce`]: the RARP broadcast QEMU asks for after a migration (`SEND_RARP`).
 //!
 //! Where a guest descriptor is validated: the `virtq` crate (`backend/virtq`), shared with
@@ -55,6 +57,7 @@ pub mod signals;
 pub mod stats;
 pub mod status;
 pub mod stop;
+pub mod systemd;
 pub mod tx;
 pub mod vf;
 pub mod vhost_user_backend_workarounds;

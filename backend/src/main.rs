@@ -20,7 +20,12 @@ use vhost_relay::config::{self, PortConfig, PortSpec};
 use vhost_relay::control::{self, Request};
 use vhost_relay::metrics::MetricsServer;
 use vhost_relay::service::{Origin, Service};
+use vhost_relay::systemd::{self, ListenFds};
 use vhost_relay::{ctl, signals};
+
+/// How long READY=1 waits for the ports to listen or connect: longer than a port takes to
+/// open, shorter than systemd's start timeout (90 s by default).
+const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Raises the soft fd limit to the hard one. Every connection holds up to
 /// `protocol_shim::MAX_MEM_SLOTS` region fds plus its kicks, calls and VF sockets, and the usual
@@ -56,6 +61,14 @@ fn main() -> ExitCode {
     if let Some(Command::Ctl(args)) = cli.command {
         return ctl::run(&args.control, ctl_request(args.request), args.json);
     }
+    // First, while this is the only thread: it unsets the LISTEN_* variables.
+    let activated = match ListenFds::take() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vhost-relay: socket activation: {e}");
+            return ExitCode::from(2);
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 
     let Startup {
@@ -63,7 +76,7 @@ fn main() -> ExitCode {
         origin,
         control: control_path,
         metrics_listen,
-    } = match startup(&cli) {
+    } = match startup(&cli, &activated) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("vhost-relay: {e}");
@@ -89,7 +102,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let service = Arc::new(Service::new(cli.config.clone()));
+    warn_unused(&activated, &ports);
+    let service = Arc::new(Service::new(cli.config.clone(), activated));
     // Before any port: an address that cannot be had leaves nothing behind.
     let _metrics = match metrics_listen.map(|addr| start_metrics(addr, &service)) {
         Some(Err(e)) => {
@@ -113,7 +127,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    if !service.wait_settled(READY_WAIT) {
+        warn!("a port is still opening after {READY_WAIT:?}; telling systemd we are ready");
+    }
+    systemd::notify_ready(&service.status_line());
     signals::handle(&service, control)
+}
+
+/// A passed socket no port serves is a mistake in the units or the config worth one line
+/// (its connections would wait forever).
+fn warn_unused(activated: &ListenFds, ports: &[PortConfig]) {
+    for (name, fd) in activated.iter() {
+        let used = ports
+            .iter()
+            .any(|p| p.socket == config::SocketMode::Inherited(fd));
+        if !used {
+            warn!(
+                "passed socket '{name}' (fd {fd}) is served by no port: no port is named '{name}'"
+            );
+        }
+    }
 }
 
 /// Serves Prometheus metrics on `addr` (see `metrics`); the error says where it could not.
@@ -132,7 +165,7 @@ struct Startup {
     metrics_listen: Option<SocketAddr>,
 }
 
-fn startup(cli: &Cli) -> Result<Startup, config::ConfigError> {
+fn startup(cli: &Cli, activated: &ListenFds) -> Result<Startup, config::ConfigError> {
     let metrics_listen = cli
         .metrics_listen
         .as_deref()
@@ -144,7 +177,7 @@ fn startup(cli: &Cli) -> Result<Startup, config::ConfigError> {
         })?;
     let control = cli.control.clone();
     if let Some(path) = &cli.config {
-        let file = config::load_file(path)?;
+        let file = config::load_file(path, activated)?;
         return Ok(Startup {
             ports: file.ports,
             origin: Origin::File,
@@ -152,7 +185,8 @@ fn startup(cli: &Cli) -> Result<Startup, config::ConfigError> {
             metrics_listen: metrics_listen.or(file.metrics_listen),
         });
     }
-    if cli.port.socket_path.is_none() && cli.fd.is_none() && control.is_some() {
+    let given_socket = cli.port.socket_path.is_some() || cli.fd.is_some();
+    if !given_socket && activated.is_empty() && control.is_some() {
         // Only a control socket: ports come by `ctl add`.
         return Ok(Startup {
             ports: Vec::new(),
@@ -161,13 +195,15 @@ fn startup(cli: &Cli) -> Result<Startup, config::ConfigError> {
             metrics_listen,
         });
     }
-    let origin = if cli.fd.is_some() {
-        "--fd"
-    } else {
-        "--socket-path"
+    let origin = match (cli.fd, given_socket) {
+        (Some(_), _) => "--fd",
+        (None, true) => "--socket-path",
+        (None, false) if !activated.is_empty() => "LISTEN_FDS",
+        (None, false) => "--socket-path",
     };
     let mut spec = port_spec(cli.port.clone());
     spec.fd = cli.fd;
+    spec.take_activated(activated, origin)?;
     let port = spec.validate(origin)?;
     port.check_socket_dir(origin)?;
     Ok(Startup {

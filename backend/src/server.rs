@@ -342,9 +342,22 @@ fn serve_socket(
         }
         SocketMode::Inherited(fd) => {
             check_listening_socket(&cfg.name, *fd)?;
-            // SAFETY: the fd was checked to be an open listening unix socket, and the user
-            // handed it to us to own (libvirt/systemd socket passing).
-            let listener = unsafe { UnixListener::from_raw_fd(*fd) };
+            // The port serves a duplicate and the passed fd stays open for the life of the
+            // process: a port restarted by a reload finds its socket again (and no other
+            // file can have taken its number), and frontends that connect in between wait
+            // in its backlog, as under systemd while the service restarts.
+            // SAFETY: F_DUPFD_CLOEXEC on a checked open fd returns a new fd nobody owns.
+            let dup = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3) };
+            if dup < 0 {
+                return Err(ServerError::Io {
+                    port: cfg.name.clone(),
+                    message: format!("cannot duplicate inherited socket fd {fd}"),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: `dup` is a new fd of an open listening unix socket, owned by nothing
+            // else: the listener closes it.
+            let listener = unsafe { UnixListener::from_raw_fd(dup) };
             info!("port {}: serving inherited socket fd {fd}", cfg.name);
             serve_listener(cfg, port, &listener, control)
         }

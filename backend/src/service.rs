@@ -18,6 +18,7 @@ use crate::config::{self, ConfigError, LinkConfig, PortConfig, SocketMode};
 use crate::port::Port;
 use crate::server::{open_port, run_port, PortControl, ServerError};
 use crate::status::{queue_snapshots, PortSnapshot, PortState};
+use crate::systemd::{self, ListenFds};
 
 /// How often a config-file port whose VF or vDPA device is missing is retried.
 const REOPEN_DELAY: Duration = Duration::from_secs(5);
@@ -75,6 +76,9 @@ struct Running {
 pub struct Service {
     ports: Mutex<BTreeMap<String, Running>>,
     config_file: Option<PathBuf>,
+    /// The sockets systemd passed at start: a reload's ports without a socket take them by
+    /// name again (the fds stay open for the life of the process).
+    activated: ListenFds,
     /// Serialises add, remove and reload, so a reload's plan holds until it is carried out;
     /// snapshots only take `ports`, briefly.
     changes: Mutex<()>,
@@ -93,11 +97,13 @@ pub fn socket_label(socket: &SocketMode) -> String {
 }
 
 impl Service {
-    /// A service with no ports yet; `config_file` is what a reload reads.
-    pub fn new(config_file: Option<PathBuf>) -> Self {
+    /// A service with no ports yet; `config_file` is what a reload reads, `activated` the
+    /// sockets systemd passed.
+    pub fn new(config_file: Option<PathBuf>, activated: ListenFds) -> Self {
         Service {
             ports: Mutex::new(BTreeMap::new()),
             config_file,
+            activated,
             changes: Mutex::new(()),
         }
     }
@@ -122,13 +128,21 @@ impl Service {
     /// Re-reads the config file: its new ports start, the ports it no longer has stop, the
     /// ports whose table changed restart, and the others are not touched. A file with any
     /// error changes nothing. Ports added through `ctl add` are not the file's: left alone.
+    /// systemd hears RELOADING=1 before and READY=1 after, whatever the outcome.
     pub fn reload(&self) -> Result<ReloadSummary, ServiceError> {
         let path = self
             .config_file
             .as_ref()
             .ok_or(ServiceError::NoConfigFile)?;
+        systemd::notify_reloading();
+        let reloaded = self.reload_file(path);
+        systemd::notify_ready(&self.status_line());
+        reloaded
+    }
+
+    fn reload_file(&self, path: &std::path::Path) -> Result<ReloadSummary, ServiceError> {
         let _changing = lock(&self.changes);
-        let file = config::load_file(path)?;
+        let file = config::load_file(path, &self.activated)?;
         let wanted = file.ports;
         let plan = self.plan_reload(wanted)?;
         for name in plan.stop.iter().chain(plan.restart.iter().map(|c| &c.name)) {
@@ -224,6 +238,16 @@ impl Service {
             }
             thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The one line systemd shows as the service's status: "2 ports: 1 connected".
+    pub fn status_line(&self) -> String {
+        let ports = lock(&self.ports);
+        let connected = ports
+            .values()
+            .filter(|r| r.control.status.state() == PortState::Connected)
+            .count();
+        format!("{} ports: {connected} connected", ports.len())
     }
 
     /// Every opened port's counters in the fixed stats-line form (SIGUSR1).

@@ -54,6 +54,7 @@ pub fn handle(service: &Service, control: Option<ControlSocket>) -> ! {
             },
             _ => {
                 info!("signal {sig}: stopping");
+                crate::systemd::notify_stopping();
                 service.shutdown();
                 drop(control);
                 info!("stopped");

@@ -316,12 +316,14 @@ fn example_config_is_valid_toml_and_its_example_port_is_accepted() {
     let text = std::fs::read_to_string(&path).unwrap();
     let table: toml::Table = toml::from_str(&text).expect("the shipped file is valid TOML");
     assert!(table.is_empty(), "everything is commented out: {table:?}");
-    let empty = vhost_relay::config::parse_file(&path, &text).expect("valid as shipped");
+    let empty = vhost_relay::config::parse_file(&path, &text, &Default::default())
+        .expect("valid as shipped");
     assert!(empty.ports.is_empty(), "a service with no port yet");
     let live = uncommented(&text);
     assert!(live.contains("\n[[port]]\n"), "{live}");
     // Checks the group too: libvirt-qemu exists once libvirt-daemon-system is installed.
-    let file = vhost_relay::config::parse_file(&path, &live).expect("example port");
+    let file =
+        vhost_relay::config::parse_file(&path, &live, &Default::default()).expect("example port");
     let ports = file.ports;
     assert_eq!(ports.len(), 1);
     assert_eq!(ports[0].name, "vm1");
