@@ -5,61 +5,35 @@
 
 mod support;
 
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
+use test_support::sd_notify::{field, NotifySocket};
 
 const T: Duration = Duration::from_secs(10);
 
-/// The service manager's end: the datagrams vhost-relay sends to NOTIFY_SOCKET.
-struct Manager {
-    socket: UnixDatagram,
-    path: PathBuf,
-}
+/// The service manager's end, failing the test with vhost-relay's log when a message does
+/// not come.
+struct Manager(NotifySocket);
 
 impl Manager {
     fn bind(dir: &Path) -> Manager {
-        let path = dir.join("notify");
-        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
-        socket.set_read_timeout(Some(T)).unwrap();
-        Manager { socket, path }
-    }
-
-    /// The next message, or None after the timeout.
-    fn next(&self) -> Option<String> {
-        let mut buf = [0u8; 4096];
-        let n = self.socket.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        Manager(NotifySocket::bind(&dir.join("notify")).expect("bind the notify socket"))
     }
 
     /// Waits for a message with the line `line`; returns it, and every message before it.
     fn wait_for(&self, line: &str, log: &Path) -> (String, Vec<String>) {
-        let mut before = Vec::new();
-        let start = Instant::now();
-        while start.elapsed() < T {
-            match self.next() {
-                Some(m) if m.lines().any(|l| l == line) => return (m, before),
-                Some(m) => before.push(m),
-                None => break,
-            }
-        }
-        panic!(
-            "no {line} notification (got {before:?}); log: {}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+        self.0.wait_for(line, T).unwrap_or_else(|got| {
+            panic!("no {line} notification (got {got:?}); log: {}", read(log))
+        })
     }
 
-    /// No message within a short while.
+    /// A message within a short while, if any.
     fn quiet(&self) -> Option<String> {
-        self.socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let m = self.next();
-        self.socket.set_read_timeout(Some(T)).unwrap();
-        m
+        self.0.next(Duration::from_millis(300))
     }
 }
 
@@ -73,7 +47,7 @@ fn activate(socket: &Path, fdname: &str, manager: &Manager, args: &[&str], log: 
         cmd.arg(format!("--fdname={fdname}"));
     }
     let child = cmd
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", manager.path.display()))
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", manager.0.address))
         .arg("--setenv=RUST_LOG=info")
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_vhost-relay"))
@@ -153,7 +127,11 @@ fn socket_activated_port_serves_the_passed_socket_through_reload_and_stop() {
     // The first connection starts it (as QEMU's does under systemd) and is served.
     let mut f = TestFrontend::connect(&socket, 1, VIRTIO_NET_F_MRG_RXBUF);
     let (ready, _) = manager.wait_for("READY=1", &log);
-    assert!(ready.contains("STATUS=1 ports"), "{ready:?}");
+    assert_eq!(
+        field(&ready, "STATUS"),
+        Some("1 ports: 1 connected"),
+        "{ready:?}"
+    );
     round_trip(&mut f, 1);
     let list = ctl_list(&control);
     assert_eq!(list[0]["name"], "vm1");
@@ -264,15 +242,8 @@ fn a_port_named_unlike_every_passed_socket_is_refused_in_one_line() {
 /// be connected to when it arrives), sent to an abstract NOTIFY_SOCKET as systemd uses.
 #[test]
 fn ready_comes_once_every_port_listens() {
-    use std::os::linux::net::SocketAddrExt;
     let dir = temp_dir("sd-ready");
-    let name = format!("vhost-relay-test-notify-{}", std::process::id());
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-    let manager = Manager {
-        socket: UnixDatagram::bind_addr(&addr).unwrap(),
-        path: PathBuf::new(),
-    };
-    manager.socket.set_read_timeout(Some(T)).unwrap();
+    let manager = Manager(NotifySocket::bind_abstract("sd-ready").unwrap());
     let (config, log) = (dir.join("c.toml"), dir.join("vr.log"));
     let ports: Vec<PathBuf> = (1..=3).map(|i| dir.join(format!("p{i}.sock"))).collect();
     let mut text = String::new();
@@ -281,7 +252,7 @@ fn ready_comes_once_every_port_listens() {
     }
     std::fs::write(&config, text).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-relay"));
-    cmd.env("NOTIFY_SOCKET", format!("@{name}"))
+    cmd.env("NOTIFY_SOCKET", &manager.0.address)
         .args(["--config", config.to_str().unwrap()])
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
     let mut child = Killed(cmd.spawn().unwrap());
@@ -290,7 +261,11 @@ fn ready_comes_once_every_port_listens() {
         before.is_empty(),
         "READY=1 is the first message: {before:?}"
     );
-    assert!(ready.contains("STATUS=3 ports"), "{ready:?}");
+    assert_eq!(
+        field(&ready, "STATUS"),
+        Some("3 ports: 0 connected"),
+        "{ready:?}"
+    );
     for p in &ports {
         assert!(UnixStream::connect(p).is_ok(), "{} listens", p.display());
     }

@@ -89,6 +89,38 @@ impl Backend {
         Self::vhost_relay_from(&vhost_relay_bin()?, ns, args, workdir, queue_pairs)
     }
 
+    /// vhost-relay socket-activated the way the `vhost-relay@.socket` unit does it, by
+    /// systemd's own tool: `systemd-socket-activate` binds `socket`, passes it named
+    /// `fdname` (FileDescriptorName=) and execs `vhost-relay ARGS` in its own process at the
+    /// first connection, with NOTIFY_SOCKET=`notify` (inside `ns` when given). Returns once
+    /// the socket is there.
+    pub fn vhost_relay_activated(
+        ns: Option<&NetNs>,
+        socket: &Path,
+        fdname: &str,
+        notify: &str,
+        args: &[&str],
+        workdir: &Path,
+        queue_pairs: usize,
+    ) -> Result<Self> {
+        let tool = "systemd-socket-activate";
+        let mut cmd = match ns {
+            Some(ns) => ns.command(tool),
+            None => Command::new(tool),
+        };
+        cmd.arg("-l")
+            .arg(socket)
+            .arg(format!("--fdname={fdname}"))
+            .arg(format!("--setenv=NOTIFY_SOCKET={notify}"))
+            .arg("--setenv=RUST_LOG=info")
+            .arg("--")
+            .arg(vhost_relay_bin()?)
+            .args(args);
+        let mut b = Self::spawn("vhost-relay", cmd, workdir, 2 * queue_pairs)?;
+        b.wait_for_socket(socket, Duration::from_secs(10))?;
+        Ok(b)
+    }
+
     /// [`Backend::vhost_relay`] from the binary `bin` (the bench's `--baseline`).
     pub fn vhost_relay_from(
         bin: &Path,

@@ -8,6 +8,7 @@
 //! - [`metrics`]: vhost-relay's Prometheus endpoint through `curl` and `promtool`.
 //! - [`netns`]: network namespaces (named or per thread), veth pairs, `ip`.
 //! - [`raw_socket`]: an `AF_PACKET` socket for the wire side of a test.
+//! - [`sd_notify`]: the service manager's end of sd_notify (what NOTIFY_SOCKET points at).
 //! - [`stats`]: vhost-relay's per-queue counters (SIGUSR1 and the lines it logs).
 //!
 //! It depends on nothing of vhost-relay's, so the backend's own unit tests can use it too.
@@ -18,4 +19,5 @@ pub mod frontend;
 pub mod metrics;
 pub mod netns;
 pub mod raw_socket;
+pub mod sd_notify;
 pub mod stats;
