@@ -11,14 +11,15 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "vhost-user virtio-net backend relaying a guest NIC to a VF netdev",
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  vhost-relay --socket-path /run/vr/vm1.sock --vf enp3s0f0v1 --queues 2\n  vhost-relay --loopback --socket-path /tmp/lb.sock\n  vhost-relay --socket-path /run/vr/vm2.sock --vdpa /dev/vhost-vdpa-0\n  vhost-relay --config /etc/vhost-relay/vhost-relay.toml --control /run/vhost-relay/control.sock\n  vhost-relay ctl --control /run/vhost-relay/control.sock list\n\nSIGHUP re-reads --config; SIGUSR1 prints per-queue counters to stderr; SIGTERM stops cleanly."
+    after_help = "Examples:\n  vhost-relay --socket-path /run/vr/vm1.sock --vf enp3s0f0v1 --queues 2\n  vhost-relay --loopback --socket-path /tmp/lb.sock\n  vhost-relay --socket-path /run/vr/vm2.sock --vdpa /dev/vhost-vdpa-0\n  vhost-relay --config /etc/vhost-relay/vhost-relay.toml --control /run/vhost-relay/control.sock\n  vhost-relay ctl --control /run/vhost-relay/control.sock list\n\nSIGHUP re-reads --config; SIGUSR1 prints per-queue counters to stderr; SIGTERM stops cleanly.\n\nUnder systemd socket activation (LISTEN_FDS), a port with no socket serves the passed socket named like it (FileDescriptorName=); with NOTIFY_SOCKET set, READY=1, RELOADING=1 and STOPPING=1 are sent (Type=notify)."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub port: PortArgs,
-    /// Serve an already listening socket inherited from libvirt or systemd.
+    /// Serve an already listening socket inherited from libvirt or systemd (under socket
+    /// activation the passed socket is found without it).
     #[arg(long, value_name = "N", conflicts_with = "socket_path")]
     pub fd: Option<i32>,
     /// Serve every [[port]] of a TOML file (re-read on SIGHUP or `ctl reload`).
