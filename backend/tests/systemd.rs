@@ -217,7 +217,7 @@ fn a_port_named_unlike_every_passed_socket_is_refused_in_one_line() {
         &["--config", config.to_str().unwrap()],
         &log,
     ));
-    let _first = UnixStream::connect(&socket).unwrap();
+    let _first = connect_when_listening(&socket);
     assert_eq!(exit_code(&mut child.0), Some(2));
     // systemd-socket-activate's own lines come first in the log; ours is the one line after.
     let err = read(&log);

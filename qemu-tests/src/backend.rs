@@ -118,6 +118,13 @@ impl Backend {
             .args(args);
         let mut b = Self::spawn("vhost-relay", cmd, workdir, 2 * queue_pairs)?;
         b.wait_for_socket(socket, Duration::from_secs(10))?;
+        // QEMU fails at once on a socket not yet listening; the test must not connect first.
+        let pid = b.pid();
+        util::wait_until(
+            &format!("systemd-socket-activate to listen on {}", socket.display()),
+            Duration::from_secs(10),
+            || Ok(util::unix_socket_listening(pid, socket).then_some(())),
+        )?;
         Ok(b)
     }
 

@@ -211,6 +211,24 @@ pub fn wait_until<T>(
     }
 }
 
+/// Whether a unix socket bound at `path` listens, in the network namespace of process `pid`
+/// (its `/proc/PID/net/unix`). Its file appears at bind(), a moment before listen() lets
+/// connections in; this tells them apart without connecting (a connection may start
+/// something, as under socket activation).
+pub fn unix_socket_listening(pid: u32, path: &Path) -> bool {
+    /// `__SO_ACCEPTCON` in the table's Flags column: the socket listens.
+    const ACCEPTING: u32 = 0x1_0000;
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/unix")) else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let flags = cols.get(3).and_then(|f| u32::from_str_radix(f, 16).ok());
+        cols.get(7) == Some(&path.as_ref()) && flags.is_some_and(|f| f & ACCEPTING != 0)
+    })
+}
+
 /// Whether an executable named `name` is on `PATH`.
 pub fn on_path(name: &str) -> bool {
     std::env::var_os("PATH")

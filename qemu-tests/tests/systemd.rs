@@ -92,11 +92,7 @@ fn socket_activated_port_serves_a_guest_and_notifies_the_manager() {
             env.step("pings both ways through the passed socket");
 
             // SIGHUP with the file unchanged: systemd sees the reload, the guest nothing.
-            // SAFETY: kill() on the PID of the backend this test started.
-            ensure(
-                unsafe { libc::kill(relay.pid() as i32, libc::SIGHUP) } == 0,
-                || "SIGHUP to vhost-relay".into(),
-            )?;
+            qemu_tests::util::signal(relay.pid(), libc::SIGHUP)?;
             let reloading = wait_notify(&notify, "RELOADING=1", &relay)?;
             ensure(field(&reloading, "MONOTONIC_USEC").is_some(), || {
                 format!("RELOADING=1 without MONOTONIC_USEC: {reloading:?}")
