@@ -307,7 +307,8 @@ impl Backend {
 
     /// DPDK testpmd as the benchmark's peer backend: `net_vhost` on `socket` with io
     /// forwarding on `core` (of 0 and 1), 1024-descriptor rings, either looped back onto
-    /// itself (`ns` = `None`) or relayed to `net_af_packet` on the namespace's VF end.
+    /// itself (`ns` = `None`) or relayed to `net_af_packet` on the namespace's VF end with
+    /// [`TESTPMD_AF_PACKET_RING`].
     pub fn testpmd_bench(
         ns: Option<&NetNs>,
         socket: &Path,
@@ -324,8 +325,10 @@ impl Backend {
             .arg("--vdev")
             .arg(format!("net_vhost0,iface={},queues=1", socket.display()));
         if let Some(ns) = ns {
-            cmd.arg("--vdev")
-                .arg(format!("net_af_packet0,iface={}", ns.vf()));
+            cmd.arg("--vdev").arg(format!(
+                "net_af_packet0,iface={},qpairs=1,{TESTPMD_AF_PACKET_RING}",
+                ns.vf()
+            ));
         }
         cmd.args([
             "--",
@@ -471,6 +474,13 @@ impl Drop for Backend {
         self.stop();
     }
 }
+
+/// The bench peer's `net_af_packet` rings, configured as vhost-relay's own AF_PACKET rings
+/// are by default (`vf::af_packet::RingConfig`): 1024 frames per ring in 64 KiB blocks,
+/// rather than DPDK's default of 512 frames in 4 KiB blocks, so neither side gets more
+/// room to absorb bursts. Frames are 2048 bytes (DPDK's mbuf data room; a block must hold a
+/// whole number of them) where ours are sized for the MTU (1600 bytes at 1500).
+pub const TESTPMD_AF_PACKET_RING: &str = "blocksz=65536,framesz=2048,framecnt=1024";
 
 /// Where DPDK keeps a process's runtime files (`--file-prefix`); it outlives the process.
 pub fn dpdk_runtime_dir(prefix: &str) -> PathBuf {

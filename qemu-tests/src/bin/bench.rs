@@ -772,7 +772,8 @@ fn render(
             "the baseline vhost-relay, run as ours is"
         } else {
             "testpmd `net_vhost` io forwarding (loopback: onto itself; vf-relay: to \
-             `net_af_packet` on the same veth)"
+             `net_af_packet` on the same veth, its rings as ours: 1024 frames in 64 KiB \
+             blocks)"
         };
         let _ = writeln!(
             o,
