@@ -307,28 +307,24 @@ impl Backend {
 
     /// DPDK testpmd as the benchmark's peer backend: `net_vhost` on `socket` with io
     /// forwarding on `core` (of 0 and 1), 1024-descriptor rings, either looped back onto
-    /// itself (`ns` = `None`) or relayed to `net_af_packet` on the namespace's VF end with
-    /// [`TESTPMD_AF_PACKET_RING`].
+    /// itself (`vf` = `None`) or relayed to the namespace's VF end through `vf`'s driver.
     pub fn testpmd_bench(
-        ns: Option<&NetNs>,
+        vf: Option<(&NetNs, TestpmdVf)>,
         socket: &Path,
         core: u8,
         workdir: &Path,
     ) -> Result<Self> {
         let prefix = util::unique_name("vrt-pmdb");
-        let mut cmd = match ns {
-            Some(ns) => ns.command("dpdk-testpmd"),
+        let mut cmd = match vf {
+            Some((ns, _)) => ns.command("dpdk-testpmd"),
             None => Command::new("dpdk-testpmd"),
         };
         cmd.args(dpdk_eal_args(&prefix))
             .args(["--main-lcore", if core == 0 { "1" } else { "0" }])
             .arg("--vdev")
             .arg(format!("net_vhost0,iface={},queues=1", socket.display()));
-        if let Some(ns) = ns {
-            cmd.arg("--vdev").arg(format!(
-                "net_af_packet0,iface={},qpairs=1,{TESTPMD_AF_PACKET_RING}",
-                ns.vf()
-            ));
+        if let Some((ns, driver)) = vf {
+            cmd.arg("--vdev").arg(driver.vdev(ns.vf()));
         }
         cmd.args([
             "--",
@@ -472,6 +468,35 @@ impl Backend {
 impl Drop for Backend {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The DPDK driver a bench peer reaches the VF with: the counterpart of each of
+/// vhost-relay's VF modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestpmdVf {
+    /// `net_af_packet` with [`TESTPMD_AF_PACKET_RING`].
+    AfPacket,
+    /// `net_af_xdp` on queue 0 (one queue pair, as our port), DPDK's own XDP program.
+    AfXdp,
+}
+
+impl TestpmdVf {
+    fn vdev(self, iface: &str) -> String {
+        match self {
+            TestpmdVf::AfPacket => {
+                format!("net_af_packet0,iface={iface},qpairs=1,{TESTPMD_AF_PACKET_RING}")
+            }
+            TestpmdVf::AfXdp => format!("net_af_xdp0,iface={iface},start_queue=0,queue_count=1"),
+        }
+    }
+
+    /// The driver's name, for the bench's tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            TestpmdVf::AfPacket => "net_af_packet",
+            TestpmdVf::AfXdp => "net_af_xdp",
+        }
     }
 }
 

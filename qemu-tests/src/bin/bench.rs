@@ -12,7 +12,9 @@
 //! - vf-relay: the frontend sends (testpmd flowgen, which also drains what comes back) through
 //!   the backend onto a veth standing for the VF; the veth's peer sends every frame straight
 //!   back (a tc mirred hairpin); the backend relays them to the frontend. The peer is testpmd
-//!   relaying `net_vhost` to `net_af_packet` on the same veth;
+//!   relaying `net_vhost` to DPDK's driver of the same kind as our VF mode on the same veth:
+//!   `net_af_packet` (rings sized as ours) for AF_PACKET, `net_af_xdp` for AF_XDP; our AF_XDP
+//!   mode also runs against `net_af_packet` ("af-xdp vs af-packet");
 //! - latency: pings from the veth's peer to testpmd answering in icmpecho mode behind the
 //!   backend, at 100 per second;
 //! - memory: vhost-relay's resident memory per port and per queue pair.
@@ -29,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use qemu_tests::backend::vhost_relay_bin;
+use qemu_tests::backend::{vhost_relay_bin, TestpmdVf};
 use qemu_tests::testpmd::PortStats;
 use qemu_tests::{
     check_prerequisites, util, Backend, Error, FrontendOptions, NetNs, Result, ScratchDir,
@@ -162,9 +164,10 @@ struct Scenario {
     vf: bool,
     size: u16,
     mergeable: bool,
-    /// vhost-relay's `--vf-mode` in a vf-relay scenario (the peer always uses
-    /// `net_af_packet`); `None` is the default (AF_PACKET).
+    /// vhost-relay's `--vf-mode` in a vf-relay scenario; `None` is the default (AF_PACKET).
     vf_mode: Option<&'static str>,
+    /// The peer's VF driver in a vf-relay scenario.
+    peer_vf: TestpmdVf,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -180,20 +183,26 @@ fn scenarios() -> Vec<Scenario> {
                 size,
                 mergeable,
                 vf_mode: None,
+                peer_vf: TestpmdVf::AfPacket,
             });
         }
     }
-    for vf_mode in [None, Some("af-xdp")] {
+    // Each of our VF modes against DPDK's driver of the same kind; our AF_XDP mode also
+    // against net_af_packet, what an operator would otherwise run.
+    let vf_pairs = [
+        (None, TestpmdVf::AfPacket, ""),
+        (Some("af-xdp"), TestpmdVf::AfXdp, " af-xdp"),
+        (Some("af-xdp"), TestpmdVf::AfPacket, " af-xdp vs af-packet"),
+    ];
+    for (vf_mode, peer_vf, label) in vf_pairs {
         for size in [64u16, 1518] {
             v.push(Scenario {
-                name: match vf_mode {
-                    Some(m) => format!("vf-relay {size} B {m}"),
-                    None => format!("vf-relay {size} B"),
-                },
+                name: format!("vf-relay {size} B{label}"),
                 vf: true,
                 size,
                 mergeable: true,
                 vf_mode,
+                peer_vf,
             });
         }
     }
@@ -337,11 +346,15 @@ fn start_backend(
     baseline: Option<&Path>,
     ns: Option<&NetNs>,
     vf_mode: Option<&str>,
+    peer_vf: TestpmdVf,
     socket: &Path,
     dir: &Path,
 ) -> Result<Backend> {
     let bin = match (side, baseline) {
-        (Side::Peer, None) => return Backend::testpmd_bench(ns, socket, BACKEND_CPU, dir),
+        (Side::Peer, None) => {
+            let vf = ns.map(|ns| (ns, peer_vf));
+            return Backend::testpmd_bench(vf, socket, BACKEND_CPU, dir);
+        }
         (Side::Peer, Some(bin)) => bin.to_path_buf(),
         (Side::Ours, _) => vhost_relay_bin()?,
     };
@@ -381,6 +394,7 @@ fn throughput(sc: &Scenario, side: Side, opts: &Opts, dir: &Path) -> Result<Samp
         opts.baseline.as_deref(),
         ns.as_ref(),
         sc.vf_mode,
+        sc.peer_vf,
         &socket,
         dir,
     )?;
@@ -433,7 +447,15 @@ fn sample(s0: &PortStats, s1: &PortStats, dt: f64) -> Sample {
 fn latency(side: Side, baseline: Option<&Path>, count: u32, dir: &Path) -> Result<Vec<f64>> {
     let ns = NetNs::new("vrt-lat")?;
     let socket = dir.join(util::unique_name("l").replace('-', "") + ".sock");
-    let mut backend = start_backend(side, baseline, Some(&ns), None, &socket, dir)?;
+    let mut backend = start_backend(
+        side,
+        baseline,
+        Some(&ns),
+        None,
+        TestpmdVf::AfPacket,
+        &socket,
+        dir,
+    )?;
     let fe_opts = FrontendOptions {
         queues: 1,
         ring_size: Some(RING),
@@ -773,7 +795,8 @@ fn render(
         } else {
             "testpmd `net_vhost` io forwarding (loopback: onto itself; vf-relay: to \
              `net_af_packet` on the same veth, its rings as ours: 1024 frames in 64 KiB \
-             blocks)"
+             blocks; af-xdp rows: to `net_af_xdp` on queue 0, af-xdp vs af-packet rows: to \
+             `net_af_packet`)"
         };
         let _ = writeln!(
             o,
