@@ -127,9 +127,14 @@ fn socket_activated_port_serves_the_passed_socket_through_reload_and_stop() {
     // The first connection starts it (as QEMU's does under systemd) and is served.
     let mut f = TestFrontend::connect(&socket, 1, VIRTIO_NET_F_MRG_RXBUF);
     let (ready, _) = manager.wait_for("READY=1", &log);
-    assert_eq!(
-        field(&ready, "STATUS"),
-        Some("1 ports: 1 connected"),
+    // READY=1 is computed once the port listens, which may be just before it accepts the
+    // connection that started it: either count is right, nothing else is.
+    let status = field(&ready, "STATUS");
+    assert!(
+        matches!(
+            status,
+            Some("1 ports: 0 connected" | "1 ports: 1 connected")
+        ),
         "{ready:?}"
     );
     round_trip(&mut f, 1);
