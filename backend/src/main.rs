@@ -127,10 +127,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if !service.wait_settled(READY_WAIT) {
-        warn!("a port is still opening after {READY_WAIT:?}; telling systemd we are ready");
+    // Only a service manager waits for READY=1; without one, signals are taken at once.
+    if systemd::has_manager() {
+        if !service.wait_settled(READY_WAIT) {
+            warn!("a port is still opening after {READY_WAIT:?}; telling systemd we are ready");
+        }
+        systemd::notify_ready(&service.status_line());
     }
-    systemd::notify_ready(&service.status_line());
     signals::handle(&service, control)
 }
 

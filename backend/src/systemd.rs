@@ -106,6 +106,11 @@ impl ListenFds {
     }
 }
 
+/// Whether a service manager listens for notifications (`NOTIFY_SOCKET` is set).
+pub fn has_manager() -> bool {
+    std::env::var_os("NOTIFY_SOCKET").is_some()
+}
+
 /// Sends `state` (newline-separated `KEY=VALUE` lines) to the service manager when there is
 /// one (`NOTIFY_SOCKET` set); false if it could not be sent. The variable is kept, so that
 /// reloads and the stop can notify too.
