@@ -198,11 +198,12 @@ fn startup(cli: &Cli, activated: &ListenFds) -> Result<Startup, config::ConfigEr
             metrics_listen,
         });
     }
-    let origin = match (cli.fd, given_socket) {
-        (Some(_), _) => "--fd",
-        (None, true) => "--socket-path",
-        (None, false) if !activated.is_empty() => "LISTEN_FDS",
-        (None, false) => "--socket-path",
+    let origin = if cli.fd.is_some() {
+        "--fd"
+    } else if given_socket || activated.is_empty() {
+        "--socket-path"
+    } else {
+        "LISTEN_FDS"
     };
     let mut spec = port_spec(cli.port.clone());
     spec.fd = cli.fd;
