@@ -473,8 +473,7 @@ fn reload_touches_only_the_ports_whose_table_changed() {
 
     // SIGHUP does the same as ctl reload.
     write_config(&cfg, &dir, &[("a", 1)]);
-    // SAFETY: kill only sends a signal to the child we started.
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    signal(&d.child, libc::SIGHUP);
     assert!(
         wait_for(T, || d.ctl_ok(&["list"]).as_array().unwrap().len() == 2),
         "{}",
@@ -490,8 +489,7 @@ fn sigterm_disconnects_frontends_and_removes_every_socket_file() {
     let mut f = TestFrontend::connect(&d.sock("t1"), 1, VIRTIO_NET_F_MRG_RXBUF);
     round_trip(&mut f, 1);
     let mut d = d;
-    // SAFETY: kill only sends a signal to the child we started.
-    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    signal(&d.child, libc::SIGTERM);
     let status = d.child.wait().unwrap();
     assert!(status.success(), "exit 0: {status:?} {}", d.log_text());
     assert!(frontend_closed(&mut f));

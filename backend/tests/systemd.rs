@@ -64,11 +64,6 @@ fn activate(socket: &Path, fdname: &str, manager: &Manager, args: &[&str], log: 
     child
 }
 
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill() on the PID of a child we started and have not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
-}
-
 /// Waits for the child to exit; its exit code.
 fn exit_code(child: &mut Child) -> Option<i32> {
     let start = Instant::now();

@@ -108,6 +108,16 @@ pub fn stats_field(line: &str, name: &str) -> u64 {
     stats::stats_field(line, name).unwrap_or_else(|| panic!("no numeric field {name} in {line:?}"))
 }
 
+/// Sends `sig` to a child this test started (by PID), which must not be reaped yet.
+pub fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill() only sends a signal, to the PID of a child we started and still own.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as i32, sig) },
+        0,
+        "signal {sig}"
+    );
+}
+
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
