@@ -539,6 +539,28 @@ pub fn find_stat<'a>(stats: &'a [QueueStat], port: &str, queue: u16) -> Result<&
         })
 }
 
+/// `pings` pings each way (echo requests and replies, 98-byte frames) crossed both
+/// virtqueues of `port` between the counters `before` and `after`: each queue moved at least
+/// 2 × `pings` packets and as many 98-byte frames more, and counted no errors.
+pub fn ensure_pings_counted(
+    before: &[QueueStat],
+    after: &[QueueStat],
+    port: &str,
+    pings: u64,
+) -> Result<()> {
+    for q in [0u16, 1] {
+        let (b, a) = (find_stat(before, port, q)?, find_stat(after, port, q)?);
+        crate::ensure(a.packets >= b.packets + 2 * pings, || {
+            format!("queue {q}: {b} -> {a}, expected +{} packets", 2 * pings)
+        })?;
+        crate::ensure(a.bytes >= b.bytes + 2 * pings * 98, || {
+            format!("queue {q}: {b} -> {a}, expected +{} bytes", 2 * pings * 98)
+        })?;
+        crate::ensure(a.errors == 0, || format!("queue {q} counted errors: {a}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ pub mod util;
 
 use std::time::{Duration, Instant};
 
-pub use backend::{find_stat, Backend, Dir, QueueStat};
+pub use backend::{ensure_pings_counted, find_stat, Backend, Dir, QueueStat};
 pub use console::{Console, GuestOutput};
 pub use error::{ensure, Error, Result};
 pub use guest_image::{GuestBinary, GuestImage};
