@@ -134,7 +134,9 @@ impl RestartRig<'_> {
             relay.ensure_running()?;
             if start.elapsed() > RECOVERY_LIMIT {
                 return Err(Error::Check(format!(
-                    "round {round}: no answer from the guest {RECOVERY_LIMIT:?} after the restart"
+                    "round {round}: no answer from the guest {RECOVERY_LIMIT:?} after the restart; \
+                     the new vhost-relay's log ends:\n{}",
+                    crate::util::tail_file(relay.stderr_log(), 30)
                 )));
             }
         }
