@@ -120,6 +120,14 @@ struct QueueState {
     /// The used index this worker last published, put back if vhost-user-backend's
     /// SET_VRING_ADDR rolls it back under traffic (see [`UsedIndexKeeper`]).
     published_used: UsedIndexKeeper,
+    /// Set up afresh and not served yet: its first run (vhost-user-backend runs a queue's
+    /// handler once when it registers the queue, kick or not) signals the guest whatever
+    /// the suppression fields say. A backend that died between publishing used
+    /// entries and signalling left the guest waiting for an interrupt the new one would
+    /// otherwise never send (its used_event is already behind the restored base, so no
+    /// batch crosses it): the guest's TX queue stays stopped for good. Linux vhost does the
+    /// same with `signalled_used_valid`; a spurious interrupt costs the guest one look.
+    fresh: bool,
 }
 
 impl QueueState {
@@ -131,6 +139,7 @@ impl QueueState {
             on: false,
             waiting,
             published_used: UsedIndexKeeper::default(),
+            fresh: true,
         }
     }
 
@@ -153,6 +162,7 @@ impl QueueState {
     fn forget(&mut self) {
         self.broken = false;
         self.published_used.forget();
+        self.fresh = true;
     }
 
     /// Starts a run: decides whether the queue is served, and keeps its used index.
@@ -179,10 +189,15 @@ impl QueueState {
         }
     }
 
-    /// Signals the guest if the round published used entries it wants to hear of (at most
-    /// one interrupt per queue and round); `used_before` is the used index before the round.
-    fn notify(&self, state: &RingState, mem: &GuestMemoryMmapB, used_before: u16) {
-        if self.on && needs_notification(state.get_queue(), mem, used_before) {
+    /// Signals the guest if the round published used entries it wants to hear of, or the
+    /// queue is `fresh` (at most one interrupt per queue and round); `used_before` is the
+    /// used index before the round.
+    fn notify(&mut self, state: &RingState, mem: &GuestMemoryMmapB, used_before: u16) {
+        if !self.on {
+            return;
+        }
+        let fresh = std::mem::take(&mut self.fresh);
+        if fresh || needs_notification(state.get_queue(), mem, used_before) {
             if let Err(e) = state.signal_used_queue() {
                 warn!("{}: cannot signal the guest: {e}", self.label);
             }

@@ -166,6 +166,61 @@ fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
     assert_eq!(f.used_idx(1), 48);
 }
 
+/// A backend killed between publishing used entries and signalling the guest (the window is
+/// a few instructions, but a SIGKILL under a stream finds it): the guest, with event idx,
+/// asked to hear when the used index passes its `used_event`, and it has passed. QEMU
+/// restores the base from the used index, so the new backend has nothing to use and no batch
+/// of its own would cross that `used_event`. The guest's TX queue would wait for that
+/// interrupt for good; the new backend must send one on its own, with no kick and no frame
+/// from the wire to wake it.
+#[test]
+fn restarted_backend_signals_a_guest_left_waiting_for_an_interrupt() {
+    let ns = NetNs::new("rsig");
+    let dir = temp_dir("rsig");
+    let sock = dir.join("qemu.sock");
+    let listener = UnixListener::bind(&sock).expect("frontend listens");
+    let args = [
+        "--client",
+        "--socket-path",
+        sock.to_str().expect("utf-8"),
+        "--vf",
+        "vf0",
+    ];
+    let mut be = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr1.log")));
+    let (stream, _) = listener.accept().expect("the backend connects");
+    let want = VIRTIO_NET_F_MRG_RXBUF | VIRTIO_RING_F_EVENT_IDX;
+    let mut f = TestFrontend::over_stream(stream, 1, want);
+    assert_ne!(
+        f.features & VIRTIO_RING_F_EVENT_IDX,
+        0,
+        "event idx negotiated"
+    );
+
+    // The guest wants an interrupt once the 4th packet is used (used_event 3); 8 go out.
+    let used_event = f.queues[1].layout.avail + 4 + 2 * u64::from(f.queues[1].size);
+    f.write(used_event, &3u16.to_le_bytes());
+    for i in 0..8u16 {
+        f.post_tx(1, TestFrontend::buf_addr(1, i), &frame(1, i, 100));
+    }
+    f.kick(1);
+    assert_eq!(f.wait_used(1, 8, T).len(), 8);
+    // The backend dies before its interrupt reached the guest: as if it never came.
+    let _ = be.0.kill();
+    let _ = be.0.wait();
+    let _ = f.queues[1].call.read();
+
+    let _be2 = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr2.log")));
+    let fe = accept(&listener);
+    let bases = [f.used_idx(0), f.used_idx(1)];
+    assert_eq!(bases[1], 8, "the dead backend used all 8");
+    f.reattach(fe, &bases);
+    let signalled = wait_for(T, || f.queues[1].call.read().is_ok());
+    assert!(
+        signalled,
+        "the restarted backend signals the TX queue (the guest's used_event 3 is behind base 8)"
+    );
+}
+
 /// GET_VRING_BASE on a TX ring while the guest keeps transmitting (what QEMU does when it
 /// stops the device for migration): the base it returns must cover exactly the packets that
 /// went out, all returned in the used ring, and nothing may be taken after it. Started again
