@@ -8,7 +8,8 @@
 
 mod support;
 
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,27 +63,42 @@ fn capture(ns_name: String, n: usize) -> std::thread::JoinHandle<Vec<u16>> {
     h
 }
 
-fn accept(listener: &UnixListener) -> Frontend {
-    listener.set_nonblocking(false).expect("blocking listener");
-    let (stream, _) = listener.accept().expect("the backend connects");
-    Frontend::from_stream(stream, 2)
+/// A frontend listening where `vhost-relay --client --vf vf0` connects from its namespace, as
+/// QEMU's `-chardev socket,server=on` does: the backend can die and a new one come back.
+struct ClientRig {
+    ns: NetNs,
+    dir: PathBuf,
+    listener: UnixListener,
+    sock: String,
+}
+
+impl ClientRig {
+    fn new(tag: &str) -> ClientRig {
+        let dir = temp_dir(tag);
+        let path = dir.join("qemu.sock");
+        let listener = UnixListener::bind(&path).expect("frontend listens");
+        ClientRig {
+            ns: NetNs::new(tag),
+            sock: path.to_str().expect("utf-8").to_string(),
+            dir,
+            listener,
+        }
+    }
+
+    /// Starts a vhost-relay logging to `log` in the rig's folder and takes its connection.
+    fn start(&self, log: &str) -> (KillOnDrop, UnixStream) {
+        let args = ["--client", "--socket-path", &self.sock, "--vf", "vf0"];
+        let be = KillOnDrop(self.ns.spawn_backend(&args, &self.dir.join(log)));
+        let (stream, _) = self.listener.accept().expect("the backend connects");
+        (be, stream)
+    }
 }
 
 #[test]
 fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
-    let ns = NetNs::new("restart");
-    let dir = temp_dir("restart");
-    let sock = dir.join("qemu.sock");
-    let listener = UnixListener::bind(&sock).expect("frontend listens");
-    let args = [
-        "--client",
-        "--socket-path",
-        sock.to_str().expect("utf-8"),
-        "--vf",
-        "vf0",
-    ];
-    let mut be = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr1.log")));
-    let (stream, _) = listener.accept().expect("the backend connects");
+    let rig = ClientRig::new("restart");
+    let ns = &rig.ns;
+    let (mut be, stream) = rig.start("vr1.log");
     let mut f = TestFrontend::over_stream(stream, 1, VIRTIO_NET_F_MRG_RXBUF);
 
     // Before the crash: RX buffers posted, 8 TX packets sent and returned.
@@ -119,10 +135,9 @@ fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
 
     // A new backend; QEMU restores each ring's base from the used index.
     let cap = capture(ns.name.clone(), 40);
-    let _be2 = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr2.log")));
-    let fe = accept(&listener);
+    let (_be2, stream) = rig.start("vr2.log");
     let bases = [f.used_idx(0), f.used_idx(1)];
-    f.reattach(fe, &bases);
+    f.reattach(Frontend::from_stream(stream, 2), &bases);
 
     let used = f.wait_used(1, 40, T);
     assert_eq!(used.len(), 40, "every pending TX buffer comes back");
@@ -175,19 +190,8 @@ fn restarted_backend_resumes_rings_with_avail_ahead_of_used() {
 /// from the wire to wake it.
 #[test]
 fn restarted_backend_signals_a_guest_left_waiting_for_an_interrupt() {
-    let ns = NetNs::new("rsig");
-    let dir = temp_dir("rsig");
-    let sock = dir.join("qemu.sock");
-    let listener = UnixListener::bind(&sock).expect("frontend listens");
-    let args = [
-        "--client",
-        "--socket-path",
-        sock.to_str().expect("utf-8"),
-        "--vf",
-        "vf0",
-    ];
-    let mut be = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr1.log")));
-    let (stream, _) = listener.accept().expect("the backend connects");
+    let rig = ClientRig::new("rsig");
+    let (mut be, stream) = rig.start("vr1.log");
     let want = VIRTIO_NET_F_MRG_RXBUF | VIRTIO_RING_F_EVENT_IDX;
     let mut f = TestFrontend::over_stream(stream, 1, want);
     assert_ne!(
@@ -209,11 +213,10 @@ fn restarted_backend_signals_a_guest_left_waiting_for_an_interrupt() {
     let _ = be.0.wait();
     let _ = f.queues[1].call.read();
 
-    let _be2 = KillOnDrop(ns.spawn_backend(&args, &dir.join("vr2.log")));
-    let fe = accept(&listener);
+    let (_be2, stream) = rig.start("vr2.log");
     let bases = [f.used_idx(0), f.used_idx(1)];
     assert_eq!(bases[1], 8, "the dead backend used all 8");
-    f.reattach(fe, &bases);
+    f.reattach(Frontend::from_stream(stream, 2), &bases);
     let signalled = wait_for(T, || f.queues[1].call.read().is_ok());
     assert!(
         signalled,
