@@ -267,7 +267,7 @@ impl ShadowQueue {
                         num: n,
                     });
                 }
-                let slot = usize::from(self.next_avail % n);
+                let slot = usize::from(self.next_avail & (n - 1));
                 self.mem.store_u16(4 + 2 * slot, head);
                 self.next_avail = self.next_avail.wrapping_add(1);
                 moved = moved.wrapping_add(1);
@@ -309,7 +309,7 @@ impl ShadowQueue {
         let guest = self.guest_rings(&map)?;
         let old = self.next_used;
         while self.next_used != idx {
-            let slot = usize::from(self.next_used % n);
+            let slot = usize::from(self.next_used & (n - 1));
             let off = self.used_off + 4 + 8 * slot;
             let id = self.mem.read_u32(off);
             let len = self.mem.read_u32(off + 4);

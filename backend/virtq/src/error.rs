@@ -5,6 +5,9 @@
 pub enum RingError {
     #[error("ring of 0 entries")]
     ZeroSize,
+    /// Split rings are a power of two long (virtio 1.2, 2.7): the index arithmetic masks.
+    #[error("split ring of {0} entries: not a power of two")]
+    SizeNotPowerOfTwo(u16),
     #[error("{what} at {addr:#x}+{len} is not inside one guest memory region")]
     Unmapped {
         what: &'static str,

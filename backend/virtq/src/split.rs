@@ -26,6 +26,9 @@ pub struct GuestRings<'a> {
     used: *mut u8,
     used_addr: u64,
     size: u16,
+    /// `size - 1`: ring slot of an index (the size is a power of two; a mask, not a
+    /// division, since every pop and used entry takes one).
+    mask: u16,
     _mem: PhantomData<&'a [u8]>,
 }
 
@@ -40,6 +43,9 @@ impl<'a> GuestRings<'a> {
         if size == 0 {
             return Err(RingError::ZeroSize);
         }
+        if !size.is_power_of_two() {
+            return Err(RingError::SizeNotPowerOfTwo(size));
+        }
         let n = usize::from(size);
         let desc = DescTable::resolve(map, addr.desc, size)?;
         let avail = resolve(map, "avail ring", addr.avail, 6 + 2 * n, 2)?;
@@ -50,6 +56,7 @@ impl<'a> GuestRings<'a> {
             used,
             used_addr: addr.used,
             size,
+            mask: size - 1,
             _mem: PhantomData,
         })
     }
@@ -57,6 +64,12 @@ impl<'a> GuestRings<'a> {
     #[inline]
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// The ring slot of ring index `idx` (always `< size`).
+    #[inline]
+    pub fn slot(&self, idx: u16) -> u16 {
+        idx & self.mask
     }
 
     #[inline]
@@ -90,7 +103,7 @@ impl<'a> GuestRings<'a> {
     /// The avail entry for avail index `idx` (a head the guest offers; unchecked).
     #[inline]
     pub fn avail_entry(&self, idx: u16) -> u16 {
-        let slot = usize::from(idx % self.size);
+        let slot = usize::from(self.slot(idx));
         // SAFETY: slot < size, inside the mapped, 2-aligned avail ring.
         unsafe { load_u16(self.avail.add(4 + 2 * slot)) }
     }
@@ -111,12 +124,23 @@ impl<'a> GuestRings<'a> {
     /// Writes the used entry for used index `idx` (visible with [`GuestRings::publish_used`]).
     #[inline]
     pub fn write_used(&self, idx: u16, head: u32, len: u32) {
-        let slot = usize::from(idx % self.size);
+        let slot = usize::from(self.slot(idx));
         // SAFETY: slot < size inside the mapped, 4-aligned used ring; elements are 8 bytes
         // at offset 4.
         unsafe {
             let e = self.used.add(4 + 8 * slot) as *mut u32;
             std::ptr::write_volatile(e, head.to_le());
+            std::ptr::write_volatile(e.add(1), len.to_le());
+        }
+    }
+
+    /// Sets the length of the (not yet published) used entry for used index `idx`.
+    #[inline]
+    pub fn write_used_len(&self, idx: u16, len: u32) {
+        let slot = usize::from(self.slot(idx));
+        // SAFETY: as in `write_used`; the length is the element's second u32.
+        unsafe {
+            let e = self.used.add(4 + 8 * slot) as *mut u32;
             std::ptr::write_volatile(e.add(1), len.to_le());
         }
     }
@@ -273,6 +297,30 @@ impl<'a, M: GuestMemoryBackend> SplitRing<'a, M> {
         self.next_used = self.next_used.wrapping_add(1);
     }
 
+    /// The used index the next [`SplitRing::add_used`] writes.
+    pub fn next_used(&self) -> u16 {
+        self.next_used
+    }
+
+    /// Takes back the used entries added since used index `from` (none of which may be
+    /// published yet): the next `add_used` overwrites them.
+    pub fn unadd_used(&mut self, from: u16) {
+        debug_assert!(
+            self.next_used.wrapping_sub(from) <= self.next_used.wrapping_sub(self.published)
+        );
+        self.next_used = from;
+    }
+
+    /// Sets the length of every used entry added since used index `from` to 0 (the chains
+    /// go back unused, as after a bad packet).
+    pub fn empty_used_since(&mut self, from: u16) {
+        let mut idx = from;
+        while idx != self.next_used {
+            self.rings.write_used_len(idx, 0);
+            idx = idx.wrapping_add(1);
+        }
+    }
+
     /// Makes the used entries added so far visible to the guest: one index store.
     pub fn publish(&mut self) {
         if self.published == self.next_used {
@@ -406,6 +454,21 @@ mod tests {
             )
             .err(),
             Some(RingError::ZeroSize)
+        );
+        // A split ring's indexes wrap at 2^16, which only a power-of-two size divides.
+        let zero = RingAddr {
+            desc: 0,
+            avail: 0,
+            used: 0,
+        };
+        assert_eq!(
+            GuestRings::resolve(&map, zero, 24).err(),
+            Some(RingError::SizeNotPowerOfTwo(24))
+        );
+        let rings = GuestRings::resolve(&map, zero, 8).unwrap();
+        assert_eq!(
+            (rings.slot(7), rings.slot(8), rings.slot(u16::MAX)),
+            (7, 0, 7)
         );
     }
 
