@@ -63,6 +63,8 @@ pub mod vf;
 pub mod vhost_user_backend_workarounds;
 
 #[cfg(test)]
+mod alloc_count;
+#[cfg(test)]
 mod fuzz;
 
 /// Guest memory with the dirty-page bitmap used for live migration. Not vhost-user-backend's

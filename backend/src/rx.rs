@@ -71,16 +71,16 @@ impl Delivery {
     }
 }
 
-/// The guest's RX queue, borrowed for one batch. Used entries are published when it is
-/// dropped (or [`RxRing::flush`]ed): one used-index update per batch.
+/// The guest's RX queue, borrowed for one batch. Used entries are written to the used ring
+/// as each chain is filled and published when it is dropped (or [`RxRing::flush`]ed): one
+/// used-index update per batch, and nothing allocated (a packet that cannot be placed takes
+/// its entries back before they are published).
 pub struct RxRing<'a, M: GuestMemoryBackend> {
     ring: SplitRing<'a, M>,
     /// VIRTIO_NET_F_MRG_RXBUF: a packet may span several buffers (chains).
     mergeable: bool,
     /// Guest header length: 12 with VERSION_1 or MRG_RXBUF, 10 for a legacy guest without.
     hdr_len: usize,
-    /// Chains popped for the packet being placed: (head, bytes written).
-    used: Vec<(u16, u32)>,
     /// Packets left before the next descriptor prefetch.
     prefetched: u16,
 }
@@ -101,7 +101,6 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             ring: SplitRing::new(queue, mem)?,
             mergeable,
             hdr_len: hdr_len.clamp(crate::net_hdr::VNET_HDR_LEN, VIRTIO_NET_HDR_LEN),
-            used: Vec::with_capacity(64),
             prefetched: 0,
         })
     }
@@ -147,21 +146,31 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             self.prefetched = PREFETCH_AHEAD;
         }
         self.prefetched -= 1;
-        self.used.clear();
+        let first_used = self.ring.next_used();
+        let mut buffers = 0u16;
+        let mut first_head = 0u16;
         let mut written = 0usize;
         // Guest addresses of the two bytes of `num_buffers`, known once the header is placed.
         let mut num_buffers_at: [Option<u64>; 2] = [None, None];
 
         while written < total {
-            let Some(head_index) = self.ring.pop()? else {
-                // Not enough buffers for the whole packet: put back what we took.
-                self.ring.set_next_avail(start);
-                return Ok(Delivery::NoBuffers);
+            let head_index = match self.ring.pop() {
+                Ok(Some(head)) => head,
+                Ok(None) => {
+                    // Not enough buffers for the whole packet: put back what we took.
+                    self.ring.set_next_avail(start);
+                    self.ring.unadd_used(first_used);
+                    return Ok(Delivery::NoBuffers);
+                }
+                Err(e) => {
+                    self.ring.empty_used_since(first_used);
+                    return Err(e.into());
+                }
             };
             if head_index >= self.ring.size() {
                 // Names no chain: publishing it would make the guest (Linux) mark the queue
                 // broken. As on TX, its avail entry stays consumed and it is never returned.
-                self.return_taken_empty();
+                self.ring.empty_used_since(first_used);
                 return Err(RxError::HeadOutOfRange {
                     head: head_index,
                     size: self.ring.size(),
@@ -169,18 +178,23 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             }
             match self.fill_chain(head_index, &head, segs, written, total, &mut num_buffers_at) {
                 Ok(n) => {
+                    if buffers == 0 {
+                        first_head = head_index;
+                    }
                     written += n;
-                    self.used.push((head_index, n as u32));
+                    buffers += 1;
+                    self.ring.add_used(head_index, n as u32);
                 }
                 Err(e) => {
-                    self.used.push((head_index, 0));
-                    self.return_taken_empty();
+                    self.ring.add_used(head_index, 0);
+                    self.ring.empty_used_since(first_used);
                     return Err(e);
                 }
             }
             if !self.mergeable && written < total {
                 // A single buffer is all we may use: leave it for a smaller packet.
                 self.ring.set_next_avail(start);
+                self.ring.unadd_used(first_used);
                 return Err(RxError::TooBig {
                     len: total,
                     room: written,
@@ -188,34 +202,24 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             }
         }
 
-        let buffers = self.used.len() as u16;
         if buffers > 1 {
             let bytes = buffers.to_le_bytes();
             for (addr, byte) in num_buffers_at.iter().zip(bytes) {
-                if let Some(addr) = addr {
-                    self.ring
-                        .map
-                        .write(*addr, &[byte])
-                        .map_err(|source| RxError::BadAddress {
-                            head: self.used[0].0,
-                            addr: *addr,
-                            len: 1,
-                            source,
-                        })?;
+                let Some(addr) = *addr else { continue };
+                if let Err(source) = self.ring.map.write(addr, &[byte]) {
+                    // Cannot happen (the byte is in a buffer written a moment ago), but
+                    // if it did the chains would go back with a wrong count: empty instead.
+                    self.ring.empty_used_since(first_used);
+                    return Err(RxError::BadAddress {
+                        head: first_head,
+                        addr,
+                        len: 1,
+                        source,
+                    });
                 }
             }
         }
-        for &(h, n) in &self.used {
-            self.ring.add_used(h, n);
-        }
         Ok(Delivery::Delivered(buffers))
-    }
-
-    /// Returns every chain taken for the current packet with length 0.
-    fn return_taken_empty(&mut self) {
-        for &(h, _) in &self.used {
-            self.ring.add_used(h, 0);
-        }
     }
 
     /// Copies bytes `written..` of the packet (the header, then `segs`) into one chain;
