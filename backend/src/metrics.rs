@@ -367,6 +367,7 @@ mod tests {
             drops_by_reason: by_reason,
             errors: 0,
             retries: 0,
+            busy_ns: 0,
         }
     }
 

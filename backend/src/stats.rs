@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Why a packet was lost. Each queue counts drops per reason; `drops` is their sum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,6 +76,9 @@ pub struct QueueStats {
     pub errors: AtomicU64,
     /// Sends the VF refused for a full queue and that were tried again (nothing lost).
     pub retries: AtomicU64,
+    /// Nanoseconds the worker spent in this queue's batches that moved something: its cost
+    /// without the busy-poll spinning, so `busy_ns / packets` is the CPU time per packet.
+    pub busy_ns: AtomicU64,
 }
 
 /// A point-in-time copy of [`QueueStats`].
@@ -86,6 +90,7 @@ pub struct QueueCounts {
     pub drops: u64,
     pub errors: u64,
     pub retries: u64,
+    pub busy_ns: u64,
     /// Drops per reason, indexed like [`DropReason::ALL`].
     pub drops_by: [u64; DropReason::ALL.len()],
 }
@@ -115,6 +120,14 @@ impl QueueStats {
         add(&self.retries, n);
     }
 
+    /// Adds the time of one batch that moved something.
+    pub fn add_busy(&self, time: Duration) {
+        add(
+            &self.busy_ns,
+            u64::try_from(time.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+
     pub fn snapshot(&self) -> QueueCounts {
         let drops_by = std::array::from_fn(|i| self.drops[i].load(Ordering::Relaxed));
         QueueCounts {
@@ -123,6 +136,7 @@ impl QueueStats {
             drops: drops_by.iter().sum(),
             errors: self.errors.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            busy_ns: self.busy_ns.load(Ordering::Relaxed),
             drops_by,
         }
     }
@@ -179,8 +193,8 @@ impl vdpa::Counters for PortStats {
 
 /// One line per virtqueue, in the fixed form tests and operators parse:
 /// `stats port=NAME queue=Q dir=rx|tx packets=N bytes=N drops=N errors=N retries=N` followed
-/// by `drop_REASON=N` for every [`DropReason`], in [`DropReason::ALL`]'s order
-/// (virtqueue numbering: 2*pair is rx, 2*pair+1 is tx).
+/// by `drop_REASON=N` for every [`DropReason`], in [`DropReason::ALL`]'s order, and
+/// `busy_ns=N` (virtqueue numbering: 2*pair is rx, 2*pair+1 is tx).
 impl fmt::Display for PortStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (pair, stats) in self.pairs.iter().enumerate() {
@@ -194,7 +208,7 @@ impl fmt::Display for PortStats {
                 for r in DropReason::ALL {
                     write!(f, " drop_{}={}", r.name(), c.dropped(r))?;
                 }
-                writeln!(f)?;
+                writeln!(f, " busy_ns={}", c.busy_ns)?;
             }
         }
         Ok(())
@@ -211,6 +225,7 @@ mod tests {
         s.pairs[1].tx.add_packets(3, 180);
         s.pairs[1].tx.add_drops(DropReason::VfFull, 1);
         s.pairs[1].tx.add_retries(4);
+        s.pairs[1].tx.add_busy(Duration::from_micros(2));
         s.pairs[0].rx.add_errors(2);
         s.pairs[0].rx.add_drops(DropReason::Kernel, 5);
         s.pairs[0].rx.add_drops(DropReason::NoBuffers, 2);
@@ -221,13 +236,15 @@ mod tests {
             lines[0],
             "stats port=vm1 queue=0 dir=rx packets=0 bytes=0 drops=7 errors=2 retries=0 \
              drop_no_buffers=2 drop_queue_off=0 drop_too_big=0 drop_vf_full=0 drop_vf_down=0 \
-             drop_vf_refused=0 drop_kernel=5 drop_kernel_truncated=0 drop_before_fanout=0"
+             drop_vf_refused=0 drop_kernel=5 drop_kernel_truncated=0 drop_before_fanout=0 \
+             busy_ns=0"
         );
         assert_eq!(
             lines[3],
             "stats port=vm1 queue=3 dir=tx packets=3 bytes=180 drops=1 errors=0 retries=4 \
              drop_no_buffers=0 drop_queue_off=0 drop_too_big=0 drop_vf_full=1 drop_vf_down=0 \
-             drop_vf_refused=0 drop_kernel=0 drop_kernel_truncated=0 drop_before_fanout=0"
+             drop_vf_refused=0 drop_kernel=0 drop_kernel_truncated=0 drop_before_fanout=0 \
+             busy_ns=2000"
         );
     }
 }

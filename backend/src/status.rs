@@ -263,6 +263,9 @@ pub struct QueueSnapshot {
     pub errors: u64,
     /// Sends tried again on a full VF queue (nothing lost).
     pub retries: u64,
+    /// Worker time spent in this queue's batches that moved something (busy-poll spinning
+    /// left out): `busy_ns / packets` is the CPU cost per packet.
+    pub busy_ns: u64,
 }
 
 impl QueueSnapshot {
@@ -280,6 +283,7 @@ impl QueueSnapshot {
                 .collect(),
             errors: c.errors,
             retries: c.retries,
+            busy_ns: c.busy_ns,
         }
     }
 }

@@ -152,10 +152,12 @@ fn a_port_added_at_runtime_serves_reports_and_goes_away_on_remove() {
         d.port("p1")
     );
 
+    let connected_at = std::time::Instant::now();
     let mut f = TestFrontend::connect(&d.sock("p1"), 1, VIRTIO_NET_F_MRG_RXBUF);
     for tag in 1..=3 {
         round_trip(&mut f, tag);
     }
+    let busy_bound = connected_at.elapsed().as_nanos() as u64;
     let p = d.port("p1");
     assert_eq!(p["state"], "connected");
     assert_eq!(p["queues_enabled"], 1, "{p}");
@@ -179,6 +181,11 @@ fn a_port_added_at_runtime_serves_reports_and_goes_away_on_remove() {
         3 * 100,
         "frame bytes, without the virtio-net header"
     );
+    // The worker's time in the batches that moved the packets: some, and never more than
+    // the time the traffic took (its spinning in between is not counted).
+    let busy = |q: &Value| q["busy_ns"].as_u64().expect("busy_ns");
+    assert!(busy(&q[1]) > 0, "{stats}");
+    assert!(busy(&q[0]) + busy(&q[1]) < busy_bound, "{stats}");
     let text = String::from_utf8(d.ctl(&["list"]).stdout).unwrap();
     assert!(
         text.contains("p1") && text.contains("connected") && text.contains("1/1"),

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use qemu_tests::backend::{vhost_relay_bin, TestpmdVf};
+use qemu_tests::backend::{vhost_relay_bin, Dir, QueueStat, TestpmdVf};
 use qemu_tests::testpmd::PortStats;
 use qemu_tests::{
     check_prerequisites, util, Backend, Error, FrontendOptions, NetNs, Result, ScratchDir,
@@ -155,6 +155,11 @@ struct Sample {
     bps: f64,
     /// Packets per second the source sent (vf-relay: offered load).
     tx_pps: f64,
+    /// The backend's CPU nanoseconds per packet it took in (from the guest, and in vf-relay
+    /// from the VF), its busy-poll spinning left out: ours from its `busy_ns` counters,
+    /// testpmd's from `--record-core-cycles`. Steadier than Mpps on a shared machine, as
+    /// time the CPU is taken away (steal, the source's thread) is not in it.
+    cpu_ns: Option<f64>,
 }
 
 /// A throughput scenario.
@@ -242,14 +247,17 @@ fn bench(opts: &Opts) -> Result<()> {
             for side in order {
                 let s = throughput(&sc, side, opts, dir.path())?;
                 say(&format!(
-                    "{} run {}/{} {:?}: {:.3} Mpps rx ({:.3} Mpps tx), {:.3} Gbit/s",
+                    "{} run {}/{} {:?}: {:.3} Mpps rx ({:.3} Mpps tx), {:.3} Gbit/s, {}",
                     sc.name,
                     run + 1,
                     opts.runs,
                     side,
                     s.pps / 1e6,
                     s.tx_pps / 1e6,
-                    s.bps / 1e9
+                    s.bps / 1e9,
+                    s.cpu_ns.map_or("no CPU figure".into(), |ns| format!(
+                        "{ns:.1} ns/packet CPU"
+                    ))
                 ));
                 match side {
                     Side::Ours => ours.push(s),
@@ -427,10 +435,64 @@ fn throughput(sc: &Scenario, side: Side, opts: &Opts, dir: &Path) -> Result<Samp
     let dt = t0.elapsed().as_secs_f64();
     cmd(&mut fe, "stop")?;
     backend.ensure_running()?;
+    let testpmd = side == Side::Peer && opts.baseline.is_none();
+    let ours_cost = if testpmd {
+        None
+    } else {
+        busy_ns_per_packet(&backend.stats()?, sc.vf)
+    };
     let _ = fe.quit();
     backend.stop();
+    let cpu_ns = if testpmd {
+        testpmd_ns_per_packet(&backend.output())
+    } else {
+        ours_cost
+    };
     drop(ns);
-    Ok(sample(&s0, &s1, dt))
+    Ok(Sample {
+        cpu_ns,
+        ..sample(&s0, &s1, dt)
+    })
+}
+
+/// vhost-relay's busy time per packet it took in, over its whole run: all its queues' busy
+/// time over the packets from the guest (tx), plus from the VF (rx) when relaying (looped
+/// back, rx carries the same packets again). `None` from a binary without `busy_ns`.
+fn busy_ns_per_packet(stats: &[QueueStat], vf: bool) -> Option<f64> {
+    let mut busy = 0u64;
+    let mut taken_in = 0u64;
+    for q in stats {
+        busy += q.busy_ns?;
+        if q.dir == Dir::Tx || vf {
+            taken_in += q.packets;
+        }
+    }
+    (taken_in > 0).then(|| busy as f64 / taken_in as f64)
+}
+
+/// testpmd's own figure, printed when it stops with `--record-core-cycles`: "CPU
+/// cycles/packet=C (busy cycles=... / total io packets=N) at M MHz Clock" (cycles of the
+/// forwarding iterations that moved packets, over the packets received), in nanoseconds.
+fn testpmd_ns_per_packet(output: &str) -> Option<f64> {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| l.contains("CPU cycles/packet="))?;
+    let cycles: f64 = line
+        .split("CPU cycles/packet=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let mhz: f64 = line
+        .split(" at ")
+        .last()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| cycles * 1e3 / mhz)
 }
 
 fn sample(s0: &PortStats, s1: &PortStats, dt: f64) -> Sample {
@@ -439,6 +501,7 @@ fn sample(s0: &PortStats, s1: &PortStats, dt: f64) -> Sample {
         pps: d(s0.rx_packets, s1.rx_packets),
         bps: 8.0 * d(s0.rx_bytes, s1.rx_bytes),
         tx_pps: d(s0.tx_packets, s1.tx_packets),
+        cpu_ns: None,
     }
 }
 
@@ -722,6 +785,50 @@ struct Results<'a> {
     memory: Option<&'a Memory>,
 }
 
+/// The CPU-per-packet table: each side's busy time per packet it took in, and the ratio
+/// peer/ours per run pair (above 1: ours costs less per packet).
+fn render_cpu(o: &mut String, rows: &[Row]) {
+    let cost = |v: &[Sample]| -> Vec<f64> { v.iter().filter_map(|s| s.cpu_ns).collect() };
+    let with_figures: Vec<&Row> = rows
+        .iter()
+        .filter(|(_, ours, peer)| !cost(ours).is_empty() && !cost(peer).is_empty())
+        .collect();
+    if with_figures.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nCPU per packet: the backend's busy time (its forwarding iterations that moved \
+         packets; busy-poll spinning left out) over the packets it took in. Ours: the \
+         `busy_ns` counters of `ctl stats`; testpmd: `--record-core-cycles`.\n\n\
+         | scenario | ours ns/packet median (min-max) | peer ns/packet median (min-max) | \
+         ratio peer/ours (median of run pairs) |\n|---|---|---|---|"
+    );
+    for (sc, ours, peer) in with_figures {
+        let (mut a, mut b) = (cost(ours), cost(peer));
+        let mut ratios: Vec<f64> = ours
+            .iter()
+            .zip(peer.iter())
+            .filter_map(|(x, y)| Some(y.cpu_ns? / x.cpu_ns.filter(|&n| n > 0.0)?))
+            .collect();
+        let ((amin, amax), (bmin, bmax), (rmin, rmax)) = (spread(&a), spread(&b), spread(&ratios));
+        let _ = writeln!(
+            o,
+            "| {} | {:.1} ({:.1}-{:.1}) | {:.1} ({:.1}-{:.1}) | **{:.2}** ({:.2}-{:.2}) |",
+            sc.name,
+            median(&mut a),
+            amin,
+            amax,
+            median(&mut b),
+            bmin,
+            bmax,
+            median(&mut ratios),
+            rmin,
+            rmax
+        );
+    }
+}
+
 fn render(
     opts: &Opts,
     machine: &str,
@@ -803,6 +910,7 @@ fn render(
             "\nPeer: {peer}. Mpps = packets the traffic source received back; Gbit/s = their \
              layer-2 bytes (no CRC)."
         );
+        render_cpu(&mut o, rows);
         let vf: Vec<&Row> = rows.iter().filter(|r| r.0.vf).collect();
         if !vf.is_empty() {
             let _ = writeln!(

@@ -26,6 +26,9 @@ pub struct QueueStat {
     pub bytes: u64,
     pub drops: u64,
     pub errors: u64,
+    /// The worker's time in this queue's batches that moved something; `None` from a
+    /// vhost-relay that does not report it (an older `--baseline` binary).
+    pub busy_ns: Option<u64>,
 }
 
 impl fmt::Display for QueueStat {
@@ -82,6 +85,7 @@ pub fn parse_stats_line(line: &str) -> Option<QueueStat> {
         bytes: stats_field(line, "bytes")?,
         drops: stats_field(line, "drops")?,
         errors: stats_field(line, "errors")?,
+        busy_ns: stats_field(line, "busy_ns"),
     })
 }
 
@@ -139,9 +143,12 @@ mod tests {
                 packets: 3,
                 bytes: 180,
                 drops: 1,
-                errors: 0
+                errors: 0,
+                busy_ns: None,
             })
         );
+        let l = "stats port=a queue=1 dir=tx packets=2 bytes=0 drops=0 errors=0 busy_ns=4100";
+        assert_eq!(parse_stats_line(l).unwrap().busy_ns, Some(4100));
         let l = "stats port=a queue=0 dir=rx packets=18446744073709551615 bytes=0 drops=0 errors=2";
         let s = parse_stats_line(l).unwrap();
         assert_eq!((s.dir, s.packets, s.errors), (Dir::Rx, u64::MAX, 2));
