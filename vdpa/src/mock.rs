@@ -38,6 +38,9 @@ pub struct MockState {
     pub rings: [MockRing; 2],
     pub resets: usize,
     pub suspends: usize,
+    /// Each DRIVER_OK, with which rings were enabled then (DPDK's VDUSE device waits for
+    /// every ring and aborts a start with one not enabled).
+    pub starts: Vec<[bool; 2]>,
     pub config: Vec<u8>,
     /// Every IOVA range the device wrote: (iova, len).
     pub written: Vec<(u64, u64)>,
@@ -197,6 +200,8 @@ impl VdpaDevice for MockDevice {
                 s.status = status & !DRIVER_OK | FAILED;
                 return Ok(());
             }
+            let enabled = [s.rings[0].enabled, s.rings[1].enabled];
+            s.starts.push(enabled);
             for r in s.rings.iter_mut() {
                 r.last_avail = r.base;
                 r.last_used = r.base;

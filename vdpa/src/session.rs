@@ -365,9 +365,14 @@ impl<D: VdpaDevice> Session<D> {
         end.map_err(|e| self.derr("IOTLB batch end", e))
     }
 
-    /// Starts the device once the frontend has set up enough: features, memory, both rings
-    /// of the pair fully described (size, addresses, kick and call), one of them enabled.
-    /// Waiting for the whole pair avoids a reset per ring while QEMU sets them up one by one.
+    /// Starts the device once the frontend has set up everything: features, memory, and
+    /// every ring fully described (size, addresses, kick and call) and enabled. Frontends
+    /// describe the rings one by one and then enable them one by one (QEMU and DPDK's
+    /// virtio_user both), so a start any earlier is undone a message later, and a device may
+    /// not take it well: DPDK's VDUSE device waits about 100 ms for every ring to be ready,
+    /// then aborts the start. Disabling any ring stops the device (see `set_vring_enable`)
+    /// and it stays stopped until every ring is enabled again, so a teardown, which disables
+    /// them one by one, stops it once and starts nothing.
     fn maybe_start(&mut self) -> Result<(), SessionError> {
         if self.running.is_some()
             || self.stopped_by_frontend
@@ -376,7 +381,7 @@ impl<D: VdpaDevice> Session<D> {
         {
             return Ok(());
         }
-        if !self.rings.iter().all(FrontendRing::ready) || !self.rings.iter().any(|v| v.enabled) {
+        if !self.rings.iter().all(|v| v.ready() && v.enabled) {
             return Ok(());
         }
         let ready: Vec<usize> = (0..self.rings.len()).collect();

@@ -364,6 +364,7 @@ fn driver_ok_failure_is_reported() {
         .unwrap();
     let guest = Guest::new();
     s.set_vring_enable(0, true).unwrap();
+    s.set_vring_enable(1, true).unwrap();
     s.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
     let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
     s.set_mem_table(&[region], vec![guest.file.try_clone().unwrap()], None)
@@ -519,6 +520,52 @@ fn switch_to_shadow_and_back_by_reset() {
 #[test]
 fn switch_to_shadow_and_back_with_suspend() {
     switch_cycle(crate::device::BACKEND_F_SUSPEND);
+}
+
+/// DPDK virtio_user's order (every ring described, then enabled one by one) and its
+/// teardown (disabled one by one, then GET_VRING_BASE): the device starts once, with both
+/// rings enabled, and stops once. A start with a ring disabled is what DPDK's VDUSE device
+/// aborts after 100 ms.
+#[test]
+fn the_device_starts_once_per_attach_and_stops_once() {
+    let dev = MockDevice::new(device_features(), 0);
+    let mut s = Session::new("t", dev.clone(), Arc::new(NoCounters))
+        .map_err(|e| e.0)
+        .unwrap();
+    let guest = Guest::new();
+    s.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
+    let region = VhostUserMemoryRegion::new(0, MEM, USER, 0);
+    s.set_mem_table(&[region], vec![guest.file.try_clone().unwrap()], None)
+        .unwrap();
+    for q in 0..2 {
+        let (d, a, u) = ring(q);
+        s.set_vring_num(q as u32, u32::from(NUM)).unwrap();
+        s.set_vring_base(q as u32, 0).unwrap();
+        let flags = VhostUserVringAddrFlags::empty();
+        s.set_vring_addr(q as u32, flags, USER + d, USER + u, USER + a, 0)
+            .unwrap();
+        s.set_vring_kick(q as u8, Some(dup(&guest.kick[q])))
+            .unwrap();
+        s.set_vring_call(q as u8, Some(dup(&guest.call[q])))
+            .unwrap();
+    }
+    assert!(dev.state().starts.is_empty(), "no ring enabled yet");
+    s.set_vring_enable(0, true).unwrap();
+    assert!(dev.state().starts.is_empty(), "ring 1 still disabled");
+    s.set_vring_enable(1, true).unwrap();
+    assert_eq!(dev.state().starts, vec![[true, true]]);
+    assert_eq!(s.mode(), Some(Mode::Direct));
+
+    let resets = dev.state().resets;
+    s.set_vring_enable(0, false).unwrap();
+    assert_eq!(s.mode(), None, "stopped at the first disable");
+    assert_eq!(dev.state().resets, resets + 1);
+    s.set_vring_enable(1, false).unwrap();
+    for q in 0..2 {
+        s.get_vring_base(q).unwrap();
+    }
+    assert_eq!(dev.state().starts.len(), 1, "no start on the way down");
+    assert_eq!(dev.state().status, 0);
 }
 
 #[test]
