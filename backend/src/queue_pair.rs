@@ -258,10 +258,11 @@ fn impossible_avail(queue: &Queue, mem: &GuestMemoryMmapB) -> Option<String> {
 /// How long an idle worker spins before it sleeps, adapted to the traffic. What decides is
 /// how long the worker then slept: woken again within the longest spin, it would have done
 /// better to keep polling (a kick and a wake-up cost more than the spin), so the next spin
-/// doubles; asleep for longer, the spin was wasted and halves (down to `MIN_SPIN`). Work
-/// found while spinning also doubles it. Steady traffic with short gaps so keeps the worker
-/// polling and the frontend free of kicks; sparse traffic (pings) costs a few microseconds
-/// of spinning per packet.
+/// is the longest again; asleep for longer, the spin was wasted and halves (down to
+/// `MIN_SPIN`). Work found while spinning also restores it. Steady traffic with short gaps
+/// so keeps the worker polling and the frontend free of kicks; a ping answered through the
+/// guest is caught by the spin after the request; sparse traffic costs at most one longest
+/// spin per packet.
 #[derive(Clone, Copy, Debug)]
 pub struct Spin {
     max: Duration,
@@ -281,9 +282,14 @@ impl Spin {
         self.current
     }
 
-    /// Work arrived while spinning.
+    /// Work arrived while spinning, or soon after the spin gave up: back to the longest
+    /// spin. Not a doubling: a request/response flow (a ping through the guest) alternates
+    /// a short gap (the guest's answer, microseconds away) with a long one (the next
+    /// request); doubling on the one and halving on the other kept the spin at a few
+    /// microseconds, too short to catch the answer, so every packet paid a wake-up.
+    /// Halving on the long gap alone leaves half the bound, which still catches it.
     pub fn hit(&mut self) {
-        self.current = (self.current * 2).max(MIN_SPIN).min(self.max);
+        self.current = self.max;
     }
 
     /// The worker slept `slept` after its spin ran out.
@@ -704,11 +710,15 @@ mod tests {
         }
         assert_eq!(s.budget(), MIN_SPIN);
         s.hit();
-        assert_eq!(s.budget(), us(4));
+        assert_eq!(s.budget(), us(50), "a hit restores the longest spin");
+        // Request and response: a long gap then a short one, over and over. The spin
+        // stays long enough for the short one.
         for _ in 0..20 {
-            s.hit();
+            s.woke_after(us(10_000));
+            assert_eq!(s.budget(), us(25));
+            s.woke_after(us(20));
+            assert_eq!(s.budget(), us(50));
         }
-        assert_eq!(s.budget(), us(50));
         // Woken soon after sleeping: the spin should have covered it.
         s.miss();
         s.woke_after(us(30));
