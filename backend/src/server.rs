@@ -102,6 +102,26 @@ impl PortControl {
     }
 }
 
+/// Names the vDPA device and its MAC, with the QEMU and libvirt settings that give the guest
+/// the same one: the NIC receives for the device's MAC only, so a guest with another one
+/// sends fine and never hears back.
+fn log_vdpa_mac(port: &str, path: &Path, dev: &vdpa::KernelDevice) {
+    use vdpa::VdpaDevice;
+    let path = path.display();
+    match dev.mac() {
+        Ok(Some(mac)) => {
+            let mac = format_mac(&mac);
+            info!(
+                "port {port}: vDPA device {path}, MAC {mac}: give the guest the same \
+                 (QEMU -device virtio-net-pci,mac={mac},...; libvirt <mac address='{mac}'/>) \
+                 or replies to it are dropped by the NIC"
+            );
+        }
+        Ok(None) => info!("port {port}: vDPA device {path} (it has no MAC of its own)"),
+        Err(e) => warn!("port {port}: vDPA device {path}: cannot read its MAC: {e}"),
+    }
+}
+
 /// Opens everything the port needs before any frontend comes: a missing VF or vDPA device
 /// is found now, not when the guest boots. The port's VF watch obeys `control`'s stop.
 pub fn open_port(cfg: &PortConfig, control: &Arc<PortControl>) -> Result<Arc<Port>, ServerError> {
@@ -112,7 +132,7 @@ pub fn open_port(cfg: &PortConfig, control: &Arc<PortControl>) -> Result<Arc<Por
                 port: cfg.name.clone(),
                 source,
             })?;
-            info!("port {}: vDPA device {}", cfg.name, path.display());
+            log_vdpa_mac(&cfg.name, path, &dev);
             PortKind::Vdpa(VdpaSlot::new(dev))
         }
         LinkConfig::Vf(vf) => {

@@ -14,6 +14,7 @@ use vhost::vhost_kern::vhost_binding::{
 use vhost::vhost_kern::VhostKernFeatures;
 use vhost::{VhostBackend, VhostIotlbBackend, VhostIotlbMsg, VhostIotlbType, VringConfigData};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -60,6 +61,18 @@ pub trait VdpaDevice: Send {
     fn set_vring_enable(&mut self, q: usize, on: bool) -> io::Result<()>;
     /// VHOST_VDPA_SUSPEND; only called when the SUSPEND backend feature was acked.
     fn suspend(&mut self) -> io::Result<()>;
+
+    /// The device's own MAC address (the first 6 bytes of its config space), if it offers
+    /// VIRTIO_NET_F_MAC. The NIC behind it receives for this address, so the guest must be
+    /// given the same one.
+    fn mac(&self) -> io::Result<Option<[u8; 6]>> {
+        if self.features()? & (1 << VIRTIO_NET_F_MAC) == 0 {
+            return Ok(None);
+        }
+        let mut mac = [0u8; 6];
+        self.config(0, &mut mac)?;
+        Ok(Some(mac))
+    }
 }
 
 /// Why a vhost-vdpa device cannot be used; each says what to do about it.

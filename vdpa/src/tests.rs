@@ -296,6 +296,16 @@ fn features_hide_what_cannot_be_carried_and_refuse_what_the_device_lacks() {
     assert_eq!(s.get_queue_num().unwrap(), 2, "virtqueues of the one pair");
 }
 
+/// The MAC the operator must give the guest: the device's, when it has one.
+#[test]
+fn the_device_mac_is_read_from_its_config_when_it_offers_one() {
+    use crate::VdpaDevice;
+    let dev = MockDevice::new(device_features(), 0);
+    assert_eq!(dev.mac().unwrap(), Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+    let without = MockDevice::new(device_features() & !MAC, 0);
+    assert_eq!(without.mac().unwrap(), None);
+}
+
 #[test]
 fn direct_mode_hands_rings_and_fds_to_the_device() {
     let mut f = setup(0);
