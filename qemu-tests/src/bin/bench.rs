@@ -910,7 +910,6 @@ fn render(
             "\nPeer: {peer}. Mpps = packets the traffic source received back; Gbit/s = their \
              layer-2 bytes (no CRC)."
         );
-        render_cpu(&mut o, rows);
         let vf: Vec<&Row> = rows.iter().filter(|r| r.0.vf).collect();
         if !vf.is_empty() {
             let _ = writeln!(
@@ -931,6 +930,7 @@ fn render(
                     .join("; ")
             );
         }
+        render_cpu(&mut o, rows);
     }
     if let Some((ours, peer)) = latency {
         let (mut a, mut b) = (ours.clone(), peer.clone());
