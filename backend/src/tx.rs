@@ -496,6 +496,19 @@ mod tests {
     use virtq::mock::*;
     use vm_memory::{ByteValued, Bytes, GuestAddress};
 
+    /// One loopback round with every offload accepted: a TX batch into the RX queue, whose
+    /// used entries are published when it returns. Returns the TX chains consumed.
+    fn loop_back<M: GuestMemoryBackend>(
+        (tx, rx): (&mut Queue, &mut Queue),
+        mem: &M,
+        (batch, bufs): (&mut TxBatch, &mut PacketBufs),
+        stats: (&QueueStats, &QueueStats),
+    ) -> usize {
+        let mut ring = RxRing::new(rx, mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let offloads = RxOffloads::from_features(u64::MAX);
+        guest_to_guest(tx, &mut ring, mem, offloads, batch, bufs, stats).unwrap()
+    }
+
     /// Writes a guest TX header at `addr`.
     fn put_hdr(mem: &Mem, addr: u64, hdr: VnetHdr) {
         let h = VirtioNetHdr {
@@ -788,21 +801,15 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
-        let offloads = RxOffloads::from_features(u64::MAX);
-        let n = guest_to_guest(
-            &mut tx,
-            &mut ring,
+        let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
+        let n = loop_back(
+            (&mut tx, &mut rx),
             &mem,
-            offloads,
-            &mut TxBatch::default(),
-            &mut PacketBufs::default(),
+            (&mut batch, &mut bufs),
             (&tx_stats, &rx_stats),
-        )
-        .unwrap();
+        );
         assert_eq!(n, 2);
         assert_eq!(txq.used_idx(), 2);
-        drop(ring);
         assert_eq!(rxq.used_idx(), 2);
         assert_eq!(read(&mem, 0x80_0000 + 12, 60), p1);
         assert_eq!(read(&mem, 0x80_1000 + 12, 1400), p2);
@@ -824,7 +831,6 @@ mod tests {
         let mut rxq = GuestQueue::new(&mem, 0x10_0000, 64);
         let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let offloads = RxOffloads::from_features(u64::MAX);
         put_hdr(&mem, BUFFERS, VnetHdr::default());
         put(&mem, BUFFERS + 12, &pattern(1500, 6));
         let (mut tx, mut rx) = (txq.queue(), rxq.queue());
@@ -838,17 +844,12 @@ mod tests {
                 rxq.add(&[wbuf(0x90_0000 + i * 0x800, 600)]);
             }
             let (n, allocations) = crate::alloc_count::allocations_in(|| {
-                let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
-                guest_to_guest(
-                    &mut tx,
-                    &mut ring,
+                loop_back(
+                    (&mut tx, &mut rx),
                     &mem,
-                    offloads,
-                    &mut batch,
-                    &mut bufs,
+                    (&mut batch, &mut bufs),
                     (&tx_stats, &rx_stats),
                 )
-                .unwrap()
             });
             assert_eq!(n, 17);
             assert_eq!(allocations, 0, "round {round}");
@@ -867,17 +868,13 @@ mod tests {
         let mut tx = txq.queue();
         let mut rx = rxq.queue();
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
-        guest_to_guest(
-            &mut tx,
-            &mut ring,
+        let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
+        loop_back(
+            (&mut tx, &mut rx),
             &mem,
-            RxOffloads::from_features(u64::MAX),
-            &mut TxBatch::default(),
-            &mut PacketBufs::default(),
+            (&mut batch, &mut bufs),
             (&tx_stats, &rx_stats),
-        )
-        .unwrap();
+        );
         assert_eq!(txq.used_idx(), 1);
         assert_eq!(rx_stats.snapshot().drops, 1);
     }
@@ -892,18 +889,13 @@ mod tests {
         rxq.add(rx);
         let (mut tx, mut rx) = (txq.queue(), rxq.queue());
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
-        let mut ring = RxRing::new(&mut rx, mem, true, VIRTIO_NET_HDR_LEN).unwrap();
-        guest_to_guest(
-            &mut tx,
-            &mut ring,
+        let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
+        loop_back(
+            (&mut tx, &mut rx),
             mem,
-            RxOffloads::from_features(u64::MAX),
-            &mut TxBatch::default(),
-            &mut PacketBufs::default(),
+            (&mut batch, &mut bufs),
             (&tx_stats, &rx_stats),
-        )
-        .unwrap();
-        drop(ring);
+        );
         assert_eq!(rx_stats.snapshot().packets, 1);
         assert_eq!(rxq.used(0), (0, (VIRTIO_NET_HDR_LEN + data.len()) as u32));
         assert_eq!(read(mem, data_at, data.len()), data);
@@ -992,7 +984,6 @@ mod tests {
                 ))
             })
             .collect();
-        let offloads = RxOffloads::from_features(u64::MAX);
         let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
         let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
         // Per-batch times: the median is immune to the worker being preempted mid-batch.
@@ -1009,18 +1000,12 @@ mod tests {
                 let mut tx: Queue = txq.create_queue().unwrap();
                 let mut rx: Queue = rxq.create_queue().unwrap();
                 let t = Instant::now();
-                let mut ring = RxRing::new(&mut rx, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
-                let n = guest_to_guest(
-                    &mut tx,
-                    &mut ring,
+                let n = loop_back(
+                    (&mut tx, &mut rx),
                     &mem,
-                    offloads,
-                    &mut batch,
-                    &mut bufs,
+                    (&mut batch, &mut bufs),
                     (&tx_stats, &rx_stats),
-                )
-                .unwrap();
-                drop(ring);
+                );
                 times[usize::from(on)].push(t.elapsed());
                 assert_eq!(n, usize::from(BATCH));
                 assert_eq!(rx.next_used(), BATCH);
