@@ -124,11 +124,9 @@ impl<'a> GuestRings<'a> {
     /// Writes the used entry for used index `idx` (visible with [`GuestRings::publish_used`]).
     #[inline]
     pub fn write_used(&self, idx: u16, head: u32, len: u32) {
-        let slot = usize::from(self.slot(idx));
-        // SAFETY: slot < size inside the mapped, 4-aligned used ring; elements are 8 bytes
-        // at offset 4.
+        let e = self.used_elem(idx);
+        // SAFETY: `used_elem` points at a mapped, 4-aligned 8-byte element: id, then len.
         unsafe {
-            let e = self.used.add(4 + 8 * slot) as *mut u32;
             std::ptr::write_volatile(e, head.to_le());
             std::ptr::write_volatile(e.add(1), len.to_le());
         }
@@ -137,12 +135,17 @@ impl<'a> GuestRings<'a> {
     /// Sets the length of the (not yet published) used entry for used index `idx`.
     #[inline]
     pub fn write_used_len(&self, idx: u16, len: u32) {
-        let slot = usize::from(self.slot(idx));
         // SAFETY: as in `write_used`; the length is the element's second u32.
-        unsafe {
-            let e = self.used.add(4 + 8 * slot) as *mut u32;
-            std::ptr::write_volatile(e.add(1), len.to_le());
-        }
+        unsafe { std::ptr::write_volatile(self.used_elem(idx).add(1), len.to_le()) };
+    }
+
+    /// The used ring element for used index `idx`: its first u32 (the id), 4-aligned.
+    #[inline]
+    fn used_elem(&self, idx: u16) -> *mut u32 {
+        let slot = usize::from(self.slot(idx));
+        // In bounds: slot < size, and elements are 8 bytes at offset 4 of the mapped used
+        // ring of 6 + 8 * size bytes, which `resolve` found 4-aligned.
+        self.used.wrapping_add(4 + 8 * slot).cast::<u32>()
     }
 
     /// Publishes the used entries before `idx` (release) and marks the used ring dirty.
