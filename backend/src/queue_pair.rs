@@ -306,15 +306,15 @@ impl Spin {
         self.current = (self.current / 2).max(MIN_SPIN).min(self.max);
     }
 
-    /// Idle since `idle_since` (set now if `None`): whether to poll on rather than sleep.
-    /// Under load the next packets are microseconds away, and sleeping costs a kick, an epoll
-    /// wake-up and a context switch each time (and makes the frontend kick at all).
-    pub fn keep_polling(&self, idle_since: &mut Option<Instant>) -> bool {
+    /// Idle since `idle_since` (set to `now` if `None`): whether to poll on rather than
+    /// sleep. Under load the next packets are microseconds away, and sleeping costs a kick,
+    /// an epoll wake-up and a context switch each time (and makes the frontend kick at all).
+    /// `now` is the caller's clock reading (the start of the round that found nothing).
+    pub fn keep_polling(&self, idle_since: &mut Option<Instant>, now: Instant) -> bool {
         let budget = self.budget();
         if budget == Duration::ZERO {
             return false;
         }
-        let now = Instant::now();
         let since = *idle_since.get_or_insert(now);
         now.duration_since(since) < budget
     }
@@ -472,7 +472,9 @@ impl QueuePair {
                     self.spin.hit();
                 }
             } else {
-                if self.spin.keep_polling(&mut idle_since) {
+                // The round's start serves as the clock reading: an idle round reads the
+                // clock once, not twice.
+                if self.spin.keep_polling(&mut idle_since, start) {
                     std::hint::spin_loop();
                     continue;
                 }
