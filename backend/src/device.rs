@@ -13,9 +13,12 @@ use std::sync::Arc;
 use log::{debug, info};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_config::{
+    VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+};
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtq::RingKind;
 use vm_memory::{Address, GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -124,6 +127,11 @@ impl NetDevice {
             mergeable: acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             hdr_len: crate::net_hdr::guest_header_len(acked),
             offloads: RxOffloads::from_features(acked),
+            ring: if acked & (1 << VIRTIO_F_RING_PACKED) != 0 {
+                RingKind::Packed
+            } else {
+                RingKind::Split
+            },
         }
     }
 

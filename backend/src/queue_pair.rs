@@ -24,7 +24,7 @@ use crate::tx::{guest_to_guest, guest_to_vf, PacketBufs, TxBatch, TxError};
 use crate::vf::{VfSocket, VfStats};
 use crate::vhost_user_backend_workarounds::UsedIndexKeeper;
 use crate::GuestMemoryMmapB;
-use virtq::needs_notification;
+use virtq::{disable_kicks, enable_kicks, needs_notification, RingKind};
 
 /// Rounds (each at most one TX batch and one RX batch) before yielding to the epoll loop.
 const ROUNDS_PER_RUN: usize = 16;
@@ -54,6 +54,8 @@ pub struct Negotiated {
     /// Guest header length: 12, or 10 for a legacy guest without mergeable buffers.
     pub hdr_len: usize,
     pub offloads: RxOffloads,
+    /// Split or packed (VIRTIO_F_RING_PACKED) virtqueues.
+    pub ring: RingKind,
 }
 
 /// State of one queue pair that outlives frontend connections (the VF socket, counters,
@@ -166,12 +168,20 @@ impl QueueState {
     }
 
     /// Starts a run: decides whether the queue is served, and keeps its used index.
-    fn begin(&mut self, state: &mut RingState) {
+    fn begin(&mut self, state: &mut RingState, kind: RingKind) {
         self.on = !self.broken && state.get_queue().ready() && state.is_enabled();
-        if self.on {
-            self.published_used
-                .restore(state.get_queue_mut(), &self.label);
+        if !self.on {
+            return;
         }
+        let queue = state.get_queue_mut();
+        if self.fresh && kind == RingKind::Packed {
+            // A packed queue starts with its used position where SET_VRING_BASE put the avail
+            // one (nothing is in flight at a start; DPDK reads the base the same way), not
+            // where vhost-user-backend's SET_VRING_ADDR put it: that read the split used
+            // ring's index, which here is our event area's flags.
+            queue.set_next_used(queue.next_avail());
+        }
+        self.published_used.restore(queue, &self.label);
     }
 
     /// Ends a run: remembers the used index it published (see `published_used`).
@@ -183,21 +193,21 @@ impl QueueState {
     /// We poll from here on: asks the guest not to kick us (without event idx this sets
     /// VRING_USED_F_NO_NOTIFY; with it, the avail event simply stays behind). A frontend
     /// that polls its own side then never makes a syscall for us.
-    fn quiet(&self, state: &mut RingState, mem: &GuestMemoryMmapB) {
+    fn quiet(&self, state: &mut RingState, mem: &GuestMemoryMmapB, kind: RingKind) {
         if self.active() && self.waiting {
-            let _ = state.get_queue_mut().disable_notification(mem);
+            let _ = disable_kicks(state.get_queue_mut(), mem, kind);
         }
     }
 
     /// Signals the guest if the round published used entries it wants to hear of, or the
     /// queue is `fresh` (at most one interrupt per queue and round); `used_before` is the
     /// used index before the round.
-    fn notify(&mut self, state: &RingState, mem: &GuestMemoryMmapB, used_before: u16) {
+    fn notify(&mut self, state: &RingState, run: RunInputs, used_before: u16) {
         if !self.on {
             return;
         }
         let fresh = std::mem::take(&mut self.fresh);
-        if fresh || needs_notification(state.get_queue(), mem, used_before) {
+        if fresh || needs_notification(state.get_queue(), run.mem, used_before, run.neg.ring) {
             if let Err(e) = state.signal_used_queue() {
                 warn!("{}: cannot signal the guest: {e}", self.label);
             }
@@ -207,13 +217,14 @@ impl QueueState {
     /// Before sleeping: turns the guest's notifications on if we wait on it; true if work
     /// arrived meanwhile. Also catches a guest that published an impossible available index
     /// (more than a ring's worth ahead of us): that queue is broken until the device is reset.
-    fn arm(&mut self, state: &mut RingState, mem: &GuestMemoryMmapB) -> bool {
+    fn arm(&mut self, state: &mut RingState, mem: &GuestMemoryMmapB, kind: RingKind) -> bool {
         if !self.active() || !self.waiting {
             return false;
         }
         let queue = state.get_queue_mut();
-        match queue.enable_notification(mem) {
+        match enable_kicks(queue, mem, kind) {
             Ok(false) => false,
+            Ok(true) if kind == RingKind::Packed => true,
             Ok(true) => match impossible_avail(queue, mem) {
                 Some(why) => {
                     self.mark_broken(why);
@@ -447,9 +458,9 @@ impl QueuePair {
         self.wake();
         let mut rx_state = rx_vring.get_mut();
         let mut tx_state = tx_vring.get_mut();
-        self.begin(&mut rx_state, &mut tx_state, mem, stats);
-
         let run = RunInputs { mem, neg, stats };
+        self.begin(&mut rx_state, &mut tx_state, run);
+
         let mut rounds = 0usize;
         let mut idle_since: Option<Instant> = None;
         let work_left = loop {
@@ -458,10 +469,10 @@ impl QueuePair {
             let start = Instant::now();
             let (tx_queue, rx_queue) = (tx_state.get_queue_mut(), rx_state.get_queue_mut());
             let mut progress = self.tx_round(tx_queue, rx_queue, run);
-            self.tx.notify(&tx_state, mem, tx_before);
+            self.tx.notify(&tx_state, run, tx_before);
             let tx_done = busy_since(start, progress > 0, &stats.tx);
             progress += self.rx_round(rx_state.get_queue_mut(), run);
-            self.rx.notify(&rx_state, mem, rx_before);
+            self.rx.notify(&rx_state, run, rx_before);
             // Loopback fills the RX queue in its TX round: what it delivered shows as the
             // used index moving, and the signal for it is this half's time.
             let rx_moved = rx_state.get_queue().next_used() != rx_before;
@@ -480,8 +491,8 @@ impl QueuePair {
                 }
                 // Ask to be woken, then look once more to close the race with a guest that
                 // added work just before notifications were turned on.
-                let more_tx = self.tx.arm(&mut tx_state, mem);
-                let more_rx = self.rx.arm(&mut rx_state, mem);
+                let more_tx = self.tx.arm(&mut tx_state, mem, neg.ring);
+                let more_rx = self.rx.arm(&mut rx_state, mem, neg.ring);
                 if !more_tx && !more_rx {
                     break false;
                 }
@@ -516,15 +527,10 @@ impl QueuePair {
 
     /// Decides which queues the run serves, drops what waits for an RX queue that is not
     /// served, and turns the guest's kicks off while we poll.
-    fn begin(
-        &mut self,
-        rx_state: &mut RingState,
-        tx_state: &mut RingState,
-        mem: &GuestMemoryMmapB,
-        stats: &PairStats,
-    ) {
-        self.rx.begin(rx_state);
-        self.tx.begin(tx_state);
+    fn begin(&mut self, rx_state: &mut RingState, tx_state: &mut RingState, run: RunInputs) {
+        let RunInputs { mem, neg, stats } = run;
+        self.rx.begin(rx_state, neg.ring);
+        self.tx.begin(tx_state, neg.ring);
         log::trace!(
             "port {} pair {}: run (rx {}, tx {})",
             self.port,
@@ -539,8 +545,8 @@ impl QueuePair {
                 stats.rx.add_drops(DropReason::QueueOff, dropped as u64);
             }
         }
-        self.tx.quiet(tx_state, mem);
-        self.rx.quiet(rx_state, mem);
+        self.tx.quiet(tx_state, mem, neg.ring);
+        self.rx.quiet(rx_state, mem, neg.ring);
     }
 
     /// One TX batch from the guest to where the link takes it; returns the chains consumed.
@@ -549,6 +555,7 @@ impl QueuePair {
             return 0;
         }
         let RunInputs { mem, neg, stats } = run;
+        self.batch.set_ring_kind(neg.ring);
         let result = match &mut self.link {
             Link::Vf(_) if self.vf_gone => self.batch.discard(
                 tx_queue,
@@ -584,7 +591,7 @@ impl QueuePair {
     ) -> Result<usize, TxError> {
         let RunInputs { mem, neg, stats } = run;
         if self.rx.active() {
-            match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
+            match RxRing::new(rx_queue, mem, neg.ring, neg.mergeable, neg.hdr_len) {
                 Ok(mut ring) => {
                     return guest_to_guest(
                         tx_queue,
@@ -621,7 +628,7 @@ impl QueuePair {
         let Link::Vf(vf) = &mut self.link else {
             return 0;
         };
-        match RxRing::new(rx_queue, mem, neg.mergeable, neg.hdr_len) {
+        match RxRing::new(rx_queue, mem, neg.ring, neg.mergeable, neg.hdr_len) {
             Ok(mut ring) => {
                 let (n, stop) = vf_to_guest(
                     vf,

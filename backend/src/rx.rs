@@ -20,7 +20,7 @@ use crate::net_hdr::{VirtioNetHdr, VnetHdr, VIRTIO_NET_HDR_LEN};
 use crate::offload::{adapt_for_guest, RxOffloads};
 use crate::stats::{DropReason, QueueStats};
 use crate::vf::VfSocket;
-use virtq::{GuestSlice, SplitRing};
+use virtq::{GuestSlice, Head, Ring, RingKind};
 
 /// Why a packet could not be placed in guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ impl Delivery {
 /// used-index update per batch, and nothing allocated (a packet that cannot be placed takes
 /// its entries back before they are published).
 pub struct RxRing<'a, M: GuestMemoryBackend> {
-    ring: SplitRing<'a, M>,
+    ring: Ring<'a, M>,
     /// VIRTIO_NET_F_MRG_RXBUF: a packet may span several buffers (chains).
     mergeable: bool,
     /// Guest header length: 12 with VERSION_1 or MRG_RXBUF, 10 for a legacy guest without.
@@ -94,11 +94,12 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
     pub fn new(
         queue: &'a mut Queue,
         mem: &'a M,
+        kind: RingKind,
         mergeable: bool,
         hdr_len: usize,
     ) -> Result<Self, RxError> {
         Ok(RxRing {
-            ring: SplitRing::new(queue, mem)?,
+            ring: Ring::new(queue, mem, kind)?,
             mergeable,
             hdr_len: hdr_len.clamp(crate::net_hdr::VNET_HDR_LEN, VIRTIO_NET_HDR_LEN),
             prefetched: 0,
@@ -148,13 +149,13 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         self.prefetched -= 1;
         let first_used = self.ring.next_used();
         let mut buffers = 0u16;
-        let mut first_head = 0u16;
+        let mut first_head = Head::split(0);
         let mut written = 0usize;
         // Guest addresses of the two bytes of `num_buffers`, known once the header is placed.
         let mut num_buffers_at: [Option<u64>; 2] = [None, None];
 
         while written < total {
-            let head_index = match self.ring.pop() {
+            let chain_head = match self.ring.pop() {
                 Ok(Some(head)) => head,
                 Ok(None) => {
                     // Not enough buffers for the whole packet: put back what we took.
@@ -167,26 +168,26 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                     return Err(e.into());
                 }
             };
-            if head_index >= self.ring.size() {
+            if !self.ring.returnable(chain_head) {
                 // Names no chain: publishing it would make the guest (Linux) mark the queue
                 // broken. As on TX, its avail entry stays consumed and it is never returned.
                 self.ring.empty_used_since(first_used);
                 return Err(RxError::HeadOutOfRange {
-                    head: head_index,
+                    head: chain_head.index,
                     size: self.ring.size(),
                 });
             }
-            match self.fill_chain(head_index, &head, segs, written, total, &mut num_buffers_at) {
+            match self.fill_chain(chain_head, &head, segs, written, total, &mut num_buffers_at) {
                 Ok(n) => {
                     if buffers == 0 {
-                        first_head = head_index;
+                        first_head = chain_head;
                     }
                     written += n;
                     buffers += 1;
-                    self.ring.add_used(head_index, n as u32);
+                    self.ring.add_used(chain_head, n as u32);
                 }
                 Err(e) => {
-                    self.ring.add_used(head_index, 0);
+                    self.ring.add_used(chain_head, 0);
                     self.ring.empty_used_since(first_used);
                     return Err(e);
                 }
@@ -206,12 +207,12 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             let bytes = buffers.to_le_bytes();
             for (addr, byte) in num_buffers_at.iter().zip(bytes) {
                 let Some(addr) = *addr else { continue };
-                if let Err(source) = self.ring.map.write(addr, &[byte]) {
+                if let Err(source) = self.ring.map().write(addr, &[byte]) {
                     // Cannot happen (the byte is in a buffer written a moment ago), but
                     // if it did the chains would go back with a wrong count: empty instead.
                     self.ring.empty_used_since(first_used);
                     return Err(RxError::BadAddress {
-                        head: first_head,
+                        head: first_head.index,
                         addr,
                         len: 1,
                         source,
@@ -226,7 +227,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
     /// returns how many bytes went in.
     fn fill_chain(
         &self,
-        head_index: u16,
+        chain_head: Head,
         head: &VirtioNetHdr,
         segs: &[GuestSlice<'_>],
         mut written: usize,
@@ -237,7 +238,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
         let hdr_bytes = &head.as_slice()[..hdr_len];
         let first = written;
         let mut room = 0usize;
-        let mut chain = self.ring.chain(head_index);
+        let mut chain = self.ring.chain(chain_head);
         // Where the data copy stands: segment index and offset into it, for `written`.
         let (mut seg, mut seg_off) = (0usize, 0usize);
         let mut skip = written.saturating_sub(hdr_len);
@@ -254,12 +255,14 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             .ring
             .next_desc(&mut chain)
             .map_err(|source| RxError::Chain {
-                head: head_index,
+                head: chain_head.index,
                 source,
             })?
         {
             if !desc.is_write_only() {
-                return Err(RxError::ReadOnlyDescriptor { head: head_index });
+                return Err(RxError::ReadOnlyDescriptor {
+                    head: chain_head.index,
+                });
             }
             let len = desc.len as usize;
             room += len;
@@ -267,7 +270,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             if written == 0 && n == total {
                 // The usual case: the whole packet fits the first buffer, which lies in one
                 // memory region. Header and data go straight in, marked dirty once.
-                if let Some(p) = self.ring.map.host(desc.addr, total) {
+                if let Some(p) = self.ring.map().host(desc.addr, total) {
                     // SAFETY: `host` checked that `total` bytes from `p` are inside a live
                     // mapping; sources are our header and the caller's slices, whose lengths
                     // add up to `total`. The slices may be guest memory overlapping the
@@ -286,9 +289,9 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                     // TEST ONLY (`test-no-rx-log`): the packet data goes unlogged, so the
                     // migration harness can prove it notices; the header still logs.
                     #[cfg(not(feature = "test-no-rx-log"))]
-                    self.ring.map.mark_dirty(desc.addr, total);
+                    self.ring.map().mark_dirty(desc.addr, total);
                     #[cfg(feature = "test-no-rx-log")]
-                    self.ring.map.mark_dirty(desc.addr, hdr_len);
+                    self.ring.map().mark_dirty(desc.addr, hdr_len);
                     if hdr_len == VIRTIO_NET_HDR_LEN {
                         let at = desc.addr.wrapping_add(VIRTIO_NET_HDR_LEN as u64 - 2);
                         *num_buffers_at = [Some(at), Some(at.wrapping_add(1))];
@@ -322,9 +325,9 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                     src
                 };
                 // Buffers outside memory get vm-memory's error.
-                let fast = self.ring.map.write_unmarked(dst, src).map_err(|source| {
+                let fast = self.ring.map().write_unmarked(dst, src).map_err(|source| {
                     RxError::BadAddress {
-                        head: head_index,
+                        head: chain_head.index,
                         addr: desc.addr,
                         len,
                         source,
@@ -333,7 +336,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
                 if cfg!(feature = "test-no-rx-log") {
                     // TEST ONLY: packet data is left unmarked, the header is marked.
                     if fast && pos < hdr_len {
-                        self.ring.map.mark_dirty(dst, src.len());
+                        self.ring.map().mark_dirty(dst, src.len());
                     }
                 } else {
                     unmarked |= fast;
@@ -343,7 +346,7 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             if unmarked {
                 // What we wrote to this buffer, marked dirty for migration at once (vm-memory
                 // marks its own writes).
-                self.ring.map.mark_dirty(desc.addr, n);
+                self.ring.map().mark_dirty(desc.addr, n);
             }
             written += n;
             if written == total {
@@ -351,7 +354,9 @@ impl<'a, M: GuestMemoryBackend> RxRing<'a, M> {
             }
         }
         if room == 0 {
-            return Err(RxError::EmptyChain { head: head_index });
+            return Err(RxError::EmptyChain {
+                head: chain_head.index,
+            });
         }
         Ok(written - first)
     }
@@ -505,7 +510,8 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 2048)]);
         let mut q = gq.queue();
         let pkt = pattern(100, 1);
-        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, false, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -526,7 +532,7 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 2048)]);
         let mut q = gq.queue();
         let pkt = pattern(64, 4);
-        let mut ring = RxRing::new(&mut q, &mem, false, 10).unwrap();
+        let mut ring = RxRing::new(&mut q, &mem, RingKind::Split, false, 10).unwrap();
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -550,7 +556,8 @@ mod tests {
         ]);
         let mut q = gq.queue();
         let pkt = pattern(300, 2);
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&gso_hdr(), &pkt).unwrap(),
             Delivery::Delivered(1)
@@ -575,7 +582,8 @@ mod tests {
         }
         let mut q = gq.queue();
         let pkt = pattern(2500, 3);
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pkt).unwrap(),
             Delivery::Delivered(3)
@@ -608,7 +616,8 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 11), wbuf(BUFFERS + 0x100, 50)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(100, 0)).unwrap(),
             Delivery::Delivered(2)
@@ -624,7 +633,8 @@ mod tests {
         gq.add(&[wbuf(BUFFERS, 100)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 100)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(500, 0)).unwrap(),
             Delivery::NoBuffers
@@ -633,7 +643,8 @@ mod tests {
         assert_eq!(q.next_avail(), 0);
         assert_eq!(gq.used_idx(), 0);
         // A packet that fits still goes through afterwards.
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pattern(50, 0)).unwrap(),
             Delivery::Delivered(1)
@@ -645,7 +656,8 @@ mod tests {
         let mem = memory();
         let gq = GuestQueue::new(&mem, 0, 16);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &[1, 2, 3]).unwrap(),
             Delivery::NoBuffers
@@ -658,7 +670,8 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add(&[wbuf(BUFFERS, 1526)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, false, VIRTIO_NET_HDR_LEN).unwrap();
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(4000, 0))
             .unwrap_err();
@@ -684,7 +697,8 @@ mod tests {
         gq.add(&[rbuf(BUFFERS, 2048)]);
         gq.add(&[wbuf(BUFFERS + 0x1000, 2048)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(60, 0))
             .unwrap_err();
@@ -707,7 +721,8 @@ mod tests {
         gq.add(&[wbuf((16 << 20) - 8, 2048)]);
         gq.add(&[wbuf(u64::MAX - 16, 2048)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         for head in 0..2u16 {
             let err = ring
                 .deliver(&VnetHdr::default(), &pattern(60, 0))
@@ -735,7 +750,8 @@ mod tests {
         gq.add_raw_head(999);
         let good = gq.add(&[wbuf(BUFFERS + 0x1000, 2048)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         let hdr = VnetHdr::default();
         // Head 16 alone: the packet is dropped, nothing is used.
         let err = ring.deliver(&hdr, &[1, 2, 3]).unwrap_err();
@@ -767,7 +783,8 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add(&[wbuf(BUFFERS, 0)]);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(60, 0))
             .unwrap_err();
@@ -781,7 +798,8 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add_loop(wbuf(BUFFERS, 64));
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, false, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, false, VIRTIO_NET_HDR_LEN).unwrap();
         // The chain is cut after a ring's worth of descriptors: 16 * 64 bytes of room.
         let err = ring
             .deliver(&VnetHdr::default(), &pattern(9000, 0))
@@ -795,7 +813,8 @@ mod tests {
         let mut gq = GuestQueue::new(&mem, 0, 16);
         gq.add_indirect(&[wbuf(BUFFERS, 12), wbuf(BUFFERS + 0x100, 100)], 0x30_0000);
         let mut q = gq.queue();
-        let mut ring = RxRing::new(&mut q, &mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring =
+            RxRing::new(&mut q, &mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         let pkt = pattern(80, 9);
         assert_eq!(
             ring.deliver(&VnetHdr::default(), &pkt).unwrap(),

@@ -32,7 +32,7 @@ use crate::offload::RxOffloads;
 use crate::rx::{deliver_adapted, deliver_counted, Delivery, RxRing};
 use crate::stats::{DropReason, QueueStats};
 use crate::vf::{TxProgress, VfSocket};
-use virtq::{prefetch, GuestSlice, SplitRing};
+use virtq::{prefetch, GuestSlice, Head, Ring, RingKind};
 
 /// Chains handled per batch: one `sendmmsg`, one notification.
 pub const TX_BATCH: usize = 64;
@@ -73,14 +73,17 @@ pub struct TxBatch {
     /// The offload header of each packet; iovecs point into this, so it never reallocates.
     hdrs: Box<[VnetHdr; TX_BATCH]>,
     /// Chain heads to return, with whether each was sent or refused.
-    heads: Vec<u16>,
+    heads: Vec<Head>,
+    /// The ring position each popped chain was popped at, in ring order: where a cut-short
+    /// batch rewinds to (a packed chain takes as many slots as it has descriptors).
+    popped_at: Vec<u16>,
     /// Payload bytes per packet (without header), for the counters.
     lens: Vec<usize>,
     /// Refused chains, in ring order: how many good packets were gathered before each, and
     /// its head (`None` for a head past the descriptor table, which cannot be returned).
     /// They go back with the packets around them, so that a batch cut short by a full VF
     /// returns exactly the chains before the first unsent packet.
-    refused: Vec<(usize, Option<u16>)>,
+    refused: Vec<(usize, Option<Head>)>,
     /// Chains popped by the last gather.
     popped: usize,
     /// Refused chains a cut-short batch put back: already counted, so the next gather does
@@ -88,6 +91,9 @@ pub struct TxBatch {
     recounted: usize,
     /// Since when the VF has taken nothing (its send queue full), if it is so now.
     stalled_since: Option<Instant>,
+    /// The layout of the queue batches are gathered from (what the connection negotiated;
+    /// see [`TxBatch::set_ring_kind`]).
+    kind: RingKind,
 }
 
 // SAFETY: the raw pointers in `iovs` point into guest memory mappings or into `hdrs`; they are
@@ -103,11 +109,13 @@ impl Default for TxBatch {
             pkts: Vec::with_capacity(TX_BATCH),
             hdrs: Box::new([VnetHdr::default(); TX_BATCH]),
             heads: Vec::with_capacity(TX_BATCH),
+            popped_at: Vec::with_capacity(TX_BATCH + 1),
             lens: Vec::with_capacity(TX_BATCH),
             refused: Vec::with_capacity(TX_BATCH),
             popped: 0,
             recounted: 0,
             stalled_since: None,
+            kind: RingKind::Split,
         }
     }
 }
@@ -117,8 +125,15 @@ impl TxBatch {
         self.iovs.clear();
         self.pkts.clear();
         self.heads.clear();
+        self.popped_at.clear();
         self.lens.clear();
         self.refused.clear();
+    }
+
+    /// The layout of the queue the next batches come from. Set before every round: a batch
+    /// is gathered and completed within one.
+    pub fn set_ring_kind(&mut self, kind: RingKind) {
+        self.kind = kind;
     }
 
     /// Forgets a stall and put-back chains: the queue stopped or restarts afresh.
@@ -140,9 +155,10 @@ impl TxBatch {
     ) -> Result<usize, TxError> {
         let hdr_len = hdr_len.clamp(VNET_HDR_LEN, VIRTIO_NET_HDR_LEN);
         self.clear();
-        let mut ring = SplitRing::new(queue, mem)?;
+        let mut ring = Ring::new(queue, mem, self.kind)?;
         let mut popped = 0;
         while popped < TX_BATCH {
+            self.popped_at.push(ring.next_avail());
             let Some(head) = ring.pop()? else {
                 break;
             };
@@ -162,7 +178,7 @@ impl TxBatch {
                     } else {
                         stats.add_errors(1);
                     }
-                    let back = (head < ring.size()).then_some(head);
+                    let back = ring.returnable(head).then_some(head);
                     self.refused.push((self.pkts.len(), back));
                     if back.is_some() {
                         crate::warn_limited!("{e}");
@@ -170,7 +186,8 @@ impl TxBatch {
                         // Not a chain the guest can get back: returning it would only corrupt
                         // its bookkeeping.
                         crate::warn_limited!(
-                            "tx queue: avail ring names head {head}, past the {}-entry descriptor table; skipped",
+                            "tx queue: avail ring names head {}, past the {}-entry descriptor table; skipped",
+                            head.index,
                             ring.size()
                         );
                     }
@@ -199,7 +216,7 @@ impl TxBatch {
         mem: &M,
         sent: usize,
     ) -> Result<usize, TxError> {
-        let mut ring = SplitRing::new(queue, mem)?;
+        let mut ring = Ring::new(queue, mem, self.kind)?;
         let mut refused = self.refused.iter().peekable();
         let mut chains = 0;
         for i in 0..=sent {
@@ -227,8 +244,7 @@ impl TxBatch {
         sent: usize,
     ) -> Result<usize, TxError> {
         let done = self.complete_first(queue, mem, sent)?;
-        let back = self.popped - done;
-        queue.set_next_avail(queue.next_avail().wrapping_sub(back as u16));
+        queue.set_next_avail(self.popped_at[done]);
         self.recounted = self.refused.iter().filter(|&&(b, _)| b > sent).count();
         Ok(done)
     }
@@ -271,12 +287,13 @@ impl TxBatch {
 /// guest's is 12 bytes and may be split across buffers), then the packet in guest memory.
 /// Returns the packet length without header.
 fn gather_chain<M: GuestMemoryBackend>(
-    ring: &SplitRing<'_, M>,
-    head: u16,
+    ring: &Ring<'_, M>,
+    chain_head: Head,
     guest_hdr_len: usize,
     hdr: &mut VnetHdr,
     iovs: &mut Vec<libc::iovec>,
 ) -> Result<usize, TxError> {
+    let head = chain_head.index;
     let first_iov = iovs.len();
     let mut raw_hdr = [0u8; VIRTIO_NET_HDR_LEN];
     let mut hdr_len = 0usize;
@@ -291,7 +308,7 @@ fn gather_chain<M: GuestMemoryBackend>(
         len,
         source,
     };
-    let mut chain = ring.chain(head);
+    let mut chain = ring.chain(chain_head);
     while let Some(desc) = ring
         .next_desc(&mut chain)
         .map_err(|source| TxError::Chain { head, source })?
@@ -303,7 +320,7 @@ fn gather_chain<M: GuestMemoryBackend>(
         let mut len = desc.len as usize;
         if hdr_len < guest_hdr_len {
             let n = len.min(guest_hdr_len - hdr_len);
-            ring.map
+            ring.map()
                 .read(addr, &mut raw_hdr[hdr_len..hdr_len + n])
                 .map_err(|e| bad(addr, n, e))?;
             hdr_len += n;
@@ -328,7 +345,7 @@ fn gather_chain<M: GuestMemoryBackend>(
         }
         // Almost every buffer lies inside one memory region: one cached lookup, one iovec.
         // Only a buffer straddling two regions (or outside memory) takes vm-memory's path.
-        if let Some(p) = ring.map.host(addr, len) {
+        if let Some(p) = ring.map().host(addr, len) {
             // The copy (loopback) or the kernel (VF) reads it after the whole batch is
             // gathered: start fetching the guest's bytes now.
             prefetch(p);
@@ -338,7 +355,7 @@ fn gather_chain<M: GuestMemoryBackend>(
             });
             continue;
         }
-        let mem = ring.map.mem();
+        let mem = ring.map().mem();
         for slice in mem.get_slices(GuestAddress(addr), len) {
             let slice = slice.map_err(|e| bad(addr, len, e))?;
             if iovs.len() - first_iov > MAX_TX_SEGMENTS {
@@ -504,7 +521,7 @@ mod tests {
         (batch, bufs): (&mut TxBatch, &mut PacketBufs),
         stats: (&QueueStats, &QueueStats),
     ) -> usize {
-        let mut ring = RxRing::new(rx, mem, true, VIRTIO_NET_HDR_LEN).unwrap();
+        let mut ring = RxRing::new(rx, mem, RingKind::Split, true, VIRTIO_NET_HDR_LEN).unwrap();
         let offloads = RxOffloads::from_features(u64::MAX);
         guest_to_guest(tx, &mut ring, mem, offloads, batch, bufs, stats).unwrap()
     }
@@ -856,6 +873,68 @@ mod tests {
         }
         assert_eq!(rxq.used_idx(), 3 * 19);
         assert_eq!(rx_stats.snapshot().packets, 3 * 17);
+        assert_eq!(rx_stats.snapshot().drops, 0);
+    }
+
+    /// Packed rings both ways, over several laps of 8-entry rings: every packet comes back
+    /// whole (one spread over three RX buffers, with num_buffers 3), the used descriptors
+    /// carry the guest's buffer ids, and once the thread's pending list has grown a batch
+    /// allocates nothing.
+    #[test]
+    fn loopback_over_packed_rings_wraps_and_allocates_nothing() {
+        let mem = memory();
+        let mut txq = PackedGuestQueue::new(&mem, 0, 8);
+        let mut rxq = PackedGuestQueue::new(&mem, 0x10_0000, 8);
+        let mut batch = TxBatch::default();
+        batch.set_ring_kind(RingKind::Packed);
+        let mut bufs = PacketBufs::default();
+        let (tx_stats, rx_stats) = (QueueStats::default(), QueueStats::default());
+        let (mut tx, mut rx) = (txq.queue(), rxq.queue());
+        let small = pattern(60, 1);
+        let big = pattern(1400, 2);
+        put_hdr(&mem, BUFFERS, VnetHdr::default());
+        put(&mem, BUFFERS + 12, &small);
+        put_hdr(&mem, BUFFERS + 0x1000, VnetHdr::default());
+        put(&mem, BUFFERS + 0x2000, &big);
+        for round in 0..5u64 {
+            // A one-descriptor packet and a two-descriptor one (header apart).
+            let t1 = txq.add(&[rbuf(BUFFERS, 72)]);
+            let t2 = txq.add(&[rbuf(BUFFERS + 0x1000, 12), rbuf(BUFFERS + 0x2000, 1400)]);
+            let r1 = rxq.add(&[wbuf(0x80_0000, 2048)]);
+            let big_rx: Vec<u16> = (0..3)
+                .map(|i| rxq.add(&[wbuf(0x90_0000 + i * 0x1000, 500)]))
+                .collect();
+            let (n, allocations) = crate::alloc_count::allocations_in(|| {
+                let mut ring = RxRing::new(&mut rx, &mem, RingKind::Packed, true, 12).unwrap();
+                let offloads = RxOffloads::from_features(u64::MAX);
+                let stats = (&tx_stats, &rx_stats);
+                guest_to_guest(
+                    &mut tx, &mut ring, &mem, offloads, &mut batch, &mut bufs, stats,
+                )
+                .unwrap()
+            });
+            assert_eq!(n, 2, "round {round}");
+            if round > 0 {
+                assert_eq!(allocations, 0, "round {round}");
+            }
+            assert_eq!(txq.take_used(), Some((t1, 0)));
+            assert_eq!(txq.take_used(), Some((t2, 0)));
+            assert_eq!(txq.take_used(), None);
+            assert_eq!(rxq.take_used(), Some((r1, 72)));
+            for (i, id) in big_rx.iter().enumerate() {
+                let len = if i < 2 { 500 } else { 1412 - 1000 };
+                assert_eq!(rxq.take_used(), Some((*id, len)), "round {round}");
+            }
+            assert_eq!(rxq.take_used(), None);
+            assert_eq!(read(&mem, 0x80_0000 + 12, 60), small);
+            let num_buffers: u16 = mem.read_obj(GuestAddress(0x90_0000 + 10)).unwrap();
+            assert_eq!(num_buffers, 3);
+            let mut got = read(&mem, 0x90_0000 + 12, 488);
+            got.extend(read(&mem, 0x90_1000, 500));
+            got.extend(read(&mem, 0x90_2000, 412));
+            assert_eq!(got, big, "round {round}");
+        }
+        assert_eq!(rx_stats.snapshot().packets, 10);
         assert_eq!(rx_stats.snapshot().drops, 0);
     }
 

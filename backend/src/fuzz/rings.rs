@@ -10,6 +10,7 @@
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use virtq::fuzz::{changed, Snap};
+use virtq::RingKind;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{campaign, Guarded, Rng};
@@ -425,7 +426,7 @@ fn rx_input(rng: &mut Rng, mergeable: bool) -> Result<(), String> {
     };
     let offloads = RxOffloads::from_features(rng.u64());
     let (stats, mut scratch) = (QueueStats::default(), Vec::new());
-    if let Ok(mut ring) = RxRing::new(&mut q, &g.mem, mergeable, hdr_len) {
+    if let Ok(mut ring) = RxRing::new(&mut q, &g.mem, RingKind::Split, mergeable, hdr_len) {
         for _ in 0..rng.range(1, 6) {
             let (hdr, pkt) = (random_hdr(rng), random_packet(rng));
             if rng.chance(30) {
@@ -513,7 +514,13 @@ fn loopback_input(rng: &mut Rng) -> Result<(), String> {
     let offloads = RxOffloads::from_features(rng.u64());
     let (ts, rs) = (QueueStats::default(), QueueStats::default());
     let (mut batch, mut bufs) = (TxBatch::default(), PacketBufs::default());
-    if let Ok(mut ring) = RxRing::new(&mut rq, &g.mem, rng.chance(50), VIRTIO_NET_HDR_LEN) {
+    if let Ok(mut ring) = RxRing::new(
+        &mut rq,
+        &g.mem,
+        RingKind::Split,
+        rng.chance(50),
+        VIRTIO_NET_HDR_LEN,
+    ) {
         for _ in 0..2 {
             let r = guest_to_guest(
                 &mut tq,

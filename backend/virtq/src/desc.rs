@@ -6,6 +6,11 @@
 //! indirect table is a whole number of descriptors, at most 65535 (a `next` is a u16), inside
 //! one region, and not below the end of the address space; indirect tables do not nest; and a
 //! chain is cut after as many descriptors as its table holds (more must revisit one: a loop).
+//!
+//! Packed rings ([`crate::PackedRing`]) walk the same way with the packed layout: a chain is
+//! `count` consecutive ring slots (wrapping), counted once when it was popped, and an
+//! indirect table is read from its first descriptor to its last (the packed format has no
+//! `next`).
 
 use std::marker::PhantomData;
 
@@ -17,13 +22,23 @@ use crate::{GuestMap, RingError};
 /// Bytes of one split-ring descriptor.
 const DESC_SIZE: u32 = 16;
 
-/// One split-ring descriptor.
+/// One descriptor, split or packed.
 #[derive(Clone, Copy, Debug)]
 pub struct Desc {
     pub addr: u64,
     pub len: u32,
     pub flags: u16,
+    /// Split: the next descriptor's index. Packed: the buffer id.
     next: u16,
+}
+
+/// How a table's 16-byte descriptors are laid out and chained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// addr, len, flags, next: chained by `next`.
+    Split,
+    /// addr, len, id, flags: chained by position.
+    Packed,
 }
 
 impl Desc {
@@ -44,13 +59,18 @@ impl Desc {
 
     /// Decodes the 16 little-endian bytes of a descriptor.
     #[inline]
-    fn from_le_bytes(raw: [u8; 16]) -> Desc {
-        let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
+    fn from_le_bytes(raw: [u8; 16], layout: Layout) -> Desc {
+        let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, x0, x1, y0, y1] = raw;
+        let (x, y) = (u16::from_le_bytes([x0, x1]), u16::from_le_bytes([y0, y1]));
+        let (flags, next) = match layout {
+            Layout::Split => (x, y),
+            Layout::Packed => (y, x),
+        };
         Desc {
             addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
             len: u32::from_le_bytes([l0, l1, l2, l3]),
-            flags: u16::from_le_bytes([f0, f1]),
-            next: u16::from_le_bytes([n0, n1]),
+            flags,
+            next,
         }
     }
 }
@@ -61,15 +81,27 @@ pub struct DescTable<'a> {
     ptr: *const u8,
     /// Descriptors in it.
     len: u16,
+    layout: Layout,
     _mem: PhantomData<&'a [u8]>,
 }
 
 impl<'a> DescTable<'a> {
-    /// The table of `len` descriptors at guest `addr`, which must lie inside one region.
+    /// The split table of `len` descriptors at guest `addr`, which must lie inside one
+    /// region.
     pub fn resolve<M: GuestMemoryBackend>(
         map: &GuestMap<'a, M>,
         addr: u64,
         len: u16,
+    ) -> Result<Self, RingError> {
+        Self::resolve_as(map, addr, len, Layout::Split)
+    }
+
+    /// [`DescTable::resolve`] for a table of `layout`.
+    pub fn resolve_as<M: GuestMemoryBackend>(
+        map: &GuestMap<'a, M>,
+        addr: u64,
+        len: u16,
+        layout: Layout,
     ) -> Result<Self, RingError> {
         let bytes = 16 * usize::from(len);
         let ptr = map.host(addr, bytes).ok_or(RingError::Unmapped {
@@ -80,6 +112,7 @@ impl<'a> DescTable<'a> {
         Ok(DescTable {
             ptr,
             len,
+            layout,
             _mem: PhantomData,
         })
     }
@@ -101,11 +134,12 @@ impl<'a> DescTable<'a> {
         let raw: [u8; 16] = unsafe {
             std::ptr::read_unaligned(self.ptr.add(16 * usize::from(index)) as *const [u8; 16])
         };
-        Some(Desc::from_le_bytes(raw))
+        Some(Desc::from_le_bytes(raw, self.layout))
     }
 
     /// The indirect table descriptor `d` points at, if it is a valid one.
     fn indirect<M: GuestMemoryBackend>(
+        &self,
         map: &GuestMap<'a, M>,
         d: &Desc,
     ) -> Result<Self, &'static str> {
@@ -117,7 +151,8 @@ impl<'a> DescTable<'a> {
         if d.addr.checked_add(u64::from(d.len)).is_none() {
             return Err("indirect table runs past the end of the address space");
         }
-        Self::resolve(map, d.addr, len).map_err(|_| "not inside one guest memory region")
+        Self::resolve_as(map, d.addr, len, self.layout)
+            .map_err(|_| "not inside one guest memory region")
     }
 }
 
@@ -147,6 +182,22 @@ impl<'a> Chain<'a> {
         }
     }
 
+    /// Starts walking the packed chain of `count` descriptors from ring slot `slot` of the
+    /// packed ring's `table` (`count` as [`crate::PackedRing::pop`] found it: the walk never
+    /// goes further, whatever the guest rewrites meanwhile).
+    #[inline]
+    pub fn new_packed(table: DescTable<'a>, slot: u16, count: u16) -> Self {
+        debug_assert_eq!(table.layout, Layout::Packed);
+        Chain {
+            head: slot,
+            table,
+            next: Some(slot),
+            ttl: count.min(table.len),
+            indirect: false,
+            cut: false,
+        }
+    }
+
     /// The walk ended because the chain had more descriptors than its table: it loops.
     pub fn was_cut(&self) -> bool {
         self.cut
@@ -168,11 +219,20 @@ impl<'a> Chain<'a> {
                 size: self.table.len,
             })?;
             self.ttl = self.ttl.saturating_sub(1);
-            self.cut = d.has_next() && self.ttl == 0;
-            self.next = if d.has_next() && self.ttl > 0 {
-                Some(d.next)
-            } else {
-                None
+            self.next = match self.table.layout {
+                Layout::Split => {
+                    self.cut = d.has_next() && self.ttl == 0;
+                    (d.has_next() && self.ttl > 0).then_some(d.next)
+                }
+                // The ring wraps; an indirect table is read whole (its `ttl` is its length).
+                Layout::Packed => (self.ttl > 0).then(|| {
+                    let n = index + 1;
+                    if n == self.table.len {
+                        0
+                    } else {
+                        n
+                    }
+                }),
             };
             if !d.is_indirect() {
                 return Ok(Some(d));
@@ -196,7 +256,7 @@ impl<'a> Chain<'a> {
         if self.indirect {
             return Err(bad("nested indirect table"));
         }
-        self.table = DescTable::indirect(map, d).map_err(bad)?;
+        self.table = self.table.indirect(map, d).map_err(bad)?;
         self.ttl = self.table.len;
         self.next = Some(0);
         self.indirect = true;

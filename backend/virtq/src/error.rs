@@ -8,6 +8,16 @@ pub enum RingError {
     /// Split rings are a power of two long (virtio 1.2, 2.7): the index arithmetic masks.
     #[error("split ring of {0} entries: not a power of two")]
     SizeNotPowerOfTwo(u16),
+    /// A packed ring's positions keep their wrap counter in bit 15.
+    #[error("packed ring of {0} entries: more than 32768")]
+    PackedTooBig(u16),
+    #[error("packed ring position {pos:#x} is past its {size}-entry ring")]
+    PackedPosition { pos: u16, size: u16 },
+    #[error("packed chain at slot {slot} never ends (NEXT on every descriptor of the ring)")]
+    PackedChainEndless { slot: u16 },
+    /// virtio-queue could not reach a split ring's notification fields.
+    #[error("ring notification fields: {0}")]
+    Notification(String),
     #[error("{what} at {addr:#x}+{len} is not inside one guest memory region")]
     Unmapped {
         what: &'static str,

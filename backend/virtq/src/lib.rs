@@ -1,7 +1,8 @@
-//! The guest's split virtqueue, read and written the fast way: one implementation for the
-//! relay's queue pairs (vhost-relay's `rx`/`tx`, through [`SplitRing`]) and for vDPA's shadow
-//! relay (vdpa's `shadow`, through [`GuestRings`], [`Chain`] and [`GuestMap`] directly, as it
-//! has ring addresses and a size but no virtio-queue `Queue`).
+//! The guest's virtqueues, read and written the fast way: one implementation for the relay's
+//! queue pairs (vhost-relay's `rx`/`tx`, through [`Ring`]: a [`SplitRing`] or a
+//! [`PackedRing`]) and for vDPA's shadow relay (vdpa's `shadow`, split only, through
+//! [`GuestRings`], [`Chain`] and [`GuestMap`] directly, as it has ring addresses and a size
+//! but no virtio-queue `Queue`).
 //!
 //! virtio-queue's `Queue` is the reference implementation and stays the owner of a relay
 //! queue's state (addresses, size, `next_avail`/`next_used`, notification setup), but its
@@ -45,13 +46,19 @@ mod guest_slice;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 mod notify;
+mod packed;
+mod ring;
 mod split;
 pub mod volatile;
 
-pub use desc::{Chain, Desc, DescTable};
+pub use desc::{Chain, Desc, DescTable, Layout};
 pub use error::RingError;
 pub use guest_map::GuestMap;
 pub use guest_slice::GuestSlice;
-pub use notify::{need_event, needs_notification, suppression_addr, wants_interrupt};
+pub use notify::{
+    disable_kicks, enable_kicks, need_event, needs_notification, suppression_addr, wants_interrupt,
+};
+pub use packed::{PackedEvents, PackedRing, Pos};
+pub use ring::{Head, Ring, RingKind};
 pub use split::{GuestRings, RingAddr, SplitRing};
 pub use volatile::prefetch;

@@ -1,6 +1,8 @@
 //! Whether the guest wants an interrupt: the event-idx test of the virtio spec, or the
 //! `VRING_AVAIL_F_NO_INTERRUPT` flag without event idx. One decision for the relay's queues
 //! ([`needs_notification`]) and the shadow relay (its [`crate::GuestRings`] reads the field).
+//! And whether the guest should kick us ([`enable_kicks`], [`disable_kicks`]). Packed
+//! queues keep both in their event suppression areas ([`crate::PackedEvents`]).
 
 use std::sync::atomic::{fence, Ordering};
 
@@ -8,7 +10,7 @@ use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryBackend;
 
-use crate::GuestMap;
+use crate::{GuestMap, PackedEvents, Pos, RingError, RingKind};
 
 /// `vring_need_event` of the virtio spec: whether moving an index from `old` to `new` passes
 /// the other side's `event` index.
@@ -46,10 +48,27 @@ pub fn suppression_addr(avail: u64, size: u16, event_idx: bool) -> Option<u64> {
 /// virtio-queue's, it needs no per-entry bookkeeping, and honours the flag: DPDK's polling
 /// virtio driver sets it, and each eventfd write would otherwise cost a syscall per batch.
 /// An unreadable field means an interrupt (the guest then finds nothing new, at worst).
-pub fn needs_notification<M: GuestMemoryBackend>(queue: &Queue, mem: &M, old_used: u16) -> bool {
+pub fn needs_notification<M: GuestMemoryBackend>(
+    queue: &Queue,
+    mem: &M,
+    old_used: u16,
+    kind: RingKind,
+) -> bool {
     let new = queue.next_used();
     if new == old_used {
         return false;
+    }
+    if kind == RingKind::Packed {
+        let map = GuestMap::new(mem);
+        return match PackedEvents::resolve(&map, queue) {
+            Ok(ev) => ev.wants_interrupt(
+                queue.event_idx_enabled(),
+                Pos(old_used),
+                Pos(new),
+                queue.size(),
+            ),
+            Err(_) => true,
+        };
     }
     // Our used index store before the guest's suppression fields read.
     fence(Ordering::SeqCst);
@@ -59,6 +78,52 @@ pub fn needs_notification<M: GuestMemoryBackend>(queue: &Queue, mem: &M, old_use
     match field {
         Some(field) => wants_interrupt(event_idx, field, old_used, new),
         None => true,
+    }
+}
+
+/// Asks the guest to kick us when it adds chains (with event idx: from the queue's
+/// `next_avail` on). True if one is already there: it came before the request was seen, so
+/// no kick will tell of it.
+pub fn enable_kicks<M: GuestMemoryBackend>(
+    queue: &mut Queue,
+    mem: &M,
+    kind: RingKind,
+) -> Result<bool, RingError> {
+    match kind {
+        RingKind::Split => queue
+            .enable_notification(mem)
+            .map_err(|e| RingError::Notification(format!("{e:?}"))),
+        RingKind::Packed => {
+            let map = GuestMap::new(mem);
+            let next = Pos(queue.next_avail());
+            PackedEvents::resolve(&map, queue)?.set_kicks(
+                &map,
+                queue.event_idx_enabled(),
+                Some(next),
+            );
+            // Our request's store before the descriptor's flags are read.
+            fence(Ordering::SeqCst);
+            crate::packed::is_avail_at(&map, queue, next)
+        }
+    }
+}
+
+/// Asks the guest not to kick us (we poll): without event idx a flag; with it, the split
+/// ring's avail event simply stays behind.
+pub fn disable_kicks<M: GuestMemoryBackend>(
+    queue: &mut Queue,
+    mem: &M,
+    kind: RingKind,
+) -> Result<(), RingError> {
+    match kind {
+        RingKind::Split => queue
+            .disable_notification(mem)
+            .map_err(|e| RingError::Notification(format!("{e:?}"))),
+        RingKind::Packed => {
+            let map = GuestMap::new(mem);
+            PackedEvents::resolve(&map, queue)?.set_kicks(&map, queue.event_idx_enabled(), None);
+            Ok(())
+        }
     }
 }
 
@@ -89,24 +154,24 @@ mod tests {
         let gq = GuestQueue::new(&mem, 0, 16);
         let mut q = gq.queue();
         // Nothing new: never.
-        assert!(!needs_notification(&q, &mem, 0));
+        assert!(!needs_notification(&q, &mem, 0, RingKind::Split));
         q.set_next_used(4);
         // Without event idx: unless the guest set VRING_AVAIL_F_NO_INTERRUPT (polling).
         guest_suppression(&mem, &q, 0, 0);
-        assert!(needs_notification(&q, &mem, 0));
+        assert!(needs_notification(&q, &mem, 0, RingKind::Split));
         guest_suppression(&mem, &q, VRING_AVAIL_F_NO_INTERRUPT as u16, 0);
-        assert!(!needs_notification(&q, &mem, 0));
+        assert!(!needs_notification(&q, &mem, 0, RingKind::Split));
         // With event idx: only when the batch (old, new] crosses used_event.
         q.set_event_idx(true);
         guest_suppression(&mem, &q, 0, 2);
-        assert!(needs_notification(&q, &mem, 0));
-        assert!(!needs_notification(&q, &mem, 3));
+        assert!(needs_notification(&q, &mem, 0, RingKind::Split));
+        assert!(!needs_notification(&q, &mem, 3, RingKind::Split));
         guest_suppression(&mem, &q, 0, 9);
-        assert!(!needs_notification(&q, &mem, 0));
+        assert!(!needs_notification(&q, &mem, 0, RingKind::Split));
         // Across the index wrap.
         q.set_next_used(2);
         guest_suppression(&mem, &q, 0, 0xffff);
-        assert!(needs_notification(&q, &mem, 0xfffe));
+        assert!(needs_notification(&q, &mem, 0xfffe, RingKind::Split));
     }
 
     #[test]

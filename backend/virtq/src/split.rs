@@ -174,7 +174,7 @@ impl<'a> GuestRings<'a> {
 
 /// The host address of `len` bytes of ring `what` at guest `addr`, aligned to `align` in the
 /// guest's and the host's address space.
-fn resolve<M: GuestMemoryBackend>(
+pub(crate) fn resolve<M: GuestMemoryBackend>(
     map: &GuestMap<'_, M>,
     what: &'static str,
     addr: u64,
