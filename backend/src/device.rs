@@ -43,6 +43,7 @@ pub fn device_features() -> u64 {
         VIRTIO_F_NOTIFY_ON_EMPTY,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_F_RING_PACKED,
         VIRTIO_NET_F_CSUM,
         VIRTIO_NET_F_GUEST_CSUM,
         VIRTIO_NET_F_MTU,

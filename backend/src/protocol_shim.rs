@@ -20,6 +20,11 @@
 //!
 //! And it refuses memory tables and dirty logs whose files cannot back them (see
 //! [`crate::region_check`]) before the library maps and touches them.
+//!
+//! On the way back it completes the `GET_VRING_BASE` reply of a packed ring: vhost-user
+//! carries the used position in the upper 16 bits of the base (QEMU migrates it), and
+//! vhost-user-backend answers the avail position alone. At a stop nothing is in flight, so
+//! the used position is the avail one (see [`packed_base_reply`]).
 
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -215,6 +220,7 @@ pub fn spawn(
     let fe_shut = frontend.try_clone()?;
     let be_shut = backend.try_clone()?;
     let label = port.to_string();
+    let negotiated_replies = negotiated.clone();
     let up = thread::Builder::new().name(format!("shim-{port}")).spawn({
         let fe_write = fe_write.clone();
         let label = label.clone();
@@ -234,13 +240,14 @@ pub fn spawn(
     thread::Builder::new()
         .name(format!("shim-{port}-replies"))
         .spawn(move || {
+            let negotiated = negotiated_replies;
             let fe = fe_write
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .try_clone();
             match fe {
                 Ok(fe) => {
-                    if let Err(e) = backend_to_frontend(be_read, fe, &fe_write) {
+                    if let Err(e) = backend_to_frontend(be_read, fe, &fe_write, &negotiated) {
                         debug!("port {label}: backend side: {e}");
                     }
                     let _ = fe_write
@@ -362,14 +369,29 @@ fn backend_to_frontend(
     mut backend: UnixStream,
     mut frontend: UnixStream,
     fe_write: &Mutex<UnixStream>,
+    negotiated: &Negotiated,
 ) -> io::Result<()> {
     loop {
-        let Some(msg) = read_message(&mut backend)? else {
+        let Some(mut msg) = read_message(&mut backend)? else {
             return Ok(());
         };
+        if msg.request == FrontendReq::GET_VRING_BASE as u32 && negotiated.packed_rings() {
+            packed_base_reply(&mut msg.bytes[HDR_LEN..]);
+        }
         let _guard = fe_write.lock().unwrap_or_else(|e| e.into_inner());
         send_with_fds(&mut frontend, &msg.bytes, &msg.fds)?;
     }
+}
+
+/// Completes a packed ring's GET_VRING_BASE reply payload (ring index, then the base): the
+/// used position (upper 16 bits) is the avail one (lower 16), as nothing is in flight once
+/// the ring stopped. A payload too short to be a reply is left for the frontend to refuse.
+fn packed_base_reply(payload: &mut [u8]) {
+    let Some(base) = u32_at(payload, 4) else {
+        return;
+    };
+    let avail = base & 0xffff;
+    payload[4..8].copy_from_slice(&(avail | avail << 16).to_le_bytes());
 }
 
 /// Reads one whole message with the fds that came with it; `None` at a clean end of stream.
@@ -678,6 +700,20 @@ mod tests {
         ));
         let full = region_count(MAX_MEM_SLOTS as u32);
         assert_eq!(f.judge(table, FLAG_VERSION, &full), Verdict::Forward);
+    }
+
+    #[test]
+    fn a_packed_base_reply_carries_the_used_position_too() {
+        // Ring 1 stopped at slot 5, wrap counter 0 (second lap).
+        let mut payload = [1u32.to_le_bytes(), 5u32.to_le_bytes()].concat();
+        packed_base_reply(&mut payload);
+        assert_eq!(u32_at(&payload, 4), Some(5 | 5 << 16));
+        let mut payload = [0u32.to_le_bytes(), 0x8003u32.to_le_bytes()].concat();
+        packed_base_reply(&mut payload);
+        assert_eq!(u32_at(&payload, 4), Some(0x8003_8003));
+        let mut short = [0u8; 6];
+        packed_base_reply(&mut short);
+        assert_eq!(short, [0u8; 6]);
     }
 
     #[test]

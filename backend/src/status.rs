@@ -96,6 +96,12 @@ impl Negotiated {
         }
     }
 
+    /// Whether the frontend acked VIRTIO_F_RING_PACKED: the rings are packed.
+    pub fn packed_rings(&self) -> bool {
+        let bit = 1u64 << virtio_bindings::virtio_config::VIRTIO_F_RING_PACKED;
+        self.features.load(Ordering::Relaxed) & bit != 0
+    }
+
     /// Whether the frontend asked for dirty logging (VHOST_F_LOG_ALL: a migration runs).
     pub fn dirty_logging(&self) -> bool {
         self.features.load(Ordering::Relaxed) & VhostUserVirtioFeatures::LOG_ALL.bits() != 0

@@ -265,6 +265,21 @@ impl Qemu {
     }
 
     /// If QEMU died, replaces a console error with its exit status and stderr.
+    /// Fails unless the guest's virtio-net device negotiated packed rings
+    /// (VIRTIO_F_RING_PACKED): the guest lists its features as a string of 0/1, bit 0
+    /// first. A QEMU whose backend does not offer the bit falls back to split rings
+    /// silently, so a packed-ring test checks this first.
+    pub fn ensure_packed_rings(&mut self) -> Result<()> {
+        let bits = self.run_ok(
+            "cat /sys/class/net/eth0/device/features",
+            Duration::from_secs(20),
+        )?;
+        let packed = bits.trim().as_bytes().get(34) == Some(&b'1');
+        crate::ensure(packed, || {
+            format!("the guest did not negotiate VIRTIO_F_RING_PACKED (bit 34): {bits:?}")
+        })
+    }
+
     pub fn explain(&mut self, e: Error) -> Error {
         match self.child.try_wait() {
             Ok(Some(st)) => Error::ProcessExited {

@@ -64,23 +64,39 @@ fn sink(listener: TcpListener) -> JoinHandle<Result<u64>> {
 
 #[test]
 fn two_queue_pairs_both_carry_traffic() {
-    two_pairs("two_queue_pairs_both_carry_traffic", "af-packet");
+    two_pairs("two_queue_pairs_both_carry_traffic", "af-packet", false);
 }
 
 /// AF_XDP: one socket per VF queue (the veth has two), each fed by the XDP program by queue.
 #[test]
 fn two_queue_pairs_both_carry_traffic_af_xdp() {
-    two_pairs("two_queue_pairs_both_carry_traffic_af_xdp", "af-xdp");
+    two_pairs("two_queue_pairs_both_carry_traffic_af_xdp", "af-xdp", false);
 }
 
-fn two_pairs(name: &str, mode: &str) {
+/// Packed rings (`packed=on`) on all four virtqueues.
+#[test]
+fn two_queue_pairs_both_carry_traffic_packed_ring() {
+    two_pairs(
+        "two_queue_pairs_both_carry_traffic_packed_ring",
+        "af-packet",
+        true,
+    );
+}
+
+fn two_pairs(name: &str, mode: &str, packed: bool) {
     let tools: &[&str] = if mode == "af-xdp" { &["ethtool"] } else { &[] };
     e2e_test(name, tools, |env| {
         let ns = NetNs::with_queues("vrt", 2)?;
         let sock = env.dir.join("mq.sock");
         let mut relay = Backend::vhost_relay_port_in_mode(&ns, &sock, 2, env.dir.path(), mode)?;
-        let cfg = QemuConfig::new(&env.image, &sock, env.dir.path()).queues(2);
+        let mut cfg = QemuConfig::new(&env.image, &sock, env.dir.path()).queues(2);
+        if packed {
+            cfg.device_opts.push("packed=on".into());
+        }
         let mut qemu = Qemu::boot(&cfg, BOOT_TIMEOUT)?;
+        if packed {
+            qemu.ensure_packed_rings()?;
+        }
         env.step("guest ready (2 CPUs, 2 queue pairs)");
         let cpus = qemu.run_ok("nproc", Duration::from_secs(20))?;
         ensure(cpus.trim() == "2", || {
