@@ -279,13 +279,13 @@ pub struct Lab {
 
 impl Lab {
     /// Builds the wire, starts a backend per host and boots the guest on host a (`queues`
-    /// queue pairs; 2 CPUs when more than one). `image` must contain the verifier (see
-    /// [`image_with_verifier`]). Everything lives under `dir`.
+    /// queue pairs, 2 CPUs when more than one; packed rings if `packed`). `image` must
+    /// contain the verifier (see [`image_with_verifier`]). Everything lives under `dir`.
     pub fn new(
         image: &GuestImage,
         dir: &Path,
         kind: BackendKind,
-        queues: u16,
+        (queues, packed): (u16, bool),
         tag: &str,
     ) -> Result<Self> {
         let started = Instant::now();
@@ -340,6 +340,9 @@ impl Lab {
         // many writes the backend forgot to log. Without it, every unlogged write to a page
         // that holds unread data at the switch-over shows.
         cfg.kernel_args = "init_on_alloc=0".into();
+        if packed {
+            cfg.device_opts.push("packed=on".into());
+        }
         if kind == BackendKind::Testpmd {
             // testpmd's io forwarding passes the guest's frames to net_af_packet as they are,
             // so a checksum the guest left to the device (VIRTIO_NET_F_CSUM) would never be
@@ -351,7 +354,10 @@ impl Lab {
             .map_err(|e| Error::io(format!("creating {}", gdir.display()), e))?;
         let mut c0 = cfg.clone();
         c0.workdir = gdir;
-        let qemu = Qemu::boot(&c0, BOOT_TIMEOUT)?;
+        let mut qemu = Qemu::boot(&c0, BOOT_TIMEOUT)?;
+        if packed {
+            qemu.ensure_packed_rings()?;
+        }
         let qmp = Qmp::connect(qemu.qmp_path(), Duration::from_secs(20))?;
         let mut lab = Lab {
             hosts: [a, b],

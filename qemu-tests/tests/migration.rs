@@ -46,6 +46,23 @@ fn unlogged_rx_writes_are_caught_as_corruption() {
     });
 }
 
+/// A guest with packed rings (`packed=on`) migrated under the verified stream, and the
+/// negative control on the same guest shape: without it the packed stream proves nothing.
+#[test]
+fn vhost_relay_migrates_a_packed_ring_guest() {
+    e2e_test(
+        "migration_vhost_relay_packed",
+        &["rustc", "cargo"],
+        |_env| {
+            run_and_check(
+                &prepare_image()?,
+                BackendKind::VhostRelay,
+                &[Scenario::PackedStream, Scenario::PackedNegative],
+            )
+        },
+    );
+}
+
 /// The same scenarios with DPDK testpmd's net_vhost on both hosts (the anchor, reported side
 /// by side by the `migrate` command): if the reference fails, the harness is broken, not
 /// vhost-relay.

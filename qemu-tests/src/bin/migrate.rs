@@ -98,7 +98,7 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<bool> {
     let mut tools = BASE_TOOLS.to_vec();
     tools.push("rustc");
-    if args.scenarios.contains(&Scenario::NegativeControl)
+    if args.scenarios.iter().any(|s| s.expects_corruption())
         && args.backends.contains(&BackendKind::VhostRelay)
         && std::env::var_os("VHOST_RELAY_NO_RX_LOG_BIN").is_none()
     {

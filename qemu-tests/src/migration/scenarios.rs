@@ -64,16 +64,23 @@ pub enum Scenario {
     /// The stream scenario against the test-only build that does not log RX data: it must
     /// report corruption (proves the stream scenario can fail).
     NegativeControl,
+    /// The stream scenario with packed rings (`packed=on`): the used descriptors written
+    /// back and the positions carried in VRING_BASE, across the switch-over.
+    PackedStream,
+    /// The negative control with packed rings: proves the packed stream scenario can fail.
+    PackedNegative,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Ping,
         Scenario::Stream,
         Scenario::Multiqueue,
         Scenario::RoundTrips,
         Scenario::Cancel,
         Scenario::NegativeControl,
+        Scenario::PackedStream,
+        Scenario::PackedNegative,
     ];
 
     pub fn name(self) -> &'static str {
@@ -84,7 +91,19 @@ impl Scenario {
             Scenario::RoundTrips => "roundtrips",
             Scenario::Cancel => "cancel",
             Scenario::NegativeControl => "negative",
+            Scenario::PackedStream => "stream-packed",
+            Scenario::PackedNegative => "negative-packed",
         }
+    }
+
+    /// Whether the guest it needs has packed rings.
+    fn packed(self) -> bool {
+        matches!(self, Scenario::PackedStream | Scenario::PackedNegative)
+    }
+
+    /// Whether it must find corruption (a negative control).
+    pub fn expects_corruption(self) -> bool {
+        matches!(self, Scenario::NegativeControl | Scenario::PackedNegative)
     }
 
     pub fn parse(s: &str) -> Option<Scenario> {
@@ -104,10 +123,10 @@ impl Scenario {
     /// apply (the negative control exists only for vhost-relay).
     fn lab_backend(self, requested: BackendKind) -> Option<BackendKind> {
         match (self, requested) {
-            (Scenario::NegativeControl, BackendKind::VhostRelay) => {
+            (s, BackendKind::VhostRelay) if s.expects_corruption() => {
                 Some(BackendKind::VhostRelayNoRxLog)
             }
-            (Scenario::NegativeControl, _) => None,
+            (s, _) if s.expects_corruption() => None,
             (_, k) => Some(k),
         }
     }
@@ -172,22 +191,22 @@ pub fn run(
 ) -> Vec<Outcome> {
     let mut out = Vec::new();
     for run in 1..=runs.max(1) {
-        // (lab backend, queues) in first-seen order, each with its scenarios.
-        let mut groups: Vec<((BackendKind, u16), Vec<Scenario>)> = Vec::new();
+        // (lab backend, queues, packed) in first-seen order, each with its scenarios.
+        let mut groups: Vec<((BackendKind, u16, bool), Vec<Scenario>)> = Vec::new();
         for &s in scenarios {
             let Some(kind) = s.lab_backend(backend) else {
                 continue;
             };
-            let key = (kind, s.queues());
+            let key = (kind, s.queues(), s.packed());
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push(s),
                 None => groups.push((key, vec![s])),
             }
         }
-        for ((kind, queues), group) in groups {
+        for ((kind, _, _), group) in groups {
             let mut lab: Option<(Lab, ScratchDir)> = None;
             for s in group {
-                let mut o = match ensure_lab(&mut lab, image, kind, queues, s) {
+                let mut o = match ensure_lab(&mut lab, image, kind, s) {
                     Ok(l) => match run_one(l, s) {
                         Ok(o) => o,
                         Err(e) => {
@@ -214,13 +233,14 @@ fn ensure_lab<'a>(
     lab: &'a mut Option<(Lab, ScratchDir)>,
     image: &GuestImage,
     kind: BackendKind,
-    queues: u16,
     s: Scenario,
 ) -> Result<&'a mut Lab> {
     if lab.is_none() {
         let dir = ScratchDir::new("vrm")?;
-        let tag = format!("migrate {} q{queues}", kind.label());
-        let l = Lab::new(image, dir.path(), kind, queues, &tag)?;
+        let (queues, packed) = (s.queues(), s.packed());
+        let rings = if packed { " packed" } else { "" };
+        let tag = format!("migrate {} q{queues}{rings}", kind.label());
+        let l = Lab::new(image, dir.path(), kind, (queues, packed), &tag)?;
         *lab = Some((l, dir));
     }
     match lab {
@@ -236,8 +256,10 @@ fn ensure_lab<'a>(
 pub fn run_one(lab: &mut Lab, s: Scenario) -> Result<Outcome> {
     match s {
         Scenario::Ping => ping(lab),
-        Scenario::Stream => stream(lab, false),
-        Scenario::NegativeControl => stream(lab, true),
+        Scenario::Stream
+        | Scenario::NegativeControl
+        | Scenario::PackedStream
+        | Scenario::PackedNegative => stream(lab, s),
         Scenario::Multiqueue => multiqueue(lab),
         Scenario::RoundTrips => round_trips(lab),
         Scenario::Cancel => cancel(lab),
@@ -283,12 +305,8 @@ fn ping(lab: &mut Lab) -> Result<Outcome> {
     Ok(o.judge(problems, info))
 }
 
-fn stream(lab: &mut Lab, expect_corruption: bool) -> Result<Outcome> {
-    let scenario = if expect_corruption {
-        Scenario::NegativeControl
-    } else {
-        Scenario::Stream
-    };
+fn stream(lab: &mut Lab, scenario: Scenario) -> Result<Outcome> {
+    let expect_corruption = scenario.expects_corruption();
     let mut o = Outcome::new(scenario, lab.kind);
     let (mut problems, mut info) = (Vec::new(), Vec::new());
     const PORT: u16 = 7001;
@@ -649,6 +667,14 @@ mod tests {
         );
         assert_eq!(
             Scenario::NegativeControl.lab_backend(BackendKind::Testpmd),
+            None
+        );
+        assert_eq!(
+            Scenario::PackedNegative.lab_backend(BackendKind::VhostRelay),
+            Some(BackendKind::VhostRelayNoRxLog)
+        );
+        assert_eq!(
+            Scenario::PackedNegative.lab_backend(BackendKind::Testpmd),
             None
         );
         assert_eq!(
