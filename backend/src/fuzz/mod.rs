@@ -6,6 +6,7 @@
 //! `scripts/fuzz-rings.sh` runs a longer campaign.
 
 mod offload;
+mod packed_rings;
 mod rings;
 
 pub use virtq::fuzz::{campaign, Rng};

@@ -22,16 +22,17 @@ use crate::tx::{guest_to_guest, PacketBufs, TxBatch};
 
 /// Region A holds the rings (below `DATA_A`) and buffers; B and C are adjacent (a buffer may
 /// straddle them) after a gap.
-const REGIONS: [(u64, usize); 3] = [(0, 0x2_0000), (0x10_0000, 0x8000), (0x10_8000, 0x4000)];
-const DATA_A: (u64, u64) = (0x8000, 0x2_0000);
+pub(super) const REGIONS: [(u64, usize); 3] =
+    [(0, 0x2_0000), (0x10_0000, 0x8000), (0x10_8000, 0x4000)];
+pub(super) const DATA_A: (u64, u64) = (0x8000, 0x2_0000);
 const DATA_BC: (u64, u64) = (0x10_0000, 0x10_c000);
 /// Indirect tables the generator writes for the TX and the RX queue (inside the ring area:
 /// never a writable buffer; apart, so loopback TX tables never name RX buffers).
-const TX_TABLES: (u64, u64) = (0x6000, 0x7000);
-const RX_TABLES: (u64, u64) = (0x7000, 0x8000);
+pub(super) const TX_TABLES: (u64, u64) = (0x6000, 0x7000);
+pub(super) const RX_TABLES: (u64, u64) = (0x7000, 0x8000);
 /// Where a queue's rings go: descriptor table, avail ring, used ring (room for 256 entries).
-const TX_RINGS: u64 = 0;
-const RX_RINGS: u64 = 0x3000;
+pub(super) const TX_RINGS: u64 = 0;
+pub(super) const RX_RINGS: u64 = 0x3000;
 const MAX_SIZE: u16 = 256;
 
 /// One queue's guest-side layout and what the guest made available.
@@ -48,16 +49,16 @@ struct Layout {
 }
 
 /// Where buffer addresses may come from.
-struct Zones {
+pub(super) struct Zones {
     /// Buffers the device may write.
-    write: &'static [(u64, u64)],
+    pub(super) write: &'static [(u64, u64)],
     /// Buffers the device reads.
-    read: &'static [(u64, u64)],
+    pub(super) read: &'static [(u64, u64)],
     /// Addresses must stay in their zones: mutations leave descriptor addresses alone.
     split: bool,
 }
 
-const ALL: Zones = Zones {
+pub(super) const ALL: Zones = Zones {
     write: &[DATA_A, DATA_BC],
     read: &[DATA_A, DATA_BC, (0, 0x8000)],
     split: false,
@@ -75,7 +76,7 @@ const LOOP_RX: Zones = Zones {
     split: true,
 };
 
-fn addr(rng: &mut Rng, zones: &[(u64, u64)]) -> u64 {
+pub(super) fn addr(rng: &mut Rng, zones: &[(u64, u64)]) -> u64 {
     let (lo, hi) = rng.pick(zones);
     match rng.below(100) {
         0..=59 => rng.range(lo, hi - 1),
@@ -90,7 +91,7 @@ fn addr(rng: &mut Rng, zones: &[(u64, u64)]) -> u64 {
     }
 }
 
-fn len(rng: &mut Rng) -> u32 {
+pub(super) fn len(rng: &mut Rng) -> u32 {
     match rng.below(100) {
         0..=4 => 0,
         5..=14 => rng.range(1, 16) as u32,
@@ -132,7 +133,7 @@ fn descriptor(rng: &mut Rng, l: &Layout, write: bool, zones: &Zones, table_len: 
 
 /// An indirect table's address and length: mostly whole descriptors in the table area,
 /// sometimes odd, empty, huge, misplaced or crossing a region end.
-fn indirect_target(rng: &mut Rng, tables: (u64, u64)) -> (u64, u32) {
+pub(super) fn indirect_target(rng: &mut Rng, tables: (u64, u64)) -> (u64, u32) {
     let n = rng.range(1, 64);
     let at = tables.0 + 8 * rng.below((tables.1 - tables.0) / 8 - 2 * n);
     match rng.below(100) {
@@ -155,7 +156,7 @@ fn raw_desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
     d
 }
 
-fn put(g: &Guarded, addr: u64, bytes: &[u8]) {
+pub(super) fn put(g: &Guarded, addr: u64, bytes: &[u8]) {
     // Outside memory: the generator aimed at a hole on purpose.
     let _ = g.mem.write_slice(bytes, GuestAddress(addr));
 }
@@ -377,7 +378,7 @@ fn overwrites_rings(
     true
 }
 
-fn check_writes(
+pub(super) fn check_writes(
     before: &[(u64, Vec<u8>)],
     after: &[(u64, Vec<u8>)],
     allowed: &[(u64, u64)],
@@ -392,7 +393,7 @@ fn check_writes(
     Ok(())
 }
 
-fn random_hdr(rng: &mut Rng) -> VnetHdr {
+pub(super) fn random_hdr(rng: &mut Rng) -> VnetHdr {
     let mut b = [0u8; 10];
     rng.bytes(&mut b);
     if rng.chance(60) {
@@ -401,7 +402,7 @@ fn random_hdr(rng: &mut Rng) -> VnetHdr {
     VnetHdr::from_bytes(&b).unwrap_or_default()
 }
 
-fn random_packet(rng: &mut Rng) -> Vec<u8> {
+pub(super) fn random_packet(rng: &mut Rng) -> Vec<u8> {
     let n = match rng.below(10) {
         0 => 0,
         1..=6 => rng.range(1, 1600),
@@ -474,7 +475,7 @@ fn tx_input(rng: &mut Rng) -> Result<(), String> {
 
 /// Every packet iovec (the first of each packet is the batch's own header copy) inside one
 /// guest region; each is also read through, so one past a region end faults on the guard.
-fn check_iovecs(batch: &TxBatch, hosts: &[(usize, usize)]) -> Result<(), String> {
+pub(super) fn check_iovecs(batch: &TxBatch, hosts: &[(usize, usize)]) -> Result<(), String> {
     for (p, iovs) in batch.packet_iovecs().enumerate() {
         for iov in iovs {
             let (s, n) = (iov.iov_base as usize, iov.iov_len);
@@ -557,11 +558,11 @@ fn loopback_input(rng: &mut Rng) -> Result<(), String> {
 
 thread_local! {
     /// Used entries checked by this thread's campaign (each test runs on its own thread).
-    static RETURNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    pub(super) static RETURNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Runs a ring campaign; one that checked no used entry at all tested nothing, and fails.
-fn ring_campaign(
+pub(super) fn ring_campaign(
     name: &'static str,
     ci_iters: u64,
     body: impl FnMut(&mut Rng) -> Result<(), String>,
