@@ -8,7 +8,7 @@
 //! Scenarios:
 //! - loopback: testpmd mac-forwarding with `start tx_first 32` against `vhost-relay
 //!   --loopback` / testpmd `net_vhost` with io forwarding; 64 and 1518 bytes, mergeable RX
-//!   buffers on and off;
+//!   buffers on and off, split rings and packed (`packed_vq=1`);
 //! - vf-relay: the frontend sends (testpmd flowgen, which also drains what comes back) through
 //!   the backend onto a veth standing for the VF; the veth's peer sends every frame straight
 //!   back (a tc mirred hairpin); the backend relays them to the frontend. The peer is testpmd
@@ -169,6 +169,8 @@ struct Scenario {
     vf: bool,
     size: u16,
     mergeable: bool,
+    /// Packed virtqueues (the frontend's `packed_vq=1`).
+    packed: bool,
     /// vhost-relay's `--vf-mode` in a vf-relay scenario; `None` is the default (AF_PACKET).
     vf_mode: Option<&'static str>,
     /// The peer's VF driver in a vf-relay scenario.
@@ -177,19 +179,23 @@ struct Scenario {
 
 fn scenarios() -> Vec<Scenario> {
     let mut v = Vec::new();
-    for size in [64u16, 1518] {
-        for mergeable in [true, false] {
-            v.push(Scenario {
-                name: format!(
-                    "loopback {size} B mrg {}",
-                    if mergeable { "on" } else { "off" }
-                ),
-                vf: false,
-                size,
-                mergeable,
-                vf_mode: None,
-                peer_vf: TestpmdVf::AfPacket,
-            });
+    for packed in [false, true] {
+        for size in [64u16, 1518] {
+            for mergeable in [true, false] {
+                v.push(Scenario {
+                    name: format!(
+                        "loopback {size} B mrg {}{}",
+                        if mergeable { "on" } else { "off" },
+                        if packed { " packed" } else { "" }
+                    ),
+                    vf: false,
+                    size,
+                    mergeable,
+                    packed,
+                    vf_mode: None,
+                    peer_vf: TestpmdVf::AfPacket,
+                });
+            }
         }
     }
     // Each of our VF modes against DPDK's driver of the same kind; our AF_XDP mode also
@@ -206,6 +212,7 @@ fn scenarios() -> Vec<Scenario> {
                 vf: true,
                 size,
                 mergeable: true,
+                packed: false,
                 vf_mode,
                 peer_vf,
             });
@@ -409,7 +416,11 @@ fn throughput(sc: &Scenario, side: Side, opts: &Opts, dir: &Path) -> Result<Samp
     let fe_opts = FrontendOptions {
         queues: 1,
         ring_size: Some(RING),
-        vdev_extra: format!(",mrg_rxbuf={}", u8::from(sc.mergeable)),
+        vdev_extra: format!(
+            ",mrg_rxbuf={},packed_vq={}",
+            u8::from(sc.mergeable),
+            u8::from(sc.packed)
+        ),
         forwarding_core: Some(SOURCE_CPU),
     };
     let mut fe = TestpmdFrontend::spawn_with(&socket, &fe_opts, dir)?;
