@@ -281,6 +281,20 @@ fn check_queue(
     Ok(())
 }
 
+/// Checks one queue after an input: [`check_queue`], then every changed byte.
+fn judge(
+    g: &Guarded,
+    before: &[(u64, Vec<u8>)],
+    l: &Layout,
+    q: &Queue,
+    tx_clean: (bool, bool),
+) -> Result<(), String> {
+    let after = g.snapshot();
+    let mut allowed = Vec::new();
+    check_queue(&Snap(before), &Snap(&after), l, q, tx_clean, &mut allowed)?;
+    check_writes(before, &after, &allowed)
+}
+
 fn rx_input(rng: &mut Rng, mergeable: bool) -> Result<(), String> {
     let g = Guarded::new(&REGIONS);
     let l = hostile_queue(rng, &g, RX_RINGS, true);
@@ -308,17 +322,7 @@ fn rx_input(rng: &mut Rng, mergeable: bool) -> Result<(), String> {
         }
         Err(_) => clean = false,
     }
-    let after = g.snapshot();
-    let mut allowed = Vec::new();
-    check_queue(
-        &Snap(&before),
-        &Snap(&after),
-        &l,
-        &q,
-        (false, clean),
-        &mut allowed,
-    )?;
-    check_writes(&before, &after, &allowed)
+    judge(&g, &before, &l, &q, (false, clean))
 }
 
 fn tx_input(rng: &mut Rng) -> Result<(), String> {
@@ -344,17 +348,7 @@ fn tx_input(rng: &mut Rng) -> Result<(), String> {
             .complete(&mut q, &g.mem)
             .map_err(|e| format!("complete: {e}"))?;
     }
-    let after = g.snapshot();
-    let mut allowed = Vec::new();
-    check_queue(
-        &Snap(&before),
-        &Snap(&after),
-        &l,
-        &q,
-        (true, clean),
-        &mut allowed,
-    )?;
-    check_writes(&before, &after, &allowed)
+    judge(&g, &before, &l, &q, (true, clean))
 }
 
 fn loopback_input(rng: &mut Rng) -> Result<(), String> {
